@@ -1,0 +1,243 @@
+"""Communication for the ring: send to the next rank, receive from the previous one, gather, scatter.
+
+Two transports implement the same small interface:
+
+* :class:`ProcessGroupTransport` - real ``torch.distributed`` point-to-point (``batch_isend_irecv``) and
+  collectives over the CP process group (gloo on CPU, NCCL on CUDA).
+* :class:`ThreadTransport` - in-memory mailboxes between threads of one process, so that one process can
+  step through every rank's work of the very same ring code (see ``cp_dtensor.attention.simulate``).
+
+Both count the bytes they send (``bytes_sent``); for the collectives they count what a ring algorithm
+sends per rank, (size - 1) x the local shard.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Pending", "ProcessGroupTransport", "RingStats", "ThreadHub", "ThreadTransport", "Transport"]
+
+# Tags keep the KV stream and the dK/dV stream apart on transports that match messages by tag.
+KV_TAG = 11
+DKV_TAG = 12
+
+
+@dataclass
+class RingStats:
+    """Counters of one or more ``ring_attention`` calls on this rank (pass ``stats=`` to fill them).
+
+    Attributes:
+        bytes_sent_forward: bytes this rank sent during forward.
+        bytes_sent_backward: bytes this rank sent during backward.
+        score_elements_forward: visible (query, key) score elements over all forward kernel calls
+            (batch x query heads x visible pairs of each block).
+        score_elements_backward: the same for the backward kernel calls.
+        kernel_calls_forward: number of forward kernel calls.
+        kernel_calls_backward: number of backward kernel calls.
+        comm_wait_seconds: wall time spent blocked waiting for communication (fwd + bwd).
+    """
+
+    bytes_sent_forward: int = 0
+    bytes_sent_backward: int = 0
+    score_elements_forward: int = 0
+    score_elements_backward: int = 0
+    kernel_calls_forward: int = 0
+    kernel_calls_backward: int = 0
+    comm_wait_seconds: float = 0.0
+
+
+class Pending:
+    """A started transfer; :meth:`wait` completes it and returns the received tensor (or ``None``)."""
+
+    def __init__(self, wait_fn: Callable[[], torch.Tensor | None]) -> None:
+        self._wait_fn: Callable[[], torch.Tensor | None] | None = wait_fn
+        self._result: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor | None:
+        """Block until the transfer is complete; return the received tensor, if any (idempotent)."""
+        if self._wait_fn is not None:
+            self._result = self._wait_fn()
+            self._wait_fn = None
+        return self._result
+
+
+class Transport:
+    """Interface of the ring transports: rank, size and five operations."""
+
+    rank: int
+    size: int
+    bytes_sent: int
+
+    @property
+    def next_rank(self) -> int:
+        """The rank this one sends to."""
+        return (self.rank + 1) % self.size
+
+    @property
+    def prev_rank(self) -> int:
+        """The rank this one receives from."""
+        return (self.rank - 1) % self.size
+
+    def exchange(self, send: torch.Tensor, tag: int) -> Pending:
+        """Send ``send`` to the next rank and receive a tensor like it from the previous rank."""
+        raise NotImplementedError
+
+    def send(self, tensor: torch.Tensor, tag: int) -> Pending:
+        """Send ``tensor`` to the next rank; do not modify it before :meth:`Pending.wait`."""
+        raise NotImplementedError
+
+    def recv(self, like: torch.Tensor, tag: int) -> Pending:
+        """Receive a tensor shaped like ``like`` from the previous rank."""
+        raise NotImplementedError
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Return ``(size, *tensor.shape)``: every rank's tensor, in rank order."""
+        raise NotImplementedError
+
+    def reduce_scatter(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Given ``(size, *shape)`` on every rank, return the sum over ranks of entry ``rank``."""
+        raise NotImplementedError
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class ProcessGroupTransport(Transport):
+    """Ring transport over a ``torch.distributed`` process group."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        self.bytes_sent = 0
+
+    def _p2p(self, ops: list[dist.P2POp], result: torch.Tensor | None) -> Pending:
+        works = dist.batch_isend_irecv(ops)
+
+        def wait() -> torch.Tensor | None:
+            for w in works:
+                w.wait()
+            return result
+
+        return Pending(wait)
+
+    def exchange(self, send: torch.Tensor, tag: int) -> Pending:
+        send = send.contiguous()
+        recv = torch.empty_like(send)
+        self.bytes_sent += _nbytes(send)
+        ops = [
+            dist.P2POp(dist.isend, send, group=self.group, tag=tag, group_peer=self.next_rank),
+            dist.P2POp(dist.irecv, recv, group=self.group, tag=tag, group_peer=self.prev_rank),
+        ]
+        return self._p2p(ops, recv)
+
+    def send(self, tensor: torch.Tensor, tag: int) -> Pending:
+        tensor = tensor.contiguous()
+        self.bytes_sent += _nbytes(tensor)
+        return self._p2p(
+            [dist.P2POp(dist.isend, tensor, group=self.group, tag=tag, group_peer=self.next_rank)], None
+        )
+
+    def recv(self, like: torch.Tensor, tag: int) -> Pending:
+        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return self._p2p(
+            [dist.P2POp(dist.irecv, out, group=self.group, tag=tag, group_peer=self.prev_rank)], out
+        )
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        out = torch.empty(
+            (self.size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
+        )
+        self.bytes_sent += (self.size - 1) * _nbytes(tensor)
+        dist.all_gather_single(out, tensor, group=self.group)
+        return out.view(self.size, *tensor.shape)
+
+    def reduce_scatter(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        out = torch.empty(tensor.shape[1:], dtype=tensor.dtype, device=tensor.device)
+        self.bytes_sent += (self.size - 1) * _nbytes(out)
+        dist.reduce_scatter_single(out, tensor.view(-1, *tensor.shape[2:]), group=self.group)
+        return out
+
+
+class ThreadHub:
+    """Shared mailboxes and a barrier for :class:`ThreadTransport` ranks living in one process."""
+
+    def __init__(self, size: int, timeout_s: float = 300.0) -> None:
+        self.size = size
+        self.timeout_s = timeout_s
+        self._boxes: dict[tuple[int, int, int], queue.Queue] = {}
+        self._lock = threading.Lock()
+        self._barrier = threading.Barrier(size)
+        self._slots: list[torch.Tensor | None] = [None] * size
+
+    def box(self, src: int, dst: int, tag: int) -> queue.Queue:
+        """The FIFO mailbox of messages from ``src`` to ``dst`` with ``tag``."""
+        with self._lock:
+            return self._boxes.setdefault((src, dst, tag), queue.Queue())
+
+    def abort(self) -> None:
+        """Release every rank blocked on the barrier (after another rank failed)."""
+        self._barrier.abort()
+
+    def gather(self, rank: int, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's ``tensor`` in rank order (a collective of all ranks of the hub)."""
+        self._slots[rank] = tensor
+        self._barrier.wait(self.timeout_s)
+        result = list(self._slots)
+        self._barrier.wait(self.timeout_s)
+        return result  # type: ignore[return-value]
+
+
+class ThreadTransport(Transport):
+    """Ring transport between threads of one process (for the single-process simulation)."""
+
+    def __init__(self, hub: ThreadHub, rank: int) -> None:
+        self.hub = hub
+        self.rank = rank
+        self.size = hub.size
+        self.bytes_sent = 0
+
+    def _put(self, tensor: torch.Tensor, tag: int) -> None:
+        self.bytes_sent += _nbytes(tensor)
+        self.hub.box(self.rank, self.next_rank, tag).put(tensor.detach().clone())
+
+    def _get(self, tag: int) -> torch.Tensor:
+        try:
+            return self.hub.box(self.prev_rank, self.rank, tag).get(timeout=self.hub.timeout_s)
+        except queue.Empty:
+            raise TimeoutError(
+                f"simulated rank {self.rank} got no message from rank {self.prev_rank} (tag {tag}) "
+                f"within {self.hub.timeout_s}s"
+            ) from None
+
+    def exchange(self, send: torch.Tensor, tag: int) -> Pending:
+        self._put(send, tag)
+        return Pending(lambda: self._get(tag))
+
+    def send(self, tensor: torch.Tensor, tag: int) -> Pending:
+        self._put(tensor, tag)
+        return Pending(lambda: None)
+
+    def recv(self, like: torch.Tensor, tag: int) -> Pending:
+        return Pending(lambda: self._get(tag))
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_sent += (self.size - 1) * _nbytes(tensor)
+        return torch.stack(self.hub.gather(self.rank, tensor.detach().clone()))
+
+    def reduce_scatter(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_sent += (self.size - 1) * _nbytes(tensor[0])
+        parts = self.hub.gather(self.rank, tensor.detach().clone())
+        out = parts[0][self.rank].clone()
+        for p in parts[1:]:
+            out += p[self.rank]
+        return out

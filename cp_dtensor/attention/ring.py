@@ -1,0 +1,381 @@
+"""The context-parallel attention op: ring (p2p) and all-gather variants, forward and backward.
+
+Note [Ring attention, forward and backward]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Forward (CP = 4, rank 1 shown; KV packed as one (2, B, Hkv, S_local, D) buffer, double-buffered)::
+
+    step:        0            1            2            3
+    send KV:   kv1 -> r2    kv0 -> r2    kv3 -> r2    (none)
+    compute:   q1 x kv1     q1 x kv0     q1 x kv3     q1 x kv2      (blocks: Note [Ring schedule])
+    merge:     (o, lse) <- lse-merge of each block, fp32            (Note [LSE merge])
+
+The transfer of the next KV is in flight while the current block is computed. Only q, k, v (local),
+out and lse are saved for backward.
+
+Backward: KV rotate again exactly as in forward. Each rank adds its dK/dV contribution for the KV it holds
+into an fp32 accumulator that travels *with* that KV: the accumulator of kv_src starts at rank src+1, visits
+src+2, ..., and after CP-1 hops arrives home at src, which adds its own contribution (computed at step 0).
+That is a reduce-scatter of dK/dV done point to point: (CP-1) sends of KV and (CP-1) of dK/dV per rank,
+the minimum. Sends and receives are posted in the same order on every rank, so transports that match
+messages by order (NCCL) pair them correctly::
+
+    rank r, step s >= 2:  recv acc(kv_src) <- r-1 | exchange KV | compute block | acc += dK,dV | send acc -> r+1
+
+All-gather variant (``comm="allgather"``, Llama 3 style): all-gather KV once, compute the local queries
+against the gathered sequence (Note [All-gather blocks]); backward gathers KV again instead of saving it
+and reduce-scatters dK/dV in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+
+from cp_dtensor.attention.comm import DKV_TAG, KV_TAG, Pending, ProcessGroupTransport, RingStats, Transport
+from cp_dtensor.attention.kernels import AttentionKernel, select_kernel
+from cp_dtensor.attention.merge import accumulation_dtype, merge_block_
+from cp_dtensor.attention.schedule import Part, build_allgather_blocks, build_ring_schedule
+from cp_dtensor.layout import (
+    chunks_per_rank,
+    shard_sequence_for_rank,
+    unshard_sequence_from_shards,
+    validate_layout,
+)
+
+__all__ = [
+    "COMM_MODES",
+    "allgather_backward",
+    "allgather_forward",
+    "ring_attention",
+    "ring_backward",
+    "ring_forward",
+    "validate_attention_inputs",
+]
+
+COMM_MODES: tuple[str, ...] = ("p2p", "allgather")
+
+
+def _wait(pending: Pending, stats: RingStats | None) -> torch.Tensor | None:
+    if stats is None:
+        return pending.wait()
+    t0 = time.perf_counter()
+    result = pending.wait()
+    stats.comm_wait_seconds += time.perf_counter() - t0
+    return result
+
+
+def _count_work(stats: RingStats | None, phase: str, q: torch.Tensor, elements_per_head: int) -> None:
+    if stats is None:
+        return
+    n = q.shape[0] * q.shape[1] * elements_per_head  # B x Hq x visible pairs
+    if phase == "forward":
+        stats.score_elements_forward += n
+        stats.kernel_calls_forward += 1
+    else:
+        stats.score_elements_backward += n
+        stats.kernel_calls_backward += 1
+
+
+def _pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.stack([k, v])  # (2, B, Hkv, S_local, D), contiguous: one message per step
+
+
+def ring_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    transport: Transport,
+    *,
+    is_causal: bool,
+    scale: float,
+    layout: str,
+    kernel: AttentionKernel,
+    stats: RingStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ring forward on local shards; returns ``out`` (q's dtype) and fp32 ``lse`` (B, Hq, S_local)."""
+    s_local = q.shape[2]
+    cp = transport.size
+    schedule = build_ring_schedule(transport.rank, cp, layout, is_causal)
+    acc_dtype = accumulation_dtype(q.dtype)
+    out_acc = lse_acc = None
+    kv = _pack_kv(k, v)  # (2, B, Hkv, S_local, D)
+    for step, block in enumerate(schedule):
+        pending = transport.exchange(kv, KV_TAG) if step < cp - 1 else None
+        if block is not None:
+            q_rows, kv_rows = block.q_part.rows(s_local), block.kv_part.rows(s_local)
+            out_blk, lse_blk = kernel.forward(
+                q[:, :, q_rows],
+                kv[0][:, :, kv_rows],
+                kv[1][:, :, kv_rows],
+                is_causal=block.causal,
+                scale=scale,
+            )
+            _count_work(stats, "forward", q, block.score_elements(s_local))
+            if out_acc is None:  # step 0: the diagonal block covers every row
+                assert block.q_part is Part.ALL
+                out_acc = out_blk.to(acc_dtype, copy=True)  # (B, Hq, S_local, D)
+                lse_acc = lse_blk.to(acc_dtype, copy=True).contiguous()  # (B, Hq, S_local)
+            else:
+                merge_block_(out_acc[:, :, q_rows], lse_acc[:, :, q_rows], out_blk, lse_blk)
+        if pending is not None:
+            kv = _wait(pending, stats)
+    assert out_acc is not None and lse_acc is not None
+    return out_acc.to(q.dtype), lse_acc
+
+
+def ring_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    transport: Transport,
+    *,
+    is_causal: bool,
+    scale: float,
+    layout: str,
+    kernel: AttentionKernel,
+    stats: RingStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Ring backward: KV rotate again and the fp32 dK/dV accumulators travel home with them."""
+    s_local = q.shape[2]
+    cp = transport.size
+    schedule = build_ring_schedule(transport.rank, cp, layout, is_causal)
+    acc_dtype = accumulation_dtype(q.dtype)
+    kv = _pack_kv(k, v)  # (2, B, Hkv, S_local, D)
+    dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # (B, Hq, S_local, D)
+    dkv_own = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)  # (2, B, Hkv, S_local, D)
+    sends: list[Pending] = []
+    for step, block in enumerate(schedule):
+        # Order matters for order-matched transports: acc recv, then KV exchange (see the Note).
+        acc_in = transport.recv(dkv_own, DKV_TAG) if step >= 2 else None
+        pending_kv = transport.exchange(kv, KV_TAG) if step < cp - 1 else None
+        grads = None
+        if block is not None:
+            q_rows, kv_rows = block.q_part.rows(s_local), block.kv_part.rows(s_local)
+            dq_blk, dk_blk, dv_blk = kernel.backward(
+                dout[:, :, q_rows], q[:, :, q_rows], kv[0][:, :, kv_rows], kv[1][:, :, kv_rows],
+                out[:, :, q_rows], lse[:, :, q_rows], is_causal=block.causal, scale=scale,
+            )  # fmt: skip
+            _count_work(stats, "backward", q, block.score_elements(s_local))
+            dq_acc[:, :, q_rows] += dq_blk
+            grads = (kv_rows, dk_blk, dv_blk)
+        if step == 0:
+            dkv = dkv_own
+        elif acc_in is None:  # step 1: this rank is the first to touch kv_src's accumulator
+            dkv = torch.zeros_like(dkv_own)
+        else:
+            dkv = _wait(acc_in, stats)
+        if grads is not None:
+            kv_rows, dk_blk, dv_blk = grads
+            dkv[0][:, :, kv_rows] += dk_blk
+            dkv[1][:, :, kv_rows] += dv_blk
+        if step >= 1:
+            sends.append(transport.send(dkv, DKV_TAG))
+        if pending_kv is not None:
+            kv = _wait(pending_kv, stats)
+    if cp > 1:
+        dkv_own += _wait(transport.recv(dkv_own, DKV_TAG), stats)
+    for pending in sends:
+        _wait(pending, stats)
+    return dq_acc.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
+
+
+def _gather_kv_natural(k: torch.Tensor, v: torch.Tensor, transport: Transport, layout: str) -> torch.Tensor:
+    gathered = transport.all_gather(_pack_kv(k, v))  # (CP, 2, B, Hkv, S_local, D), rank order
+    return unshard_sequence_from_shards(
+        list(gathered.unbind(0)), seq_dim=3, layout=layout
+    )  # (2, B, Hkv, S, D)
+
+
+def allgather_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    transport: Transport,
+    *,
+    is_causal: bool,
+    scale: float,
+    layout: str,
+    kernel: AttentionKernel,
+    stats: RingStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather forward: gather KV, compute local queries against it without masked work."""
+    s_local = q.shape[2]
+    kv = _gather_kv_natural(k, v, transport, layout)  # (2, B, Hkv, S, D)
+    acc_dtype = accumulation_dtype(q.dtype)
+    out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # (B, Hq, S_local, D)
+    lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)  # (B, Hq, S_local)
+    for block in build_allgather_blocks(transport.rank, transport.size, layout, is_causal, s_local):
+        out_blk, lse_blk = kernel.forward(
+            q[:, :, block.q_rows], kv[0][:, :, block.kv_rows], kv[1][:, :, block.kv_rows],
+            is_causal=block.causal, scale=scale,
+        )  # fmt: skip
+        _count_work(stats, "forward", q, block.score_elements())
+        merge_block_(out_acc[:, :, block.q_rows], lse_acc[:, :, block.q_rows], out_blk, lse_blk)
+    return out_acc.to(q.dtype), lse_acc
+
+
+def allgather_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    transport: Transport,
+    *,
+    is_causal: bool,
+    scale: float,
+    layout: str,
+    kernel: AttentionKernel,
+    stats: RingStats | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All-gather backward: re-gather KV, compute, reduce-scatter dK/dV (fp32) to their owners."""
+    s_local = q.shape[2]
+    cp = transport.size
+    kv = _gather_kv_natural(k, v, transport, layout)  # (2, B, Hkv, S, D)
+    acc_dtype = accumulation_dtype(q.dtype)
+    dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    dkv = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)  # (2, B, Hkv, S, D), natural order
+    for block in build_allgather_blocks(transport.rank, cp, layout, is_causal, s_local):
+        r, c = block.q_rows, block.kv_rows
+        dq_blk, dk_blk, dv_blk = kernel.backward(
+            dout[:, :, r], q[:, :, r], kv[0][:, :, c], kv[1][:, :, c], out[:, :, r], lse[:, :, r],
+            is_causal=block.causal, scale=scale,
+        )  # fmt: skip
+        _count_work(stats, "backward", q, block.score_elements())
+        dq_acc[:, :, r] += dq_blk
+        dkv[0][:, :, c] += dk_blk
+        dkv[1][:, :, c] += dv_blk
+    per_rank = torch.stack([shard_sequence_for_rank(dkv, r, cp, 3, layout) for r in range(cp)])
+    dkv_own = transport.reduce_scatter(per_rank)  # (2, B, Hkv, S_local, D)
+    return dq_acc.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
+
+
+_FORWARD = {"p2p": ring_forward, "allgather": allgather_forward}
+_BACKWARD = {"p2p": ring_backward, "allgather": allgather_backward}
+
+
+class _ContextParallelAttention(torch.autograd.Function):
+    """Autograd wrapper: saves only local q, k, v, out and lse."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, transport, is_causal, scale, layout, comm, kernel, stats):
+        sent = transport.bytes_sent
+        out, lse = _FORWARD[comm](
+            q, k, v, transport, is_causal=is_causal, scale=scale, layout=layout, kernel=kernel, stats=stats
+        )
+        if stats is not None:
+            stats.bytes_sent_forward += transport.bytes_sent - sent
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.config = (transport, is_causal, scale, layout, comm, kernel, stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        transport, is_causal, scale, layout, comm, kernel, stats = ctx.config
+        sent = transport.bytes_sent
+        dq, dk, dv = _BACKWARD[comm](
+            dout, q, k, v, out, lse, transport,
+            is_causal=is_causal, scale=scale, layout=layout, kernel=kernel, stats=stats,
+        )  # fmt: skip
+        if stats is not None:
+            stats.bytes_sent_backward += transport.bytes_sent - sent
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+def validate_attention_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, comm: str
+) -> None:
+    """Check shapes, dtypes, layout and comm mode of local shards; raise ``ValueError`` naming the problem."""
+    validate_layout(layout)
+    if comm not in COMM_MODES:
+        raise ValueError(f"Unknown CP comm mode {comm!r}; expected one of {COMM_MODES}.")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (B, H, S_local, D), got shape {tuple(t.shape)}.")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
+    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, local sequence length "
+            f"and head dim (B, _, S_local, D); CP attention is self-attention over one sharded sequence."
+        )
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(
+            f"The number of query heads ({q.shape[1]}) must be a multiple of the number of key/value heads "
+            f"({k.shape[1]}) for MHA/GQA/MQA."
+        )
+    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
+        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
+    per_rank = chunks_per_rank(layout)
+    if q.shape[2] % per_rank != 0:
+        raise ValueError(
+            f"Local sequence length {q.shape[2]} must be a multiple of {per_rank} for layout {layout!r} "
+            f"(each rank holds {per_rank} chunks of equal length)."
+        )
+
+
+def _process_group(mesh: DeviceMesh | dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    if mesh is None:
+        return None
+    if isinstance(mesh, DeviceMesh):
+        if mesh.ndim != 1:
+            raise ValueError(
+                f"ring_attention needs a 1-D CP mesh, got axes {mesh.mesh_dim_names}; pass e.g. world_mesh['cp']."
+            )
+        return mesh.get_group()
+    return mesh
+
+
+def ring_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mesh: DeviceMesh | dist.ProcessGroup | None,
+    *,
+    is_causal: bool = False,
+    scale: float | None = None,
+    layout: str = "zigzag",
+    comm: str = "p2p",
+    backend: str | None = None,
+    stats: RingStats | None = None,
+) -> torch.Tensor:
+    """Context-parallel scaled dot-product attention on local sequence shards; differentiable.
+
+    Equals ``F.scaled_dot_product_attention`` on the full sequence (GQA expanded), sharded by ``layout``.
+
+    Args:
+        q: (B, Hq, S_local, D) this rank's queries, in ``layout`` order (see :func:`cp_dtensor.shard_sequence`).
+        k: (B, Hkv, S_local, D) this rank's keys; ``Hq % Hkv == 0`` (MHA, GQA, MQA).
+        v: (B, Hkv, S_local, D) this rank's values.
+        mesh: the 1-D CP ``DeviceMesh`` (or its ``ProcessGroup``); ``None`` or size 1 means plain SDPA.
+        is_causal: causal (decoder) masking over global positions; otherwise bidirectional.
+        scale: softmax scale; default ``1 / sqrt(D)``.
+        layout: ``"zigzag"`` (load-balanced causal) or ``"contiguous"``.
+        comm: ``"p2p"`` (ring of isend/irecv, overlapped) or ``"allgather"`` (gather KV once).
+        backend: kernel adapter name (``cpu_flash``, ``flash``, ``cudnn``, ``efficient``, ``math``);
+            default from device and dtype.
+        stats: optional :class:`RingStats` to accumulate bytes sent and work done on this rank.
+
+    Returns:
+        (B, Hq, S_local, D) this rank's attention output shard.
+    """
+    validate_attention_inputs(q, k, v, layout=layout, comm=comm)
+    group = _process_group(mesh)
+    if group is None or dist.get_world_size(group) == 1:
+        return F.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kernel = select_kernel(q.device, q.dtype, backend)
+    transport = ProcessGroupTransport(group)
+    return _ContextParallelAttention.apply(q, k, v, transport, is_causal, scale, layout, comm, kernel, stats)

@@ -1,0 +1,109 @@
+"""Run the context-parallel attention of every CP rank inside one process, without a process group.
+
+Each simulated rank is a thread running the very same ``ring_forward``/``ring_backward`` (or all-gather)
+code as the distributed op, with :class:`~cp_dtensor.attention.comm.ThreadTransport` mailboxes in place of
+``torch.distributed``. This is how one GPU checks the CUDA kernels inside the full ring algorithm, and how
+the CPU tests cover many CP sizes cheaply.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from cp_dtensor.attention.comm import RingStats, ThreadHub, ThreadTransport
+from cp_dtensor.attention.kernels import select_kernel
+from cp_dtensor.attention.ring import (
+    allgather_backward,
+    allgather_forward,
+    ring_backward,
+    ring_forward,
+    validate_attention_inputs,
+)
+from cp_dtensor.layout import shard_sequence_for_rank, unshard_sequence_from_shards, validate_seq_len
+
+__all__ = ["SimulationResult", "simulate_context_parallel_attention"]
+
+
+@dataclass
+class SimulationResult:
+    """Full-sequence results (natural order) of a simulated CP attention run, plus per-rank stats."""
+
+    out: torch.Tensor
+    dq: torch.Tensor | None
+    dk: torch.Tensor | None
+    dv: torch.Tensor | None
+    stats: list[RingStats]
+
+
+def simulate_context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cp: int,
+    *,
+    grad_out: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    layout: str = "zigzag",
+    comm: str = "p2p",
+    backend: str | None = None,
+    timeout_s: float = 300.0,
+) -> SimulationResult:
+    """Shard full ``q, k, v`` (B, H, S, D) over ``cp`` simulated ranks, run CP attention, unshard results.
+
+    Args:
+        q, k, v: full-sequence tensors in natural order.
+        cp: number of simulated CP ranks.
+        grad_out: if given, also run the backward with this output gradient.
+        is_causal, scale, layout, comm, backend: as for :func:`cp_dtensor.ring_attention`.
+        timeout_s: how long a simulated rank waits for a message before failing.
+
+    Returns:
+        :class:`SimulationResult` with full ``out`` (and ``dq, dk, dv`` when ``grad_out`` is given).
+    """
+    validate_seq_len(q.shape[2], cp, layout)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    kernel = select_kernel(q.device, q.dtype, backend)
+    forward, backward = (
+        (ring_forward, ring_backward) if comm == "p2p" else (allgather_forward, allgather_backward)
+    )
+    hub = ThreadHub(cp, timeout_s)
+    results: list[dict[str, torch.Tensor] | None] = [None] * cp
+    errors: list[BaseException] = []
+    stats = [RingStats() for _ in range(cp)]
+
+    def run_rank(rank: int) -> None:
+        try:
+            shard = [shard_sequence_for_rank(t, rank, cp, 2, layout) for t in (q, k, v)]
+            validate_attention_inputs(*shard, layout=layout, comm=comm)
+            transport = ThreadTransport(hub, rank)
+            opts = dict(is_causal=is_causal, scale=scale, layout=layout, kernel=kernel, stats=stats[rank])
+            out, lse = forward(*shard, transport, **opts)
+            stats[rank].bytes_sent_forward = transport.bytes_sent
+            res = {"out": out}
+            if grad_out is not None:
+                dout = shard_sequence_for_rank(grad_out, rank, cp, 2, layout)
+                res["dq"], res["dk"], res["dv"] = backward(dout, *shard, out, lse, transport, **opts)
+                stats[rank].bytes_sent_backward = transport.bytes_sent - stats[rank].bytes_sent_forward
+            results[rank] = res
+        except BaseException as e:  # surface the first failure, release the others
+            errors.append(e)
+            hub.abort()
+
+    threads = [threading.Thread(target=run_rank, args=(r,), name=f"cp-sim-rank{r}") for r in range(cp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+    def full(name: str) -> torch.Tensor:
+        return unshard_sequence_from_shards([r[name] for r in results], seq_dim=2, layout=layout)  # type: ignore[index]
+
+    grads = [full(n) for n in ("dq", "dk", "dv")] if grad_out is not None else [None, None, None]
+    return SimulationResult(full("out"), *grads, stats=stats)
