@@ -5,17 +5,34 @@ Public API (stable names)::
     shard_sequence(x, mesh, seq_dim, layout="zigzag")          this rank's shard of a full tensor
     unshard_sequence(x_local, mesh, seq_dim, layout="zigzag")  the full tensor, natural order
     ring_attention(q, k, v, mesh, *, is_causal, scale, layout, comm)   CP attention on local shards
+    ParallelDims(dp=-1, pp=1, cp=1, tp=1, world_size=...)      degrees -> .build_mesh() 4-D mesh
+    ContextParallelAttention(layout=..., comm=...)             SDPA on CP-sharded DTensors -> ring op
+    apply_context_parallel(model, mesh, ...)                   sequence-sharded DTensor activations
+    shard_batch(batch, mesh, layout=...)                       a global batch -> this rank's CP DTensors
+    inspect_sharding(model, *inputs)                           per-module placements and shapes
 """
 
 from cp_dtensor.attention import RingStats, ring_attention, simulate_context_parallel_attention
+from cp_dtensor.attention.dispatch import ContextParallelAttention, context_parallel_sdpa
+from cp_dtensor.context_parallel import apply_context_parallel, shard_batch, unshard_sequence_output
+from cp_dtensor.inspect import format_sharding_table, inspect_sharding
 from cp_dtensor.layout import LAYOUTS, sequence_positions, shard_sequence, unshard_sequence
+from cp_dtensor.parallel_dims import ParallelDims
 
 __all__ = [
     "LAYOUTS",
+    "ContextParallelAttention",
+    "ParallelDims",
     "RingStats",
+    "apply_context_parallel",
+    "context_parallel_sdpa",
+    "format_sharding_table",
+    "inspect_sharding",
     "ring_attention",
     "sequence_positions",
+    "shard_batch",
     "shard_sequence",
     "simulate_context_parallel_attention",
     "unshard_sequence",
+    "unshard_sequence_output",
 ]

@@ -21,6 +21,17 @@ from datetime import timedelta
 from typing import Any
 
 _CTX = mp.get_context("spawn")
+_MESHES: dict[tuple, Any] = {}  # per worker process: world meshes by degrees (new groups are slow on gloo)
+
+
+def cached_world_mesh(**degrees: Any) -> Any:
+    """``ParallelDims(**degrees).build_mesh("cpu")``, built once per worker process and degree mix."""
+    from cp_dtensor.parallel_dims import ParallelDims
+
+    key = tuple(sorted(degrees.items()))
+    if key not in _MESHES:
+        _MESHES[key] = ParallelDims(**degrees).build_mesh("cpu")
+    return _MESHES[key]
 
 
 def _worker_main(
