@@ -1,0 +1,190 @@
+"""One training step on a parallelized model: global-token-mean loss, backward, clipping, optimizer.
+
+Note [Global token mean]
+~~~~~~~~~~~~~~~~~~~~~~~~
+Each rank sees a (dp, cp) slice of the global batch: rows over dp, sequence shards over cp. The loss is
+
+    loss = sum over every rank's valid tokens of CE  /  number of valid tokens in the global batch
+
+so each rank computes ``sum(CE of its tokens) / N_global`` (N_global: one all-reduce of the local counts
+over dp x cp) and FSDP *sums* gradients over dp x cp. The result is independent of the layout, of how
+many ignored (-100) labels each shard has, and of the microbatch split under PP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from cp_dtensor.layout import shard_sequence_for_rank
+from cp_dtensor.parallel_dims import ParallelDims
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PipelineState",
+    "StepResult",
+    "TokenMeanLoss",
+    "clip_grad_norm_",
+    "count_global_tokens",
+    "local_batch",
+    "token_loss_sum",
+    "train_step",
+]
+
+IGNORE_INDEX = -100
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed fp32 cross entropy of (B, S, V) logits against (B, S) labels, ignoring ``IGNORE_INDEX``."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def count_global_tokens(labels: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
+    """Number of valid labels over the whole global batch (all-reduce over ``mesh``, e.g. dp x cp)."""
+    count = (labels != IGNORE_INDEX).sum().to(torch.float64)
+    if mesh is not None and mesh.size() > 1:
+        dist.all_reduce(count, group=mesh.get_group())
+    return count
+
+
+def clip_grad_norm_(
+    parameters: Iterable[nn.Parameter], max_norm: float, pp_mesh: DeviceMesh | None = None
+) -> torch.Tensor:
+    """Clip gradients by their global 2-norm across every mesh (TP, FSDP and pipeline stages).
+
+    Returns:
+        The total norm before clipping (a plain fp32 scalar tensor, identical on every rank).
+    """
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=False)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()  # the reduction over the DTensor's mesh (FSDP / TP shards)
+    if pp_mesh is not None and pp_mesh.size() > 1:
+        total = total**2
+        dist.all_reduce(total, group=pp_mesh.get_group())
+        total = total.sqrt()
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)
+    return total
+
+
+class TokenMeanLoss:
+    """``loss_fn(output, target)`` for pipeline schedules: summed CE divided by ``normalizer``.
+
+    :func:`train_step` sets ``normalizer`` to the global valid-token count before each step.
+    """
+
+    def __init__(self) -> None:
+        self.normalizer: torch.Tensor | float = 1.0
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Loss of one microbatch, already normalized for the whole global batch."""
+        return token_loss_sum(output, target) / self.normalizer
+
+
+@dataclass
+class PipelineState:
+    """What :func:`train_step` needs to drive a pipeline schedule on this rank."""
+
+    schedule: object
+    loss_fn: TokenMeanLoss
+    mesh: DeviceMesh
+    has_first_stage: bool
+    has_last_stage: bool
+
+
+@dataclass
+class StepResult:
+    """What one step reports: global mean loss, gradient norm before clipping, global valid tokens."""
+
+    loss: float
+    grad_norm: float
+    tokens: int
+
+
+def _local(x: torch.Tensor) -> torch.Tensor:
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+def train_step(
+    model_parts: list[nn.Module],
+    optimizer: torch.optim.Optimizer,
+    batch: dict[str, torch.Tensor],
+    *,
+    loss_mesh: DeviceMesh | None,
+    pipeline: PipelineState | None = None,
+    max_norm: float = 1.0,
+    skip_update: bool = False,
+) -> StepResult:
+    """Forward, backward, clip and update once (see Note [Global token mean]).
+
+    Args:
+        model_parts: the model, or this pp rank's stage modules.
+        optimizer: optimizer over all parts' parameters.
+        batch: this rank's ``tokens``, ``labels``, ``positions`` (local tensors or CP DTensors), (B, S_local).
+        loss_mesh: the dp x cp mesh the token count and loss are reduced over (None: single process).
+        pipeline: the pipeline schedule and this rank's stage roles (pp > 1), else None.
+        max_norm: gradient clipping threshold; 0 disables clipping (the norm is still reported).
+        skip_update: compute everything but do not step the optimizer (e.g. a non-finite guard).
+    """
+    tokens, labels, positions = (_local(batch[k]) for k in ("tokens", "labels", "positions"))
+    n_global = count_global_tokens(labels, loss_mesh)
+    optimizer.zero_grad(set_to_none=True)
+    if pipeline is None:
+        (model,) = model_parts
+        logits = model(tokens, positions)  # (B, S_local, V)
+        loss = token_loss_sum(logits, labels) / n_global
+        loss.backward()
+        local_loss = loss.detach()
+    else:
+        pipeline.loss_fn.normalizer = n_global
+        losses: list[torch.Tensor] = []
+        args = (tokens,) if pipeline.has_first_stage else ()
+        target = labels if pipeline.has_last_stage else None
+        pipeline.schedule.step(*args, positions=positions, target=target, losses=losses)
+        local_loss = torch.stack(losses).sum() if pipeline.has_last_stage else torch.zeros(())
+    loss_total = local_loss.to(torch.float64)
+    if loss_mesh is not None and loss_mesh.size() > 1:
+        dist.all_reduce(loss_total, group=loss_mesh.get_group())
+    pp_mesh = pipeline.mesh if pipeline is not None else None
+    if pp_mesh is not None and pp_mesh.size() > 1:
+        dist.all_reduce(loss_total, group=pp_mesh.get_group())  # only the last stage contributes
+    params = [p for m in model_parts for p in m.parameters()]
+    grad_norm = clip_grad_norm_(params, max_norm, pp_mesh)
+    if not skip_update:
+        optimizer.step()
+    return StepResult(loss=loss_total.item(), grad_norm=grad_norm.item(), tokens=int(n_global.item()))
+
+
+def local_batch(
+    global_batch: dict[str, torch.Tensor], parallel_dims: ParallelDims, *, layout: str = "zigzag"
+) -> dict[str, torch.Tensor]:
+    """This rank's part of a global batch: rows of its dp rank, then sequence shards of its cp rank.
+
+    ``positions`` (global token positions) are added when missing, so they follow the CP permutation.
+    Returns local tensors (B_local, S / cp); all tp and pp ranks of one (dp, cp) coordinate get the same.
+    """
+    mesh = parallel_dims.world_mesh
+    dp, dp_rank = parallel_dims.dp, mesh.get_local_rank("dp")
+    cp, cp_rank = parallel_dims.cp, mesh.get_local_rank("cp")
+    batch = dict(global_batch)
+    rows, seq = batch["tokens"].shape[:2]
+    if "positions" not in batch:
+        batch["positions"] = torch.arange(seq, device=batch["tokens"].device).expand(rows, seq)
+    if rows % dp:
+        raise ValueError(f"Global batch of {rows} rows cannot be split over data_parallel_degree {dp}.")
+    per = rows // dp
+    return {
+        k: shard_sequence_for_rank(v[dp_rank * per : (dp_rank + 1) * per], cp_rank, cp, 1, layout)
+        for k, v in batch.items()
+    }
