@@ -170,7 +170,7 @@ class Training:
     """Peak learning rate of AdamW."""
 
     warmup_steps: int = _bounded(10, ge=0)
-    """Steps of linear warmup from 0 to lr; must be <= steps."""
+    """Steps of linear warmup from 0 to lr (a run shorter than this ends during warmup)."""
 
     lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
     """Decay of the learning rate after warmup, down to min_lr_ratio x lr ("constant" keeps lr)."""
@@ -389,12 +389,6 @@ class JobConfig:
             raise ConfigError(
                 f"activation_checkpoint.selective_ac_option: expected a positive integer string (checkpoint "
                 f'every N-th block), got {option!r}; e.g. selective_ac_option = "2"'
-            )
-
-        if training.warmup_steps > training.steps:
-            raise ConfigError(
-                f"training.warmup_steps={training.warmup_steps} must be <= training.steps={training.steps}; "
-                f"lower warmup_steps or raise steps"
             )
 
         if training.global_batch_size != -1:

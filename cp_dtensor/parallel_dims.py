@@ -6,7 +6,7 @@ Ranks are laid out row-major over (pp, dp, cp, tp), so tp neighbours are adjacen
 pp is outermost. Axes of size 1 are kept, so code never branches on which axes exist. Derived meshes::
 
     world_mesh["cp", "tp"]   activations: sequence Shard(1) over cp (and over tp with sequence parallel)
-    world_mesh["dp_cp"]      dp x cp flattened: FSDP shards parameters here (CP ranks hold the same
+    dp_cp (flattened)        dp x cp flattened: FSDP shards parameters here (CP ranks hold the same
                              weights) and gradients / the global token count are reduced here
     world_mesh["dp"]         the batch axis: each dp rank reads different rows of the global batch
 
@@ -55,6 +55,7 @@ class ParallelDims:
     world_size: int | None = None
     cp_layout: str = "zigzag"
     _mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
+    _dp_cp_mesh: DeviceMesh | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in ("pp", "cp", "tp"):
@@ -142,9 +143,24 @@ class ParallelDims:
                 f"{dist.get_world_size()} ranks."
             )
         mesh = init_device_mesh(device_type, (self.pp, self.dp, self.cp, self.tp), mesh_dim_names=MESH_AXES)
-        mesh["dp", "cp"]._flatten("dp_cp")
-        self._mesh = mesh
+        self.set_mesh(mesh)
         return mesh
+
+    def set_mesh(self, mesh: DeviceMesh) -> None:
+        """Adopt an existing 4-D mesh built for these degrees (e.g. one cached across runs)."""
+        if tuple(mesh.mesh_dim_names or ()) != MESH_AXES or tuple(mesh.shape) != (
+            self.pp,
+            self.dp,
+            self.cp,
+            self.tp,
+        ):
+            raise ValueError(
+                f"Mesh {mesh.mesh_dim_names} {tuple(mesh.shape)} does not match pp/dp/cp/tp "
+                f"{(self.pp, self.dp, self.cp, self.tp)}."
+            )
+        self._mesh = mesh
+        # Keep the flattened dp x cp mesh ourselves (slicing flattened axes from the root is deprecated).
+        self._dp_cp_mesh = mesh["dp", "cp"]._flatten("dp_cp")
 
     @property
     def world_mesh(self) -> DeviceMesh:
@@ -161,12 +177,14 @@ class ParallelDims:
     @property
     def fsdp_mesh(self) -> DeviceMesh:
         """1-D flattened dp x cp mesh that FSDP2 shards parameters over."""
-        return self.world_mesh["dp_cp"]
+        if self._dp_cp_mesh is None:
+            raise RuntimeError("Call ParallelDims.build_mesh() first.")
+        return self._dp_cp_mesh
 
     @property
     def loss_mesh(self) -> DeviceMesh:
         """1-D dp x cp mesh over which token counts and losses are summed."""
-        return self.world_mesh["dp_cp"]
+        return self.fsdp_mesh
 
     @property
     def batch_mesh(self) -> DeviceMesh:

@@ -13,6 +13,7 @@ many ignored (-100) labels each shard has, and of the microbatch split under PP.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -56,25 +57,35 @@ def count_global_tokens(labels: torch.Tensor, mesh: DeviceMesh | None) -> torch.
     return count
 
 
-def clip_grad_norm_(
-    parameters: Iterable[nn.Parameter], max_norm: float, pp_mesh: DeviceMesh | None = None
-) -> torch.Tensor:
+def _replication(p: torch.Tensor) -> int:
+    """How many ranks of the tensor's mesh hold the same local values (Replicate placements)."""
+    if not isinstance(p, DTensor):
+        return 1
+    mesh = p.device_mesh
+    return math.prod(mesh.size(i) for i, pl in enumerate(p.placements) if pl.is_replicate())
+
+
+def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torch.Tensor:
     """Clip gradients by their global 2-norm across every mesh (TP, FSDP and pipeline stages).
+
+    Each rank sums the squares of its local gradient shards, divided by how many ranks hold the same
+    replicated values; one all-reduce over all ranks then gives the squared norm of the whole model
+    (pipeline stages hold disjoint parameters, so they simply add up).
 
     Returns:
         The total norm before clipping (a plain fp32 scalar tensor, identical on every rank).
     """
     params = [p for p in parameters if p.grad is not None]
-    grads = [p.grad for p in params]
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=False)
-    if isinstance(total, DTensor):
-        total = total.full_tensor()  # the reduction over the DTensor's mesh (FSDP / TP shards)
-    if pp_mesh is not None and pp_mesh.size() > 1:
-        total = total**2
-        dist.all_reduce(total, group=pp_mesh.get_group())
-        total = total.sqrt()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)
+    total_sq = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+        total_sq += local.detach().double().pow(2).sum().cpu() / _replication(p.grad)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(total_sq)
+    total = total_sq.sqrt().to(torch.float32)
+    if max_norm > 0 and params:
+        device = (params[0].grad.to_local() if isinstance(params[0].grad, DTensor) else params[0].grad).device
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(device), foreach=False)
     return total
 
 
@@ -105,65 +116,100 @@ class PipelineState:
 
 @dataclass
 class StepResult:
-    """What one step reports: global mean loss, gradient norm before clipping, global valid tokens."""
+    """What one step reports: global mean loss, gradient norm before clipping, global valid tokens, and
+    whether the update was skipped (non-finite values with ``on_nonfinite="skip"``)."""
 
     loss: float
     grad_norm: float
     tokens: int
+    skipped: bool = False
 
 
 def _local(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if isinstance(x, DTensor) else x
 
 
-def train_step(
+def _forward_backward(
     model_parts: list[nn.Module],
-    optimizer: torch.optim.Optimizer,
     batch: dict[str, torch.Tensor],
-    *,
-    loss_mesh: DeviceMesh | None,
-    pipeline: PipelineState | None = None,
-    max_norm: float = 1.0,
-    skip_update: bool = False,
-) -> StepResult:
-    """Forward, backward, clip and update once (see Note [Global token mean]).
-
-    Args:
-        model_parts: the model, or this pp rank's stage modules.
-        optimizer: optimizer over all parts' parameters.
-        batch: this rank's ``tokens``, ``labels``, ``positions`` (local tensors or CP DTensors), (B, S_local).
-        loss_mesh: the dp x cp mesh the token count and loss are reduced over (None: single process).
-        pipeline: the pipeline schedule and this rank's stage roles (pp > 1), else None.
-        max_norm: gradient clipping threshold; 0 disables clipping (the norm is still reported).
-        skip_update: compute everything but do not step the optimizer (e.g. a non-finite guard).
-    """
-    tokens, labels, positions = (_local(batch[k]) for k in ("tokens", "labels", "positions"))
-    n_global = count_global_tokens(labels, loss_mesh)
-    optimizer.zero_grad(set_to_none=True)
+    n_global: torch.Tensor,
+    pipeline: PipelineState | None,
+) -> torch.Tensor:
+    """Forward and backward of one (micro)batch; returns this rank's share of the global mean loss."""
+    tokens, labels, positions = (batch[k] for k in ("tokens", "labels", "positions"))
     if pipeline is None:
         (model,) = model_parts
         logits = model(tokens, positions)  # (B, S_local, V)
         loss = token_loss_sum(logits, labels) / n_global
         loss.backward()
-        local_loss = loss.detach()
-    else:
-        pipeline.loss_fn.normalizer = n_global
-        losses: list[torch.Tensor] = []
-        args = (tokens,) if pipeline.has_first_stage else ()
-        target = labels if pipeline.has_last_stage else None
-        pipeline.schedule.step(*args, positions=positions, target=target, losses=losses)
-        local_loss = torch.stack(losses).sum() if pipeline.has_last_stage else torch.zeros(())
-    loss_total = local_loss.to(torch.float64)
+        return loss.detach()
+    pipeline.loss_fn.normalizer = n_global
+    losses: list[torch.Tensor] = []
+    args = (tokens,) if pipeline.has_first_stage else ()
+    target = labels if pipeline.has_last_stage else None
+    pipeline.schedule.step(*args, positions=positions, target=target, losses=losses)
+    return torch.stack(losses).sum().detach() if pipeline.has_last_stage else torch.zeros(())
+
+
+def train_step(
+    model_parts: list[nn.Module],
+    optimizers: list[torch.optim.Optimizer],
+    batch: dict[str, torch.Tensor],
+    *,
+    loss_mesh: DeviceMesh | None,
+    pipeline: PipelineState | None = None,
+    max_norm: float = 1.0,
+    accumulation_steps: int = 1,
+    on_nonfinite: str = "raise",
+) -> StepResult:
+    """Forward, backward (with gradient accumulation), clip and update once (Note [Global token mean]).
+
+    Args:
+        model_parts: the model, or this pp rank's stage modules.
+        optimizers: the optimizers over the parts' parameters (one per part, or one for all).
+        batch: this rank's ``tokens``, ``labels``, ``positions`` (local tensors or CP DTensors),
+            (B_local, S_local); split into ``accumulation_steps`` row chunks.
+        loss_mesh: the dp x cp mesh the token count and loss are reduced over (None: single process).
+        pipeline: the pipeline schedule and this rank's stage roles (pp > 1), else None.
+        max_norm: gradient clipping threshold; 0 disables clipping (the norm is still reported).
+        accumulation_steps: forward/backward passes per optimizer step.
+        on_nonfinite: for a NaN/Inf loss or gradient norm (the same on every rank, both are reduced):
+            ``"raise"`` a ``FloatingPointError``, ``"skip"`` the update, or ``"ignore"``.
+
+    Returns:
+        The global mean loss, the gradient norm before clipping and the global token count.
+    """
+    batch = {k: _local(batch[k]) for k in ("tokens", "labels", "positions")}
+    rows = batch["tokens"].shape[0]
+    if rows % accumulation_steps:
+        raise ValueError(f"{rows} local rows cannot be split into {accumulation_steps} accumulation steps.")
+    n_global = count_global_tokens(batch["labels"], loss_mesh)
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    local_loss = torch.zeros((), dtype=torch.float64)
+    for chunk in range(accumulation_steps):
+        per = rows // accumulation_steps
+        micro = {k: v[chunk * per : (chunk + 1) * per] for k, v in batch.items()}
+        local_loss += _forward_backward(model_parts, micro, n_global, pipeline).to(torch.float64)
     if loss_mesh is not None and loss_mesh.size() > 1:
-        dist.all_reduce(loss_total, group=loss_mesh.get_group())
+        dist.all_reduce(local_loss, group=loss_mesh.get_group())
     pp_mesh = pipeline.mesh if pipeline is not None else None
     if pp_mesh is not None and pp_mesh.size() > 1:
-        dist.all_reduce(loss_total, group=pp_mesh.get_group())  # only the last stage contributes
+        dist.all_reduce(local_loss, group=pp_mesh.get_group())  # only the last stage contributes
     params = [p for m in model_parts for p in m.parameters()]
-    grad_norm = clip_grad_norm_(params, max_norm, pp_mesh)
-    if not skip_update:
-        optimizer.step()
-    return StepResult(loss=loss_total.item(), grad_norm=grad_norm.item(), tokens=int(n_global.item()))
+    grad_norm = clip_grad_norm_(params, max_norm)
+    result = StepResult(loss=local_loss.item(), grad_norm=grad_norm.item(), tokens=int(n_global.item()))
+    if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
+        if on_nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite loss {result.loss} or gradient norm {result.grad_norm}; the update was not applied"
+            )
+        if on_nonfinite == "skip":
+            result.skipped = True
+            return result
+    for opt in optimizers:
+        opt.step()
+    return result
 
 
 def local_batch(

@@ -21,17 +21,24 @@ from datetime import timedelta
 from typing import Any
 
 _CTX = mp.get_context("spawn")
-_MESHES: dict[tuple, Any] = {}  # per worker process: world meshes by degrees (new groups are slow on gloo)
+_PARALLEL_DIMS: dict[tuple, Any] = {}  # per worker process, by degrees (new groups are slow on gloo)
 
 
-def cached_world_mesh(**degrees: Any) -> Any:
-    """``ParallelDims(**degrees).build_mesh("cpu")``, built once per worker process and degree mix."""
+def cached_parallel_dims(**degrees: Any) -> Any:
+    """``ParallelDims(**degrees)`` with its mesh built, once per worker process and degree mix."""
     from cp_dtensor.parallel_dims import ParallelDims
 
     key = tuple(sorted(degrees.items()))
-    if key not in _MESHES:
-        _MESHES[key] = ParallelDims(**degrees).build_mesh("cpu")
-    return _MESHES[key]
+    if key not in _PARALLEL_DIMS:
+        pd = ParallelDims(**degrees)
+        pd.build_mesh("cpu")
+        _PARALLEL_DIMS[key] = pd
+    return _PARALLEL_DIMS[key]
+
+
+def cached_world_mesh(**degrees: Any) -> Any:
+    """The 4-D world mesh of :func:`cached_parallel_dims`."""
+    return cached_parallel_dims(**degrees).world_mesh
 
 
 def _worker_main(

@@ -359,10 +359,9 @@ def test_text_dataset_needs_paths() -> None:
     assert load_config(["--data.dataset", "text", "--data.paths", "a.txt"]).data.paths == ["a.txt"]
 
 
-def test_warmup_not_above_steps() -> None:
-    message = _error(["--training.steps=5", "--training.warmup_steps=6"])
-    assert "training.warmup_steps=6" in message and "training.steps=5" in message
-    assert load_config(["--training.steps=5", "--training.warmup_steps=5"]).training.warmup_steps == 5
+def test_warmup_longer_than_the_run_is_allowed() -> None:
+    # A short debug run (--training.steps 2) must not trip over the config's warmup.
+    assert load_config(["--training.steps=5", "--training.warmup_steps=6"]).training.warmup_steps == 6
 
 
 def test_global_batch_size_multiple() -> None:

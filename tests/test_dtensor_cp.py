@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from dist_harness import cached_world_mesh
+from dist_harness import cached_parallel_dims, cached_world_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import cp_dtensor as cpd
@@ -236,8 +236,7 @@ def run_inspection(cp: int, tp: int) -> dict:
     from cp_dtensor.models.llama import build_llama
     from cp_dtensor.parallelize import parallelize_llama
 
-    pd = ParallelDims(cp=cp, tp=tp)
-    pd._mesh = cached_world_mesh(cp=cp, tp=tp)
+    pd = cached_parallel_dims(cp=cp, tp=tp)
     model = build_llama("debug")
     model.init_weights(seed=0)
     parallelize_llama(model, pd)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from dist_harness import cached_world_mesh
+from dist_harness import cached_parallel_dims
 
 from cp_dtensor.models.llama import build_llama
 from cp_dtensor.parallel_dims import ParallelDims
@@ -64,9 +64,7 @@ def _strip(name: str) -> str:
 def train_run(run: Run) -> dict:
     """Train ``run`` on this rank (or single-process when world is 1); losses and full weights."""
     dist_on = run.world > 1
-    pd = ParallelDims(world_size=run.world, cp_layout=run.layout, **run.degrees)
-    if dist_on:
-        pd._mesh = cached_world_mesh(**run.degrees)
+    pd = cached_parallel_dims(**run.degrees) if dist_on else ParallelDims(world_size=1)
     model = build_llama(run.flavor, causal=run.causal)
     model.init_weights(seed=0)
     if dist_on:
@@ -88,7 +86,7 @@ def train_run(run: Run) -> dict:
         batch = local_batch(gb, pd, layout=run.layout) if dist_on else {**gb, "positions": None}
         if not dist_on:
             batch["positions"] = torch.arange(run.seq_len).expand(run.batch, run.seq_len)
-        res = train_step(parts, opt, batch, loss_mesh=loss_mesh, pipeline=pipeline, max_norm=1.0)
+        res = train_step(parts, [opt], batch, loss_mesh=loss_mesh, pipeline=pipeline, max_norm=1.0)
         losses.append(res.loss)
     weights = {}
     for m in parts:
@@ -113,6 +111,7 @@ RUNS = [
     Run("dp2_cp2", {"dp": 2, "cp": 2}),
     Run("pp2_cp2", {"pp": 2, "cp": 2}, flavor="debug_deep"),
     Run("pp2_cp2_gpipe", {"pp": 2, "cp": 2}, flavor="debug_deep", pp_schedule="GPipe"),
+    Run("pp2_cp2_interleaved", {"pp": 2, "cp": 2}, flavor="debug_deep", pp_schedule="Interleaved1F1B"),
     Run("dp2_tp2_cp2", {"dp": 2, "cp": 2, "tp": 2}),
 ]
 SLOW = {"dp2_tp2_cp2"}

@@ -1,0 +1,49 @@
+"""Measure the activation memory a forward pass keeps alive for backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+__all__ = ["SavedTensorCounter", "count_saved_tensors"]
+
+
+@dataclass
+class SavedTensorCounter:
+    """Bytes of the distinct storages autograd saved for backward (parameters excluded).
+
+    Attributes:
+        bytes: total bytes of the distinct saved storages (a storage saved by several ops counts once).
+        tensors: number of saved tensors seen (before de-duplication).
+    """
+
+    bytes: int = 0
+    tensors: int = 0
+    _seen: set[int] = field(default_factory=set, repr=False)
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        """``saved_tensors_hooks`` pack hook: account ``t`` and return it unchanged."""
+        self.tensors += 1
+        local = t.to_local() if isinstance(t, DTensor) else t
+        if isinstance(t, nn.Parameter) or local.device.type == "meta":
+            return t
+        storage = local.untyped_storage()
+        if storage.data_ptr() not in self._seen:
+            self._seen.add(storage.data_ptr())
+            self.bytes += storage.nbytes()
+        return t
+
+
+@contextmanager
+def count_saved_tensors() -> Iterator[SavedTensorCounter]:
+    """Context manager: every tensor saved for backward inside it is counted once by storage."""
+    counter = SavedTensorCounter()
+    identity: Callable[[Any], Any] = lambda t: t  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(counter.pack, identity):
+        yield counter
