@@ -56,6 +56,7 @@ __all__ = [
     "dump_toml",
     "field_docs",
     "format_help",
+    "format_markdown_reference",
     "load_config",
 ]
 
@@ -837,9 +838,23 @@ def format_help(prog: str = "train.py") -> str:
         "  --config PATH  TOML job config file; without it, the defaults below",
         "  -h, --help     print this help and exit",
     ]
+    for name, summary, rows in _option_rows():
+        lines += ["", f"[{name}]  {summary}".rstrip()]
+        # Align the columns within a section.
+        width = max(len(option) for option, _, _ in rows)
+        detail_width = max(len(details) for _, details, _ in rows) + 2
+        lines += [
+            f"  {option:<{width}}  {'(' + details + ')':<{detail_width}}  {doc}".rstrip()
+            for option, details, doc in rows
+        ]
+    return "\n".join(lines)
+
+
+def _option_rows() -> list[tuple[str, str, list[tuple[str, str, str]]]]:
+    """Per section: (name, one-line summary, [(--section.key, "type, default X[, range]", docstring)])."""
+    sections = []
     for name, cls in _section_types().items():
         summary = (inspect.getdoc(cls) or "").split("\n", 1)[0]
-        lines += ["", f"[{name}]  {summary}".rstrip()]
         docs, hints = field_docs(cls), _field_types(cls)
         rows: list[tuple[str, str, str]] = []
         for f in dataclasses.fields(cls):
@@ -848,11 +863,15 @@ def format_help(prog: str = "train.py") -> str:
             bounds: _Range | None = f.metadata.get("range")
             if bounds is not None:
                 details += f", {bounds.describe()}"
-            rows.append((f"--{name}.{f.name}", f"({details})", " ".join(docs.get(f.name, "").split())))
-        # Align the columns within a section.
-        width = max(len(option) for option, _, _ in rows)
-        detail_width = max(len(details) for _, details, _ in rows)
-        lines += [
-            f"  {option:<{width}}  {details:<{detail_width}}  {doc}".rstrip() for option, details, doc in rows
-        ]
+            rows.append((f"--{name}.{f.name}", details, " ".join(docs.get(f.name, "").split())))
+        sections.append((name, summary, rows))
+    return sections
+
+
+def format_markdown_reference() -> str:
+    """The config reference as a markdown table (the README embeds exactly this)."""
+    lines = ["| option | type, default | meaning |", "|---|---|---|"]
+    for _name, _summary, rows in _option_rows():
+        for option, details, doc in rows:
+            lines.append(f"| `{option[2:]}` | {details.replace('|', '/')} | {doc.replace('|', '/')} |")
     return "\n".join(lines)

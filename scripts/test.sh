@@ -5,10 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-# The CPU build of torch 2.13.0 comes from local disk; installing it first means the project's
-# `torch>=2.13` requirement is already met and pip never pulls a multi-GB CUDA build.
-if ! "$PY" -c "import torch" 2>/dev/null; then
-  "$PY" -m pip install --quiet torch==2.13.0
-fi
-"$PY" -m pip install --quiet -e ".[test]"
+source scripts/install.sh
 exec "$PY" -m pytest "$@"

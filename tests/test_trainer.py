@@ -107,3 +107,51 @@ def test_shipped_configs_are_valid(path: Path) -> None:
     cfg = load_config(["--config", str(path)])
     pd = validate_job(cfg, local_world_size(cfg))
     assert pd.world_size == local_world_size(cfg)
+
+
+def test_readme_config_reference_matches_the_code() -> None:
+    from cp_dtensor.config import format_markdown_reference
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("<!-- config-reference:start")
+    table = readme[readme.index("\n", start) + 1 : readme.index("<!-- config-reference:end -->")].strip()
+    assert table == format_markdown_reference(), (
+        "regenerate the README table from format_markdown_reference()"
+    )
+
+
+def test_train_py_help_lists_every_option() -> None:
+    from cp_dtensor.config import JobConfig
+
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0
+    for section, values in JobConfig().to_dict().items():
+        for key in values:
+            assert f"--{section}.{key}" in proc.stdout
+
+
+def test_bad_config_is_one_clear_line_and_exit_2() -> None:
+    cmd = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "train_configs/debug_cpu.toml",
+        "--training.seq_len",
+        "1002",
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr  # one line, no traceback
+    assert "training.seq_len=1002 must be a multiple of 4" in proc.stderr
+
+
+def test_plot_loss_makes_a_png(tmp_path: Path) -> None:
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(f'{{"step": {s}, "loss": {5.0 / s}}}\n' for s in range(1, 6)))
+    out = tmp_path / "loss.png"
+    proc = subprocess.run(
+        [sys.executable, "scripts/plot_loss.py", str(log), "--chance", "2.77", "-o", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
