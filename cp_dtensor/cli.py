@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from cp_dtensor.checkpoint import CheckpointError
 from cp_dtensor.config import ConfigError, JobConfig, load_config
 from cp_dtensor.launch import LaunchError, in_launcher_env, run_distributed
 from cp_dtensor.trainer import Trainer, validate_job
@@ -17,6 +18,10 @@ def local_world_size(cfg: JobConfig) -> int:
     par = cfg.parallelism
     dp = max(par.data_parallel_degree, 1)
     return dp * par.context_parallel_degree * par.tensor_parallel_degree * par.pipeline_parallel_degree
+
+
+# Errors that mean bad input or a stopped run, not a bug: reported as one line, without a traceback.
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, CheckpointError, FloatingPointError)
 
 
 def _train(cfg: JobConfig) -> None:
@@ -38,12 +43,17 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     world = int(os.environ["WORLD_SIZE"]) if in_launcher_env() else local_world_size(cfg)
     try:
         validate_job(cfg, world)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         _error(str(e))
         return 2
     try:
-        run_distributed(_train, world, cfg, timeout_s=cfg.comm.train_timeout_seconds)
+        run_distributed(
+            _train, world, cfg, timeout_s=cfg.comm.train_timeout_seconds, expected_errors=EXPECTED_ERRORS
+        )
     except LaunchError as e:
+        _error(str(e))
+        return 1
+    except EXPECTED_ERRORS as e:  # under torchrun: this rank's own failure
         _error(str(e))
         return 1
     return 0

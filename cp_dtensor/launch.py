@@ -3,31 +3,72 @@
 ``run_distributed(fn, world_size, *args)``: when the launcher environment (``RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``...) is present, this process is one rank: initialize the process group and call ``fn``.
 Otherwise spawn ``world_size`` local processes (gloo on CPU), each doing the same, so plain
-``python script.py`` needs nothing else. If any rank fails, the others are terminated and a
-:class:`LaunchError` names the first failing rank.
+``python script.py`` needs nothing else.
+
+Note [Failing ranks]
+~~~~~~~~~~~~~~~~~~~~
+::
+
+    rank r raises / dies  ->  parent notes the FIRST failure (rank, exit code or exception)
+                          ->  other ranks get `grace_s` to finish on their own (they usually fail fast:
+                              gloo sees the closed connection), then SIGTERM, then SIGKILL
+                          ->  LaunchError(rank, ...): one line for an expected error (bad input), the
+                              failing rank's traceback otherwise; errors of later ranks are not repeated
+
+A rank stuck in a collective whose peer is alive but silent fails after the process-group timeout.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import signal
 import socket
+import time
+import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-__all__ = ["LaunchError", "in_launcher_env", "init_distributed", "run_distributed"]
+__all__ = ["LaunchError", "RankFailure", "in_launcher_env", "init_distributed", "run_distributed"]
+
+_CTX = mp.get_context("spawn")
+
+
+@dataclass
+class RankFailure:
+    """How one spawned rank failed."""
+
+    rank: int
+    exit_code: int | None
+    error_type: str = ""
+    message: str = ""
+    traceback: str = ""
+    expected: bool = False
+
+    def describe(self) -> str:
+        """One line: which rank, and the exception or the signal/exit code."""
+        if self.error_type:
+            return (
+                f"rank {self.rank}: {self.error_type}: {self.message}" if not self.expected else self.message
+            )
+        if self.exit_code is not None and self.exit_code < 0:
+            return f"rank {self.rank} was killed by signal {signal.Signals(-self.exit_code).name}"
+        return f"rank {self.rank} exited with code {self.exit_code}"
 
 
 class LaunchError(RuntimeError):
-    """A spawned rank failed; ``rank`` is the first one that did."""
+    """A spawned rank failed; ``failure`` describes the first one that did."""
 
-    def __init__(self, rank: int, message: str) -> None:
-        super().__init__(message)
-        self.rank = rank
+    def __init__(self, failure: RankFailure) -> None:
+        detail = "" if failure.expected or not failure.traceback else f"\n{failure.traceback.rstrip()}"
+        super().__init__(failure.describe() + detail)
+        self.failure = failure
+        self.rank = failure.rank
 
 
 def in_launcher_env() -> bool:
@@ -52,30 +93,46 @@ def init_distributed(timeout_s: float = 300.0) -> None:
 
 
 def _spawned_entry(
-    local_rank: int,
+    rank: int,
     fn: Callable[..., Any],
     world_size: int,
     port: int,
     timeout_s: float,
     threads: int,
     args: tuple,
+    expected_errors: tuple[type[BaseException], ...],
+    errors: Any,
 ) -> None:
     os.environ.update(
-        RANK=str(local_rank),
-        LOCAL_RANK=str(local_rank),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
         WORLD_SIZE=str(world_size),
         LOCAL_WORLD_SIZE=str(world_size),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
-    if threads > 0:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads)
     try:
         init_distributed(timeout_s)
         fn(*args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException as e:
+        expected = isinstance(e, expected_errors)
+        errors.put((rank, type(e).__name__, str(e), "" if expected else traceback.format_exc(), expected))
+        os._exit(2 if expected else 1)  # skip interpreter teardown: peers may be gone
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _stop(procs: list[Any], term_wait_s: float = 3.0) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + term_wait_s
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
 
 
 def run_distributed(
@@ -84,6 +141,8 @@ def run_distributed(
     *args: Any,
     timeout_s: float = 300.0,
     threads_per_rank: int = 0,
+    expected_errors: tuple[type[BaseException], ...] = (),
+    grace_s: float = 5.0,
 ) -> None:
     """Call ``fn(*args)`` on every rank with the default process group initialized.
 
@@ -93,9 +152,11 @@ def run_distributed(
         *args: picklable arguments for ``fn``.
         timeout_s: process-group timeout: a rank blocked longer than this in a collective fails.
         threads_per_rank: intra-op threads per spawned rank (0: cores / world_size, at least 1).
+        expected_errors: exception types that mean bad input rather than a bug: reported as one line.
+        grace_s: after the first failure, how long the other ranks may take to stop on their own.
 
     Raises:
-        LaunchError: a spawned rank failed (the others were terminated).
+        LaunchError: a spawned rank failed (see Note [Failing ranks]).
     """
     if in_launcher_env():
         init_distributed(timeout_s)
@@ -107,14 +168,83 @@ def run_distributed(
     if threads_per_rank <= 0:
         threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
     port = _free_port()
-    try:
-        mp.spawn(
-            _spawned_entry,
-            args=(fn, world_size, port, timeout_s, threads_per_rank, args),
-            nprocs=world_size,
-            join=True,
+    errors = _CTX.SimpleQueue()
+    procs = [
+        _CTX.Process(
+            target=_spawned_entry,
+            args=(r, fn, world_size, port, timeout_s, threads_per_rank, args, expected_errors, errors),
+            name=f"rank{r}",
         )
-    except mp.ProcessRaisedException as e:
-        raise LaunchError(e.error_index, f"rank {e.error_index} failed:\n{e.msg}") from None
-    except mp.ProcessExitedException as e:
-        raise LaunchError(e.error_index, f"rank {e.error_index} exited with code {e.exit_code}") from None
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    reported: dict[int, tuple] = {}
+    first: RankFailure | None = None
+    deadline = None
+    try:
+        while any(p.is_alive() for p in procs):
+            # A rank reports its exception before it exits, so the queue orders failures correctly;
+            # exit codes catch the ranks that died without a word (killed).
+            while not errors.empty():
+                item = errors.get()
+                reported.setdefault(item[0], item)
+                if first is None:
+                    first = RankFailure(item[0], None)
+            if first is None:
+                for r, p in enumerate(procs):
+                    if p.exitcode not in (None, 0):
+                        first = RankFailure(r, p.exitcode)
+                        break
+            if first is not None and deadline is None:
+                deadline = time.monotonic() + grace_s
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        stopped = {r for r, p in enumerate(procs) if p.is_alive()}  # ranks we terminate: never the cause
+        _stop(procs)
+    while not errors.empty():
+        item = errors.get()
+        reported.setdefault(item[0], item)
+    failed = [r for r, p in enumerate(procs) if p.exitcode != 0 and r not in stopped]
+    if first is None and not failed:
+        return
+    raise LaunchError(_root_cause(first, failed, reported, procs))
+
+
+# Messages of ranks that failed only because a peer went away (not the root cause of a failure).
+_PEER_FAILURE_HINTS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Connection refused",
+)
+
+
+def _root_cause(
+    first: RankFailure | None, failed: list[int], reported: dict[int, tuple], procs: list
+) -> RankFailure:
+    """The failure to report: a rank that died silently (killed), else the first real exception."""
+
+    def failure(rank: int) -> RankFailure:
+        f = RankFailure(rank, procs[rank].exitcode)
+        if rank in reported:
+            _, f.error_type, f.message, f.traceback, f.expected = reported[rank]
+        return f
+
+    killed = [r for r in failed if r not in reported and (procs[r].exitcode or 0) < 0]
+    if first is not None and first.rank in killed:
+        return failure(first.rank)
+    if killed and (first is None or _is_peer_failure(reported.get(first.rank))):
+        return failure(killed[0])
+    if first is not None and not _is_peer_failure(reported.get(first.rank)):
+        return failure(first.rank)
+    real = [r for r in reported if not _is_peer_failure(reported[r])]  # in order of arrival
+    if real:
+        return failure(real[0])
+    return failure(first.rank if first is not None else failed[0])
+
+
+def _is_peer_failure(item: tuple | None) -> bool:
+    return item is not None and any(hint in item[2] for hint in _PEER_FAILURE_HINTS)

@@ -91,6 +91,12 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
             f"parallelism.pipeline_parallel_degree {pd.pp} needs {stages} stages but flavor "
             f"{cfg.model.flavor!r} has only {args.n_layers} layers."
         )
+    if cfg.data.dataset == "text":
+        for path in map(Path, cfg.data.paths):
+            if not path.exists():
+                raise FileNotFoundError(f"data.paths: {path} does not exist.")
+            if path.is_file() and path.stat().st_size == 0:
+                raise ValueError(f"data.paths: {path} is empty.")
     gbs = _global_batch_size(cfg, pd)
     local_rows = gbs // pd.dp
     if gbs % pd.dp or local_rows % cfg.training.local_batch_size:
@@ -267,16 +273,22 @@ class Trainer:
         validate_token_ids(global_batch["tokens"], self.model_args.vocab_size)
         batch = local_batch(global_batch, pd, layout=cfg.parallelism.context_parallel_layout)
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        result = train_step(
-            self.parallel_model.model_parts,
-            self.optimizers,
-            batch,
-            loss_mesh=pd.loss_mesh,
-            pipeline=self.parallel_model.pipeline,
-            max_norm=cfg.training.max_norm,
-            accumulation_steps=self.accumulation_steps,
-            on_nonfinite="skip" if cfg.training.on_nonfinite == "skip" else "raise",
-        )
+        try:
+            result = train_step(
+                self.parallel_model.model_parts,
+                self.optimizers,
+                batch,
+                loss_mesh=pd.loss_mesh,
+                pipeline=self.parallel_model.pipeline,
+                max_norm=cfg.training.max_norm,
+                accumulation_steps=self.accumulation_steps,
+                on_nonfinite="skip" if cfg.training.on_nonfinite == "skip" else "raise",
+            )
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f"step {self.step + 1}: {e}; stopping (training.on_nonfinite = \"stop\"); the last checkpoint "
+                f"holds the state before it"
+            ) from None
         lr = self.schedulers[0].get_last_lr()[0]
         if not result.skipped:
             for s in self.schedulers:
