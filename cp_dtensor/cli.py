@@ -21,7 +21,12 @@ def local_world_size(cfg: JobConfig) -> int:
 
 
 # Errors that mean bad input or a stopped run, not a bug: reported as one line, without a traceback.
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, CheckpointError, FloatingPointError)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError,
+    FileNotFoundError,
+    CheckpointError,
+    FloatingPointError,
+)
 
 
 def _train(cfg: JobConfig) -> None:
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
         return 2
     try:
         run_distributed(
-            _train, world, cfg, timeout_s=cfg.comm.train_timeout_seconds, expected_errors=EXPECTED_ERRORS
+            _train, world, cfg, timeout_s=cfg.comm.init_timeout_seconds, expected_errors=EXPECTED_ERRORS
         )
     except LaunchError as e:
         _error(str(e))

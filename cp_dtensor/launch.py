@@ -27,7 +27,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -49,16 +49,21 @@ class RankFailure:
     message: str = ""
     traceback: str = ""
     expected: bool = False
+    stopped: list[int] = field(default_factory=list)  # ranks still running that the launcher stopped
 
     def describe(self) -> str:
-        """One line: which rank, and the exception or the signal/exit code."""
+        """One line: which rank, and the exception or the signal/exit code (and who had to be stopped)."""
         if self.error_type:
-            return (
+            line = (
                 f"rank {self.rank}: {self.error_type}: {self.message}" if not self.expected else self.message
             )
-        if self.exit_code is not None and self.exit_code < 0:
-            return f"rank {self.rank} was killed by signal {signal.Signals(-self.exit_code).name}"
-        return f"rank {self.rank} exited with code {self.exit_code}"
+        elif self.exit_code is not None and self.exit_code < 0:
+            line = f"rank {self.rank} was killed by signal {signal.Signals(-self.exit_code).name}"
+        else:
+            line = f"rank {self.rank} exited with code {self.exit_code}"
+        if self.stopped and not self.expected:
+            line += f" (rank(s) {self.stopped} had not exited and were stopped: hung or stuck waiting)"
+        return line
 
 
 class LaunchError(RuntimeError):
@@ -210,7 +215,9 @@ def run_distributed(
     failed = [r for r, p in enumerate(procs) if p.exitcode != 0 and r not in stopped]
     if first is None and not failed:
         return
-    raise LaunchError(_root_cause(first, failed, reported, procs))
+    cause = _root_cause(first, failed, reported, procs)
+    cause.stopped = sorted(stopped)
+    raise LaunchError(cause)
 
 
 # Messages of ranks that failed only because a peer went away (not the root cause of a failure).

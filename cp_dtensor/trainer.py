@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,17 @@ class Trainer:
         for s in self.schedulers:
             s.load_state_dict(state)
 
+    def _set_train_timeouts(self) -> None:
+        """After the first step (process groups created, kernels warm), switch every group from
+        ``comm.init_timeout_seconds`` to the shorter ``comm.train_timeout_seconds`` (as torchtitan does)."""
+        if not dist.is_initialized():
+            return
+        timeout = timedelta(seconds=self.cfg.comm.train_timeout_seconds)
+        groups = {dist.group.WORLD, *self.parallel_dims.world_mesh.get_all_groups()}
+        groups.add(self.parallel_dims.fsdp_mesh.get_group())
+        for group in groups:
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
+
     # ---- the loop ----------------------------------------------------------------------------------
     def resume(self) -> int | None:
         """Load the latest usable checkpoint (or ``checkpoint.load_step``); returns its step or None."""
@@ -286,7 +298,7 @@ class Trainer:
             )
         except FloatingPointError as e:
             raise FloatingPointError(
-                f"step {self.step + 1}: {e}; stopping (training.on_nonfinite = \"stop\"); the last checkpoint "
+                f'step {self.step + 1}: {e}; stopping (training.on_nonfinite = "stop"); the last checkpoint '
                 f"holds the state before it"
             ) from None
         lr = self.schedulers[0].get_last_lr()[0]
@@ -331,6 +343,8 @@ class Trainer:
         try:
             while self.step < cfg.training.steps:
                 results.append(self.train_one_step())
+                if len(results) == 1:
+                    self._set_train_timeouts()
                 if self.checkpoints is not None and (
                     self.step % cfg.checkpoint.interval == 0 or self.step == cfg.training.steps
                 ):

@@ -54,6 +54,18 @@ def test_a_rank_that_raises_ends_the_job_with_its_name(tmp_path: Path) -> None:
     assert max(_losses(tmp_path)) == 2  # steps 1 and 2 ran
 
 
+def test_a_hanging_rank_makes_the_others_time_out(tmp_path: Path) -> None:
+    args = _args(tmp_path, cp=2, dp=2, steps=200)
+    args[args.index("--comm.train_timeout_seconds") + 1] = "5"
+    proc, elapsed = _run(args, fault=("hang", 1, 3))
+    assert proc.returncode == 1
+    # The others fail in their collective after the 5 s timeout; the silent rank is stopped by the launcher.
+    first = proc.stderr.splitlines()[0]
+    assert "Timed out waiting 5000ms" in first, proc.stderr[-2000:]
+    assert "rank(s) [1] had not exited and were stopped" in first
+    assert elapsed < 120
+
+
 def _rank_pids(parent: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{parent}/task").iterdir():

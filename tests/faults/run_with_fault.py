@@ -2,7 +2,8 @@
 
     python tests/faults/run_with_fault.py MODE RANK STEP -- [train.py arguments]
 
-MODE: ``raise`` (RuntimeError on rank RANK at step STEP), ``crash_in_save`` (rank RANK kills itself after
+MODE: ``raise`` (RuntimeError on rank RANK at step STEP), ``hang`` (rank RANK stops at step STEP without
+exiting), ``crash_in_save`` (rank RANK kills itself after
 writing its shards of the checkpoint of step STEP, before it is published), ``nan`` (the loss of step STEP
 is NaN on every rank). The patches run at import, so the spawned ranks (which re-import this file as their
 main module) get them too.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -41,6 +43,8 @@ def _train_one_step(self: Trainer):
     _state["step"] = self.step + 1
     if MODE == "raise" and _rank() == RANK and self.step + 1 == STEP:
         raise RuntimeError(f"injected fault on rank {RANK} at step {STEP}")
+    if MODE == "hang" and _rank() == RANK and self.step + 1 == STEP:
+        time.sleep(3600)  # alive but silent: the others must time out
     return _original_step(self)
 
 
