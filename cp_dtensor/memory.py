@@ -14,9 +14,14 @@ from torch.distributed.tensor import DTensor
 __all__ = ["SavedTensorCounter", "count_saved_tensors"]
 
 
+def _is_parameter_data(t: torch.Tensor) -> bool:
+    """A parameter, or a view of one (``F.linear`` saves ``weight.t()``): weights, not activations."""
+    return isinstance(t, nn.Parameter) or isinstance(t._base, nn.Parameter)
+
+
 @dataclass
 class SavedTensorCounter:
-    """Bytes of the distinct storages autograd saved for backward (parameters excluded).
+    """Bytes of the distinct storages autograd saved for backward (parameters and their views excluded).
 
     Attributes:
         bytes: total bytes of the distinct saved storages (a storage saved by several ops counts once).
@@ -31,7 +36,7 @@ class SavedTensorCounter:
         """``saved_tensors_hooks`` pack hook: account ``t`` and return it unchanged."""
         self.tensors += 1
         local = t.to_local() if isinstance(t, DTensor) else t
-        if isinstance(t, nn.Parameter) or local.device.type == "meta":
+        if _is_parameter_data(t) or local.device.type == "meta":
             return t
         storage = local.untyped_storage()
         if storage.data_ptr() not in self._seen:

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
 from dist_harness import DistributedPool
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--report-dir",
+        default=None,
+        help="write the measured tables (attention errors, training parity) as markdown files into this folder",
+    )
+
+
+@pytest.fixture(scope="session")
+def report_dir(request: pytest.FixtureRequest) -> Path | None:
+    """Folder for measured tables (``--report-dir``), or None."""
+    value = request.config.getoption("--report-dir")
+    if value is None:
+        return None
+    path = Path(value)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -134,7 +134,7 @@ def _check(case_id: str, dtype: torch.dtype, errs_cp: list[float], errs_single: 
 
 
 @pytest.fixture(scope="module")
-def parity_results(dist_pool):
+def parity_results(dist_pool, report_dir):
     cache: dict[int, dict] = {}
 
     def get(cp: int) -> dict:
@@ -150,7 +150,20 @@ def parity_results(dist_pool):
             cache[cp] = merged
         return cache[cp]
 
-    return get
+    yield get
+    if report_dir is not None and cache:
+        rows = [
+            "| case | out | dq | dk | dv | single-process out / dq / dk / dv |",
+            "|---|---|---|---|---|---|",
+        ]
+        for cid, r in sorted((cid, r) for per_cp in cache.values() for cid, r in per_cp.items()):
+            single = " / ".join(f"{e:.1e}" for e in r["single"])
+            rows.append(f"| {cid} | " + " | ".join(f"{e:.1e}" for e in r["cp"]) + f" | {single} |")
+        (report_dir / "attention_errors.md").write_text(
+            "Max abs error vs fp64 single-process SDPA (ring attention, multi-process gloo)\n\n"
+            + "\n".join(rows)
+            + "\n"
+        )
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

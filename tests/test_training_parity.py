@@ -129,14 +129,35 @@ def reference_cache() -> dict:
     return {}
 
 
+@pytest.fixture(scope="module")
+def parity_table(report_dir):
+    rows: list[str] = []
+    yield rows
+    if report_dir is not None and rows:
+        head = "| run | world | max abs loss diff | max rel loss diff | max abs weight diff |\n|---|---|---|---|---|\n"
+        (report_dir / "training_parity.md").write_text(
+            f"Loss parity vs the single-process run ({STEPS} AdamW steps, fp32)\n\n"
+            + head
+            + "\n".join(rows)
+            + "\n"
+        )
+
+
 @pytest.mark.parametrize(
     "run",
     [pytest.param(r, marks=pytest.mark.slow) if r.name in SLOW else r for r in RUNS],
     ids=lambda r: r.name,
 )
-def test_training_matches_single_process(run: Run, dist_pool, reference_cache) -> None:
+def test_training_matches_single_process(run: Run, dist_pool, reference_cache, parity_table) -> None:
     ref = _reference(run, reference_cache)
     per_rank = dist_pool(run.world).run(train_run, run)
+    loss_diff = max(abs(a - b) for got in per_rank for a, b in zip(got["losses"], ref["losses"]))
+    loss_rel = max(abs(a - b) / abs(b) for got in per_rank for a, b in zip(got["losses"], ref["losses"]))
+    weights = {k: v for got in per_rank for k, v in got["weights"].items()}
+    weight_diff = max((weights[k] - w).abs().max().item() for k, w in ref["weights"].items() if k in weights)
+    parity_table.append(
+        f"| {run.name} | {run.world} | {loss_diff:.2e} | {loss_rel:.2e} | {weight_diff:.2e} |"
+    )
     for rank, got in enumerate(per_rank):
         for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
             assert abs(a - b) <= LOSS_RTOL * abs(b), f"{run.name} rank {rank} step {step}: loss {a} vs {b}"

@@ -1,0 +1,341 @@
+"""Tests of the analytic cost model (cp_dtensor/planner.py) and of scripts/plan.py; fast, no distributed.
+
+Each test checks one property of Note [Cost model]: a formula (CP bytes, causal FLOPs, PP bubble), a
+scaling law (activation memory ~ 1/cp and ~ 1/tp, full recompute), the recommender's contract (only
+layouts that fit), and the seed's claim on its own model (175B GPT, Figure 2) as this model prices it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from cp_dtensor.memory import count_saved_tensors
+from cp_dtensor.models.llama import build_llama, count_params
+from cp_dtensor.parallelize import apply_ac
+from cp_dtensor.planner import (
+    GPT_175B,
+    CostOptions,
+    Layout,
+    ModelShape,
+    activation_bytes_per_token_layer,
+    attention_flops,
+    build_hardware,
+    build_model_shape,
+    compare_measurements,
+    cp_comm_bytes,
+    estimate,
+    load_calibration,
+    pp_bubble_fraction,
+    recommend,
+)
+from cp_dtensor.train_step import token_loss_sum
+
+ROOT = Path(__file__).resolve().parent.parent
+H100 = build_hardware("h100")
+LLAMA_8B = build_model_shape("llama3_8b")
+
+
+def _load_plan_script() -> ModuleType:
+    """Import ``scripts/plan.py`` as a module."""
+    spec = importlib.util.spec_from_file_location("plan_script", ROOT / "scripts" / "plan.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["plan_script"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---- model shapes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavor", ["debug", "small", "debug_mqa"])
+def test_shape_from_flavor_counts_the_real_parameters(flavor: str) -> None:
+    """ModelShape.from_flavor describes the same parameters as the Llama module it mirrors."""
+    assert build_model_shape(flavor).params == count_params(build_llama(flavor))
+
+
+def test_gpt175b_preset_has_175b_parameters() -> None:
+    """12 * h^2 * L + V * h (tied) = 174.6e9 for the seed's model."""
+    assert GPT_175B.params == pytest.approx(174.6e9, rel=1e-3)
+    assert GPT_175B.mlp_matrices == 2 and GPT_175B.n_kv_heads == GPT_175B.n_heads
+
+
+# ---- formulas ----------------------------------------------------------------------------------------
+
+
+def test_causal_attention_flops_are_half_of_bidirectional() -> None:
+    """Causal attention computes the lower triangle: exactly half of the bidirectional FLOPs."""
+    s = 32768
+    assert attention_flops(LLAMA_8B, s, causal=True) * 2 == attention_flops(LLAMA_8B, s, causal=False)
+    # 4 * hd * a * S^2 / 2 for one sequence and one layer
+    assert attention_flops(LLAMA_8B, s) == 4 * 128 * 32 * s * s / 2
+
+
+@pytest.mark.parametrize("cp", [2, 4, 8])
+def test_zigzag_splits_causal_work_exactly_and_contiguous_does_not(cp: int) -> None:
+    """Zigzag: each rank does 1/cp of the causal work; contiguous: the last rank does (2cp-1)/cp of its share."""
+    s, full = 65536, attention_flops(LLAMA_8B, 65536)
+    assert attention_flops(LLAMA_8B, s, cp=cp, cp_layout="zigzag") * cp == pytest.approx(full, rel=1e-12)
+    contiguous = attention_flops(LLAMA_8B, s, cp=cp, cp_layout="contiguous")
+    assert contiguous * cp / full == pytest.approx((2 * cp - 1) / cp, rel=1e-12)
+
+
+def test_cp_comm_bytes_count_only_kv_heads() -> None:
+    """GQA: the ring moves the 8 KV heads of Llama 3 8B, not its 32 query heads; backward adds fp32 dK/dV."""
+    s, cp, tp = 131072, 4, 2
+    fwd, bwd = cp_comm_bytes(LLAMA_8B, s, cp, tp=tp, dtype_bytes=2, grad_bytes=4)
+    kv_heads_per_rank, head_dim = 8 // tp, 128
+    assert fwd == (cp - 1) * 2 * (s // cp) * kv_heads_per_rank * head_dim * 2
+    assert bwd == (cp - 1) * 2 * (s // cp) * kv_heads_per_rank * head_dim * (2 + 4)
+    mha = ModelShape(**{**LLAMA_8B.__dict__, "n_kv_heads": 32})
+    assert cp_comm_bytes(mha, s, cp, tp=tp)[0] == 4 * fwd  # 4x the KV heads, 4x the bytes
+    assert cp_comm_bytes(LLAMA_8B, s, 1) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(("pp", "m"), [(1, 1), (2, 1), (4, 12), (8, 8)])
+def test_pp_bubble_formula_and_estimate(pp: int, m: int) -> None:
+    """Bubble fraction (pp-1)/(m+pp-1), and the estimate's bubble is that fraction of its step."""
+    assert pp_bubble_fraction(pp, m) == (pp - 1) / (m + pp - 1)
+    # dp = cp = 1: no FSDP term, so the step is exactly the 1F1B pipeline
+    est = estimate(LLAMA_8B, Layout(tp=8, pp=pp, ac="full"), 8192, H100, microbatches=m)
+    assert est.fsdp_exposed_s == 0
+    assert est.pp_bubble_s / est.step_time_s == pytest.approx(pp_bubble_fraction(pp, m), rel=1e-12)
+
+
+# ---- memory and compute scaling ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model", [GPT_175B, LLAMA_8B], ids=["gpt175b", "llama3_8b"])
+def test_activation_memory_scales_as_one_over_cp_and_tp(model: ModelShape) -> None:
+    """With SP (Megatron accounting) every saved activation is divided by tp; CP divides the tokens."""
+    s = 65536
+    base = estimate(model, Layout(), s, H100).activation_bytes
+    for cp in (2, 4, 8):
+        assert estimate(model, Layout(cp=cp), s, H100).activation_bytes * cp == pytest.approx(base, rel=1e-12)
+    for tp in (2, 4, 8):
+        # int64 token ids (8 bytes/token) are not split over tp: within 0.1%
+        assert estimate(model, Layout(tp=tp), s, H100).activation_bytes * tp == pytest.approx(base, rel=1e-3)
+    both = estimate(model, Layout(tp=4, cp=4), s, H100).activation_bytes
+    assert both * 16 == pytest.approx(base, rel=1e-3)
+
+
+def test_saved_gathered_inputs_break_one_over_tp() -> None:
+    """DTensor TP saves the all-gathered linear inputs (2h per token per layer), which tp does not divide."""
+    opt = CostOptions.cp_dtensor()
+    h, b = LLAMA_8B.dim, opt.dtype_bytes
+    per_tp1 = activation_bytes_per_token_layer(LLAMA_8B, 1, opt)
+    per_tp8 = activation_bytes_per_token_layer(LLAMA_8B, 8, opt)
+    assert per_tp8 == pytest.approx((per_tp1 - 2 * h * b) / 8 + 2 * h * b, rel=1e-12)
+
+
+def test_megatron_accounting_is_34h_for_gpt() -> None:
+    """Korthikanti et al.: 34*s*b*h bytes per layer in bf16 with dropout, flash attention adds 4 bytes per head."""
+    per_token = activation_bytes_per_token_layer(GPT_175B, 1, CostOptions.megatron())
+    assert per_token == 34 * GPT_175B.dim + 4 * GPT_175B.n_heads
+
+
+def test_full_recompute_cuts_memory_and_adds_a_third_of_the_matmuls() -> None:
+    """Full recompute keeps only block inputs and reruns each block's forward: +1/3 of the layer matmuls."""
+    layout, s = Layout(tp=8, dp=8), 16384
+    none = estimate(GPT_175B, layout, s, H100)
+    full = estimate(GPT_175B, Layout(tp=8, dp=8, ac="full"), s, H100)
+    assert full.activation_bytes < none.activation_bytes / 10
+    layer_share = GPT_175B.n_layers * GPT_175B.layer_matmul_params
+    layer_share /= layer_share + GPT_175B.head_params  # the output head is not recomputed
+    assert full.matmul_s / none.matmul_s - 1 == pytest.approx(layer_share / 3, rel=1e-12)
+    assert 0.32 < full.matmul_s / none.matmul_s - 1 <= 1 / 3
+    # the attention forward is recomputed too: 1 extra forward on top of 1 + 2.5
+    assert full.attention_s / none.attention_s == pytest.approx(4.5 / 3.5, rel=1e-12)
+
+
+def test_cp_exposed_is_what_attention_does_not_hide() -> None:
+    """exposed = sum over ring steps of max(0, transfer - attention block); without overlap: all of it."""
+    s, layout = 131072, Layout(tp=8, cp=2, dp=4)
+    est = estimate(LLAMA_8B, layout, s, H100)
+    assert est.cp_comm_s > 0 and est.cp_exposed_s == 0  # 64K tokens per rank: the ring hides behind attention
+    serial = estimate(LLAMA_8B, layout, s, H100, CostOptions(cp_overlap=False))
+    assert serial.cp_exposed_s == pytest.approx(serial.cp_comm_s, rel=1e-12)
+    short = estimate(GPT_175B, Layout(tp=8, cp=8, dp=1), 16384, H100)  # 2K tokens per rank over IB
+    assert 0 < short.cp_exposed_s < short.cp_comm_s
+
+
+def _saved_activation_bytes(model: torch.nn.Module, s: int, vocab: int) -> int:
+    """Distinct storages autograd saves in forward + loss, parameters (and views of them) excluded."""
+    tokens = torch.randint(0, vocab, (1, s + 1))
+    with count_saved_tensors() as counter:
+        token_loss_sum(model(tokens[:, :-1], torch.arange(s)[None]), tokens[:, 1:])
+    return counter.bytes
+
+
+@pytest.mark.parametrize("ac", ["none", "full", "selective"])
+def test_activation_accounting_matches_saved_tensors_of_the_real_model(ac: str) -> None:
+    """The cp_dtensor accounting (fp32 on CPU) predicts the bytes autograd saves for the small model.
+
+    Measured at S = 512 in one process: none 46815244 bytes (predicted 46815232), full 4790284 (4790272),
+    selective every 2nd block 25802764 (25802752); the 12 bytes left are scalars of the loss.
+    """
+    torch.manual_seed(0)
+    shape, s = build_model_shape("small"), 512
+    model = build_llama("small")
+    model.init_weights(seed=0)
+    apply_ac(model, ac)
+    measured = _saved_activation_bytes(model, s, shape.vocab_size)
+    opt = CostOptions.cp_dtensor(dtype_bytes=4)
+    predicted = estimate(shape, Layout(ac=ac), s, build_hardware("cpu"), opt).activation_bytes
+    assert predicted == pytest.approx(measured, rel=0.01)
+
+
+# ---- the recommender ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "seq", "gpus"),
+    [(GPT_175B, 8192, 64), (GPT_175B, 131072, 64), (LLAMA_8B, 131072, 8), (LLAMA_8B, 262144, 16)],
+)
+def test_recommender_never_returns_a_layout_that_does_not_fit(model: ModelShape, seq: int, gpus: int) -> None:
+    """Every ranked row fits, the best is the first of them, rejected rows carry a reason."""
+    rec = recommend(model, seq, gpus, H100)
+    assert rec.rows, "something must fit in these settings"
+    for row in rec.rows:
+        assert row.fits and row.peak_bytes <= row.memory_limit_bytes
+        assert row.layout.world_size == gpus
+        assert row.layout.tp <= H100.devices_per_node
+    assert rec.best is rec.rows[0]
+    assert [r.tokens_per_s for r in rec.rows] == sorted((r.tokens_per_s for r in rec.rows), reverse=True)
+    assert all(not r.fits and r.reason for r in rec.rejected)
+
+
+def test_recommender_returns_nothing_when_nothing_fits() -> None:
+    """175B on 8 H100s: the optimizer state alone (16 B/param / 8) exceeds 80 GiB."""
+    rec = recommend(GPT_175B, 8192, 8, H100)
+    assert rec.best is None and not rec.rows and rec.rejected
+
+
+def test_gpt175b_long_sequences_prefer_cp_over_tp8_full_recompute() -> None:
+    """The seed's Figure 2 setting on 64 H100s (4M-token batches, FSDP over dp x cp).
+
+    Numbers this model produces (scripts/plan.py --model gpt175b --seq 65536 131072 --gpus 64):
+
+    * 64K: best TP4 CP2 PP1 DP8 full, 269 s/step vs 286 s for TP8 CP1 DP8 full (1.06x). Halving TP halves
+      the exposed TP collectives (12.5 s vs 29.3 s); CP2 stays inside a node and hides behind attention.
+    * 128K: best TP4 CP4 PP1 DP4 full, 372 s/step (1.04x over the baseline's estimate); the baseline itself
+      needs 89.5 GiB > 72 GiB usable and does not fit. CP4 crosses nodes, but 32K tokens per rank give
+      enough attention per ring step to hide the KV transfers.
+
+    No layout without recompute fits at 64K+ on 64 GPUs: FSDP state takes 40.6 GiB per GPU.
+    """
+    for seq, min_speedup in ((65536, 1.03), (131072, 1.02)):
+        rec = recommend(GPT_175B, seq, 64, H100)
+        assert rec.best is not None and rec.baseline is not None
+        assert rec.best.layout.cp > 1, rec.best.layout.label
+        assert rec.baseline.layout == Layout(tp=8, cp=1, pp=1, dp=8, ac="full")
+        speedup = rec.speedup(rec.best)
+        assert speedup is not None and speedup > min_speedup
+    assert recommend(GPT_175B, 65536, 64, H100).baseline.fits  # type: ignore[union-attr]
+    assert not recommend(GPT_175B, 131072, 64, H100).baseline.fits  # type: ignore[union-attr]
+
+
+def test_selective_picks_the_sparsest_recomputation_that_fits() -> None:
+    """A selective row uses the largest N (recompute every N-th block) for which the layout fits."""
+    rec = recommend(GPT_175B, 8192, 64, H100, layouts=[Layout(tp=8, dp=8, ac="selective")])
+    (row,) = rec.rows
+    n = row.layout.selective_every
+    assert n > 2
+    sparser = [k for k in (4, 6, 8) if k > n]
+    for k in sparser:
+        assert not estimate(GPT_175B, Layout(tp=8, dp=8, ac="selective", selective_every=k), 8192, H100).fits
+
+
+# ---- layouts, calibration and the script -------------------------------------------------------------
+
+
+def test_layout_parse() -> None:
+    """Layout strings: degrees then an optional AC mode; dp is inferred from the world size."""
+    assert Layout.parse("tp4+full", 4) == Layout(tp=4, dp=1, ac="full")
+    assert Layout.parse("tp2cp2", 8) == Layout(tp=2, cp=2, dp=2)
+    assert Layout.parse("tp8cp2pp2dp2+selective/4") == Layout(8, 2, 2, 2, "selective", 4)
+    with pytest.raises(ValueError, match="Cannot parse layout"):
+        Layout.parse("tp4 full")
+    with pytest.raises(ValueError, match="not divisible"):
+        Layout.parse("tp3", 4)
+
+
+def _write_calibration(path: Path, rows: list[dict[str, object]]) -> None:
+    path.write_text(
+        json.dumps(
+            {"model": "small", "seq_len": 2048, "hardware": {"layer_overhead_s": 0.003}, "measurements": rows}
+        )
+    )
+
+
+def test_calibration_round_trip(tmp_path: Path) -> None:
+    """Measured values equal to the prediction give zero error; hardware overrides are applied."""
+    shape, hw = build_model_shape("small"), build_hardware("cpu", {"layer_overhead_s": 0.003})
+    opt = CostOptions.cp_dtensor(dtype_bytes=4)
+    layout = Layout(tp=2, cp=2)
+    pred = estimate(shape, layout, 2048, hw, opt)
+    _write_calibration(
+        tmp_path / "c.json",
+        [
+            {
+                "layout": layout.to_dict(),
+                "step_time_s": pred.step_time_s,
+                "activation_bytes": 2 * pred.activation_bytes,
+            }
+        ],
+    )
+    cal = load_calibration(tmp_path / "c.json")
+    assert cal.model == "small" and cal.hardware_overrides == {"layer_overhead_s": 0.003}
+    (cmp,) = compare_measurements(shape, cal.measurements, build_hardware("cpu", cal.hardware_overrides), opt)
+    assert cmp.step_time_error == pytest.approx(0.0, abs=1e-12)
+    assert cmp.activation_error == pytest.approx(-0.5, rel=1e-12)
+
+
+def test_calibration_rejects_unknown_keys(tmp_path: Path) -> None:
+    """Typos in the calibration file are errors that name the key."""
+    (tmp_path / "bad.json").write_text(json.dumps({"hardwar": {}, "measurements": []}))
+    with pytest.raises(ValueError, match="hardwar"):
+        load_calibration(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="peak_flop"):
+        build_hardware("cpu", {"peak_flop": 1.0})
+
+
+def test_plan_script_gpu_sweep(capsys: pytest.CaptureFixture[str]) -> None:
+    """The sweep prints the TP x CP table against the TP8 CP1 full baseline and one recommendation per length."""
+    plan = _load_plan_script()
+    assert plan.main(["--model", "gpt175b", "--seq", "8192", "131072", "--gpus", "64", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Speedup over TP8 CP1 PP1 DP8 full by TP x CP mix, 64 GPUs" in out
+    assert "| TP4 CP4 |" in out and "1.00 (OOM)" in out  # the baseline does not fit at 128K
+    assert out.count("Recommendation (seq") == 2
+
+
+def test_plan_script_cpu_layouts_with_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CPU scale: the bench layouts are predicted, and predicted vs measured shows the relative errors."""
+    plan = _load_plan_script()
+    _write_calibration(
+        tmp_path / "results.json",
+        [
+            {"layout": {"tp": 4, "ac": "full"}, "step_time_s": 1.0, "activation_bytes": 1e7},
+            {"layout": {"tp": 2, "cp": 2}, "step_time_s": 1.0},
+            {"layout": "cp4", "step_time_s": 1.0, "activation_bytes": None},
+        ],
+    )
+    assert plan.main(["--hw", "cpu", "--calibrate-from", str(tmp_path / "results.json")]) == 0
+    out = capsys.readouterr().out
+    assert "impl cp_dtensor, dtype 4 bytes" in out
+    for label in ("TP4 CP1 PP1 DP1 full", "TP2 CP2 PP1 DP1 none", "TP1 CP4 PP1 DP1 none"):
+        assert out.count(f"| {label} |") == 2  # the layout table and the comparison table
+    assert "Predicted vs measured" in out and "mean |error|: step time" in out
+    rows = [line for line in out.splitlines() if line.startswith("| TP4 CP1 PP1 DP1 full | 2048 |")]
+    predicted, error = float(rows[0].split("|")[3]), rows[0].split("|")[5].strip()
+    assert error == f"{predicted - 1.0:+.1%}"
+    assert math.isfinite(predicted)
