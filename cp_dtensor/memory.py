@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 __all__ = ["SavedTensorCounter", "count_saved_tensors"]
 
@@ -35,14 +35,25 @@ class SavedTensorCounter:
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         """``saved_tensors_hooks`` pack hook: account ``t`` and return it unchanged."""
         self.tensors += 1
-        local = t.to_local() if isinstance(t, DTensor) else t
-        if _is_parameter_data(t) or local.device.type == "meta":
+        if _is_parameter_data(t):
             return t
-        storage = local.untyped_storage()
-        if storage.data_ptr() not in self._seen:
-            self._seen.add(storage.data_ptr())
-            self.bytes += storage.nbytes()
+        for plain in _plain_tensors(t):
+            if plain.device.type == "meta":
+                continue
+            storage = plain.untyped_storage()
+            if storage.data_ptr() not in self._seen:
+                self._seen.add(storage.data_ptr())
+                self.bytes += storage.nbytes()
         return t
+
+
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding the data of ``t`` (inside DTensor and other wrapper subclasses)."""
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    inner = [getattr(t, name) for name in names]
+    return [plain for x in inner if isinstance(x, torch.Tensor) for plain in _plain_tensors(x)]
 
 
 @contextmanager

@@ -1,0 +1,55 @@
+"""Tiny smoke runs of the report scripts: the harness works end to end (not timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*argv: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_bench_train_smoke(tmp_path: Path) -> None:
+    out, png = tmp_path / "train.json", tmp_path / "train.png"
+    proc = _run(
+        "scripts/bench_train.py", "--flavor", "debug", "--seq-len", "256", "--steps", "1", "--warmup", "0",
+        "--layouts", "tp2+full", "cp2", "--json", str(out), "--plot", str(png),
+    )  # fmt: skip
+    assert "| tp2+full | 2 |" in proc.stdout and "| cp2 | 2 |" in proc.stdout
+    rows = json.loads(out.read_text())["measurements"]
+    assert [r["layout"]["tp"] for r in rows] == [2, 1] and all(r["activation_bytes"] > 0 for r in rows)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    # The planner reads it back as a calibration file and states its error.
+    plan = _run("scripts/plan.py", "--hw", "cpu", "--model", "debug", "--calibrate-from", str(out))
+    assert "measured" in plan.stdout
+
+
+def test_show_sharding_smoke() -> None:
+    proc = _run("scripts/show_sharding.py", "--cp", "2", "--seq-len", "32")
+    assert "layers.0.attention.sdpa" in proc.stdout and "[cp:S(2) tp:R]" in proc.stdout
+
+
+def test_activation_memory_smoke() -> None:
+    proc = _run(
+        "scripts/activation_memory.py",
+        "--flavor",
+        "debug",
+        "--seq-len",
+        "256",
+        "--cps",
+        "1",
+        "2",
+        "--ac",
+        "none",
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("| none |")]
+    assert len(lines) == 2
+    ratio = float(lines[1].split("|")[4])
+    assert 0.45 < ratio < 0.6  # cp2 keeps about half of cp1's activations per rank
