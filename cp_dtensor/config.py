@@ -142,7 +142,7 @@ class Model:
     """Which model to train."""
 
     name: Literal["llama3", "torchtitan.llama3"] = "llama3"
-    """Model family; "torchtitan.llama3" is an alias of "llama3"."""
+    """Model family: "llama3" (cp_dtensor's) or "torchtitan.llama3" (torchtitan's Llama 3 definition; needs pip install "cp_dtensor[torchtitan]"; flavors debugmodel, 8B, 70B, 405B)."""
 
     flavor: str = "debug"
     """Size preset of the model family (e.g. "debug", "8B"); see cp_dtensor.models for the list."""

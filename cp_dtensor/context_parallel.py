@@ -40,6 +40,7 @@ from cp_dtensor.layout import shard_sequence_for_rank, unshard_sequence, validat
 __all__ = [
     "activation_placements",
     "apply_context_parallel",
+    "attach_context_parallel_attention",
     "shard_batch",
     "unshard_sequence_output",
 ]
@@ -76,10 +77,6 @@ class _ActivationWrapper:
     def __init__(self, mesh: DeviceMesh, sequence_parallel: bool) -> None:
         self.mesh = mesh
         self.hidden = activation_placements(mesh, 1, sequence_parallel=sequence_parallel)  # (B, S, D)
-        heads = activation_placements(mesh, 2, sequence_parallel=False)  # (B, H, S, D)
-        if sequence_parallel and "tp" in (mesh.mesh_dim_names or ()):
-            heads[_axis(mesh, "tp")] = Shard(1)  # attention heads are sharded over tp
-        self.heads = heads
 
     def wrap_hidden(self, x: Any) -> Any:
         if not isinstance(x, torch.Tensor):
@@ -89,11 +86,6 @@ class _ActivationWrapper:
                 return x
             x = x.to_local()  # e.g. a tp-mesh DTensor from a tensor-parallel style
         return DTensor.from_local(x, self.mesh, self.hidden, run_check=False)
-
-    def wrap_heads(self, x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and not isinstance(x, DTensor):
-            return DTensor.from_local(x, self.mesh, self.heads, run_check=False)
-        return x
 
     # ---- hooks ----
     def root_pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -117,21 +109,50 @@ class _ActivationWrapper:
 class _AttentionScope:
     """Wraps q, k, v as DTensors and enters the CP attention mode around one attention module."""
 
-    def __init__(self, wrapper: _ActivationWrapper, mode: ContextParallelAttention) -> None:
-        self.wrapper = wrapper
+    def __init__(self, mesh: DeviceMesh, placements: list[Placement], mode: ContextParallelAttention) -> None:
+        self.mesh = mesh
+        self.placements = placements
         self.mode = mode
         self.depth = 0
 
     def pre(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         self.mode.__enter__()
         self.depth += 1
-        return tuple(self.wrapper.wrap_heads(a) for a in args), kwargs
+        wrapped = tuple(
+            DTensor.from_local(a, self.mesh, self.placements, run_check=False)  # (B, H, S_local, D) -> global
+            if isinstance(a, torch.Tensor) and not isinstance(a, DTensor)
+            else a
+            for a in args
+        )
+        return wrapped, kwargs
 
     def post(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if self.depth:
+        if self.depth:  # always_call: also runs when the forward raised
             self.depth -= 1
             self.mode.__exit__(None, None, None)
         return _to_local(output)
+
+
+def attach_context_parallel_attention(
+    attention_modules: Iterable[nn.Module],
+    mesh: DeviceMesh,
+    mode: ContextParallelAttention,
+    *,
+    heads_sharded_over_tp: bool = False,
+) -> None:
+    """Make modules whose ``forward(q, k, v)`` calls SDPA on local shards run the ring op.
+
+    A pre-hook wraps the local (B, H_local, S_local, D) q, k, v as DTensors ``Shard(2)`` on the "cp" axis of
+    ``mesh`` (and ``Shard(1)`` on "tp" when ``heads_sharded_over_tp``) and enters ``mode``; the post-hook
+    leaves the mode and returns the local output. Nothing else of the model is touched.
+    """
+    placements = activation_placements(mesh, 2, sequence_parallel=False)  # (B, H, S, D)
+    if heads_sharded_over_tp and "tp" in (mesh.mesh_dim_names or ()):
+        placements[_axis(mesh, "tp")] = Shard(1)
+    for module in attention_modules:
+        scope = _AttentionScope(mesh, placements, mode)
+        module.register_forward_pre_hook(scope.pre, with_kwargs=True)
+        module.register_forward_hook(scope.post, always_call=True)
 
 
 def apply_context_parallel(
@@ -173,10 +194,7 @@ def apply_context_parallel(
             child.register_forward_hook(wrapper.child_post)
     for module in final_modules:
         module.register_forward_pre_hook(wrapper.child_pre, with_kwargs=True, prepend=True)
-    for module in attention_modules:
-        scope = _AttentionScope(wrapper, mode)
-        module.register_forward_pre_hook(scope.pre, with_kwargs=True)
-        module.register_forward_hook(scope.post, always_call=True)
+    attach_context_parallel_attention(attention_modules, mesh, mode, heads_sharded_over_tp=sequence_parallel)
     return mode
 
 

@@ -25,17 +25,18 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from cp_dtensor.checkpoint import CheckpointManager, ModelState, ObjectState, OptimizerState
 from cp_dtensor.config import JobConfig
 from cp_dtensor.data import GlobalBatchLoader, SyntheticRecallDataset, TextDataset, validate_token_ids
 from cp_dtensor.metrics import MetricsLogger, StepMetrics, gpu_peak_tflops, peak_memory_bytes
-from cp_dtensor.models.llama import LLAMA3_FLAVORS, Transformer, build_llama, model_flops_per_token
+from cp_dtensor.models.llama import LLAMA3_FLAVORS, ModelArgs, build_llama, model_flops_per_token
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.parallelize import ParallelModel, build_parallel_model
 from cp_dtensor.train_step import StepResult, local_batch, train_step
 
-__all__ = ["Trainer", "build_lr_lambda", "validate_job"]
+__all__ = ["Trainer", "build_lr_lambda", "build_model", "model_args_for", "validate_job"]
 
 
 def build_lr_lambda(steps: int, warmup: int, schedule: str, min_ratio: float):
@@ -71,11 +72,7 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
         cp_layout=par.context_parallel_layout,
     )
     pd.validate_seq_len(cfg.training.seq_len)
-    if cfg.model.flavor not in LLAMA3_FLAVORS:
-        raise ValueError(
-            f"model.flavor {cfg.model.flavor!r} is unknown; choose one of {sorted(LLAMA3_FLAVORS)}."
-        )
-    args = LLAMA3_FLAVORS[cfg.model.flavor]
+    args = model_args_for(cfg)
     kv_heads = args.n_kv_heads or args.n_heads
     if args.n_heads % kv_heads:
         raise ValueError(
@@ -106,6 +103,45 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
             f"local_batch_size {cfg.training.local_batch_size}."
         )
     return pd
+
+
+def _torchtitan_integration() -> Any:
+    try:
+        from cp_dtensor.integrations import torchtitan
+    except ImportError as e:
+        raise ValueError(
+            f'model.name "torchtitan.llama3" needs the torchtitan extra: pip install "cp_dtensor[torchtitan]" '
+            f"(torchtitan>=0.2.2,<0.3); {e}"
+        ) from None
+    return torchtitan
+
+
+def model_args_for(cfg: JobConfig) -> ModelArgs:
+    """Shape of the model that ``cfg.model`` names (``name``, ``flavor``, ``attention_mask``).
+
+    Raises:
+        ValueError: unknown flavor; for "torchtitan.llama3" also a missing extra or a bidirectional mask.
+    """
+    if cfg.model.name == "torchtitan.llama3":
+        return _torchtitan_integration().torchtitan_llama3_args(
+            cfg.model.flavor, seq_len=cfg.training.seq_len, causal=cfg.model.attention_mask == "causal"
+        )
+    if cfg.model.flavor not in LLAMA3_FLAVORS:
+        raise ValueError(
+            f"model.flavor {cfg.model.flavor!r} is unknown; choose one of {sorted(LLAMA3_FLAVORS)}."
+        )
+    return LLAMA3_FLAVORS[cfg.model.flavor]
+
+
+def build_model(cfg: JobConfig) -> nn.Module:
+    """The model that ``cfg.model`` names, on the current default device: cp_dtensor's Llama ("llama3") or
+    torchtitan's Llama 3 behind cp_dtensor's model interface ("torchtitan.llama3")."""
+    causal = cfg.model.attention_mask == "causal"
+    if cfg.model.name == "torchtitan.llama3":
+        return _torchtitan_integration().build_torchtitan_llama3(
+            cfg.model.flavor, seq_len=cfg.training.seq_len, causal=causal
+        )
+    return build_llama(cfg.model.flavor, causal=causal)
 
 
 def _global_batch_size(cfg: JobConfig, pd: ParallelDims) -> int:
@@ -200,7 +236,7 @@ class Trainer:
         cfg, pd = self.cfg, self.parallel_dims
         causal = cfg.model.attention_mask == "causal"
         with torch.device("meta"):
-            model: Transformer = build_llama(cfg.model.flavor, causal=causal)
+            model = build_model(cfg)
         param_dtype = torch.bfloat16 if cfg.training.mixed_precision_param == "bfloat16" else None
         pm = build_parallel_model(
             model,

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-source scripts/install.sh
+source scripts/install.sh test
 exec "$PY" train.py "$@"

@@ -1,0 +1,212 @@
+"""torchtitan integration: its trainer with cp_dtensor's CP (cp=2 == cp=1), its Llama 3 in our trainer.
+
+Needs the extra (``pip install "cp_dtensor[torchtitan]"``, torchtitan >= 0.2.2, < 0.3); without it every
+test but the missing-extra error is skipped, with that reason.
+
+Tolerances: losses within 1e-5 relative. cp=2 and cp=1 compute the same fp32 math in another order (the
+ring merges per-block softmax partials by log-sum-exp; FSDP sums the two CP ranks' gradients), which
+moves losses by ~1e-7 per step here and a few 1e-7 after some AdamW steps. Gradient norms within 2e-4:
+torchtitan's fp32 ``get_total_norm`` over whole tensors (1 process) vs FSDP shards (2 processes) differ
+by up to ~1e-4 by itself (measured 8e-5 off the fp64 norm for the 1-process run), CP or not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cp_dtensor.config import JobConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "train_configs" / "torchtitan" / "llama3_debug_cp2.toml"
+LOSS_RTOL = 1e-5
+GRAD_NORM_RTOL = 2e-4
+
+needs_torchtitan = pytest.mark.skipif(
+    importlib.util.find_spec("torchtitan") is None,
+    reason='torchtitan is not installed: pip install "cp_dtensor[torchtitan]" (torchtitan>=0.2.2,<0.3)',
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(nproc: int, dump: Path, *overrides: str) -> subprocess.Popen:
+    """torchtitan's trainer through ``-m cp_dtensor.integrations.torchtitan`` on ``nproc`` CPU processes;
+    the degrees are in ``overrides`` (default: the config's, cp=2)."""
+    port = _free_port()
+    entry = ["-m", "cp_dtensor.integrations.torchtitan", "--job.config_file", str(CONFIG)]
+    if nproc == 1:  # the entry point runs one process by itself (no torchrun agent to start)
+        cmd = [sys.executable, *entry]
+    else:
+        launcher = ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(port)]
+        cmd = [sys.executable, *launcher, *entry]
+    args = [f"--job.dump_folder={dump}", *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
+    with (dump.parent / f"{dump.name}.log").open("w") as log:  # the child keeps its own copy of the fd
+        return subprocess.Popen([*cmd, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _metrics(dump: Path) -> list[dict]:
+    return [json.loads(line) for line in (dump / "train_log.jsonl").read_text().splitlines()]
+
+
+@needs_torchtitan
+def test_headtail_load_balancer_is_zigzag() -> None:
+    """torchtitan shards the batch with PyTorch's head-tail balancer; the ring must assume that layout."""
+    from torch.distributed.tensor.experimental._context_parallel._load_balancer import _HeadTailLoadBalancer
+
+    from cp_dtensor.integrations.torchtitan import cp_layout_for_load_balancer
+    from cp_dtensor.layout import layout_permutation
+
+    layout = cp_layout_for_load_balancer("headtail")
+    for cp, seq in ((2, 16), (4, 64)):
+        headtail = _HeadTailLoadBalancer(seq, cp, "cpu")._generate_indices().flatten()
+        assert torch.equal(headtail, layout_permutation(seq, cp, layout)), (cp, seq)
+    assert cp_layout_for_load_balancer(None) == "contiguous"
+    with pytest.raises(ValueError, match="ptrr"):
+        cp_layout_for_load_balancer("ptrr")
+
+
+TRAINER_ARGS = ("--training.seq_len=256", "--training.steps=4", "--metrics.log_freq=1")
+
+
+@pytest.fixture(scope="module")
+def torchtitan_cp1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], list[dict]]]:
+    """torchtitan's trainer with cp=1 (one process), started once; call the result for its metrics."""
+    dump = tmp_path_factory.mktemp("torchtitan") / "cp1"
+    proc = _launch(1, dump, *TRAINER_ARGS, "--parallelism.context_parallel_degree=1")
+
+    def metrics() -> list[dict]:
+        rc = proc.wait(timeout=300)
+        assert rc == 0, (dump.parent / "cp1.log").read_text()[-4000:]
+        return _metrics(dump)
+
+    yield metrics
+    if proc.poll() is None:
+        proc.kill()
+
+
+def _check_parity(ref: list[dict], run: list[dict]) -> None:
+    assert [m["step"] for m in ref] == [m["step"] for m in run] == [1, 2, 3, 4]
+    for a, b in zip(ref, run, strict=True):
+        loss_a, loss_b = a["loss_metrics/global_avg_loss"], b["loss_metrics/global_avg_loss"]
+        assert loss_b == pytest.approx(loss_a, rel=LOSS_RTOL), (a["step"], loss_a, loss_b)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=GRAD_NORM_RTOL), a["step"]
+    assert ref[-1]["loss_metrics/global_avg_loss"] < ref[0]["loss_metrics/global_avg_loss"]  # it trains
+
+
+def _run(nproc: int, dump: Path, *overrides: str) -> tuple[list[dict], str]:
+    rc = _launch(nproc, dump, *TRAINER_ARGS, *overrides).wait(timeout=300)
+    log = (dump.parent / f"{dump.name}.log").read_text()
+    assert rc == 0, log[-4000:]
+    return _metrics(dump), log
+
+
+@needs_torchtitan
+def test_torchtitan_trainer_cp2_matches_cp1(tmp_path: Path, torchtitan_cp1) -> None:
+    """torchtitan's own Trainer: cp=2 through cp_dtensor gives the losses of cp=1, step by step."""
+    cp2, log = _run(2, tmp_path / "cp2", "--parallelism.context_parallel_degree=2")  # beside the cp=1 run
+    assert "Applied cp_dtensor context parallelism (cp 2, layout zigzag, comm p2p)" in log  # our hooks
+    assert "Applied Context Parallel to the model" not in log  # not torchtitan's (PyTorch's) CP
+    _check_parity(torchtitan_cp1(), cp2)
+
+
+@needs_torchtitan
+@pytest.mark.slow
+def test_torchtitan_trainer_tp2_cp2_matches_cp1(tmp_path: Path, torchtitan_cp1) -> None:
+    """TP (sequence + loss parallel) x CP: the logits stay torchtitan's vocab-sharded DTensor."""
+    args = ("--parallelism.context_parallel_degree=2", "--parallelism.tensor_parallel_degree=2")
+    tp2_cp2, _ = _run(4, tmp_path / "tp2_cp2", *args)
+    _check_parity(torchtitan_cp1(), tp2_cp2)
+
+
+@needs_torchtitan
+def test_adapter_is_torchtitans_llama3() -> None:
+    """TorchtitanLlama3 (cp_dtensor's interface) computes what torchtitan's Transformer computes."""
+    from cp_dtensor.integrations import torchtitan as cpt  # first: it makes torchtitan importable on CPU
+    from cp_dtensor.layout import sequence_positions
+
+    seq = 64
+    adapter = cpt.build_torchtitan_llama3("debugmodel", seq_len=seq)
+    adapter.init_weights(seed=0)
+    reference = cpt.tt_model.Transformer(adapter.model_args)  # torchtitan's own class
+    assert set(reference.state_dict()) == set(adapter.state_dict())  # same parameter names
+    reference.load_state_dict(adapter.state_dict())
+    tokens = torch.randint(0, adapter.args.vocab_size, (2, seq))
+    torch.testing.assert_close(adapter(tokens), reference(tokens), rtol=0, atol=0)
+    # A CP rank's shard (zigzag): RoPE at its global positions, as torchtitan's positions argument gives.
+    pos = sequence_positions(seq, 1, 2, "zigzag")  # (seq / 2,)
+    expected = reference(tokens[:, pos], positions=pos.expand(2, -1))
+    torch.testing.assert_close(adapter(tokens[:, pos], pos.expand(2, -1)), expected, rtol=0, atol=0)
+    assert adapter.layers["0"].attention.sdpa is adapter.layers["0"].attention.inner_attention
+
+
+def run_our_trainer(cfg: dict) -> list[float]:
+    """cp_dtensor's Trainer on this rank; the per-step global losses."""
+    from cp_dtensor.trainer import Trainer
+
+    return [r.loss for r in Trainer(JobConfig.from_dict(cfg)).train()]
+
+
+def _our_config(dump: Path, **parallelism: int) -> dict:
+    return {
+        "job": {"dump_folder": str(dump)},
+        "model": {"name": "torchtitan.llama3", "flavor": "debugmodel"},
+        "training": {"seq_len": 128, "local_batch_size": 2, "steps": 3, "warmup_steps": 1, "lr": 1e-3},
+        "parallelism": parallelism,
+        "metrics": {"log_freq": 1},
+    }
+
+
+@needs_torchtitan
+def test_our_trainer_trains_torchtitan_llama3_with_cp2(tmp_path: Path, dist_pool) -> None:
+    """[model] name = "torchtitan.llama3": cp=2 gives the losses of cp=1 (dp=2 over the same global batch)."""
+    cp2 = dist_pool(2).run(run_our_trainer, _our_config(tmp_path / "cp2", context_parallel_degree=2))[0]
+    dp2_cfg = _our_config(tmp_path / "dp2", data_parallel_degree=2)
+    dp2_cfg["training"]["local_batch_size"] = 1  # the same global batch of 2 sequences
+    dp2 = dist_pool(2).run(run_our_trainer, dp2_cfg)[0]
+    assert cp2 == pytest.approx(dp2, rel=LOSS_RTOL)
+
+
+@needs_torchtitan
+@pytest.mark.slow
+def test_our_trainer_trains_torchtitan_llama3_with_tp2_cp2_and_pp2_cp2(tmp_path: Path, dist_pool) -> None:
+    """cp_dtensor's TP plan and pipeline split apply to the adapter unchanged: the losses of cp=2 alone."""
+    cp2 = dist_pool(2).run(run_our_trainer, _our_config(tmp_path / "cp2", context_parallel_degree=2))[0]
+    for name, degree in (("tp2_cp2", "tensor_parallel_degree"), ("pp2_cp2", "pipeline_parallel_degree")):
+        cfg = _our_config(tmp_path / name, context_parallel_degree=2, **{degree: 2})
+        losses = dist_pool(4).run(run_our_trainer, cfg)[-1]  # the last rank holds the loss under PP
+        assert losses == pytest.approx(cp2, rel=LOSS_RTOL), name
+
+
+@needs_torchtitan
+def test_our_trainer_rejects_unknown_torchtitan_flavor(tmp_path: Path) -> None:
+    from cp_dtensor.trainer import validate_job
+
+    cfg = JobConfig.from_dict(_our_config(tmp_path))
+    cfg.model.flavor = "debugmodel_flex_attn"
+    with pytest.raises(ValueError, match="SDPA attention; choose one of"):
+        validate_job(cfg, 1)
+
+
+def test_our_trainer_names_the_extra_when_torchtitan_is_missing(tmp_path: Path, monkeypatch) -> None:
+    import cp_dtensor.integrations
+    from cp_dtensor.trainer import validate_job
+
+    monkeypatch.setitem(sys.modules, "cp_dtensor.integrations.torchtitan", None)  # import -> ImportError
+    monkeypatch.delattr(cp_dtensor.integrations, "torchtitan", raising=False)
+    with pytest.raises(ValueError, match=r'pip install "cp_dtensor\[torchtitan\]"'):
+        validate_job(JobConfig.from_dict(_our_config(tmp_path)), 1)
