@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.stderr.write("error: plotting needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')\n")
+        sys.stderr.write(
+            "error: plotting needs matplotlib: pip install matplotlib (or pip install -e '.[plot]')\n"
+        )
         return 1
     labels = args.labels or [path.parent.name for path in args.logs]
     if len(labels) != len(args.logs):
