@@ -23,7 +23,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
-import socket
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -81,27 +81,34 @@ def in_launcher_env() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def init_distributed(timeout_s: float = 300.0, init_file: str | None = None) -> None:
+    """Initialize the default process group (NCCL on CUDA, else gloo).
 
-
-def init_distributed(timeout_s: float = 300.0) -> None:
-    """Initialize the default process group from the environment (NCCL on CUDA, else gloo)."""
+    Rendezvous through the launcher's environment (MASTER_ADDR/PORT), or through ``init_file`` (a file
+    store: no TCP port to pick, so concurrent local jobs cannot collide).
+    """
     if dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    if init_file is None:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    else:
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{init_file}",
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timedelta(seconds=timeout_s),
+        )
 
 
 def _spawned_entry(
     rank: int,
     fn: Callable[..., Any],
     world_size: int,
-    port: int,
+    init_file: str,
     timeout_s: float,
     threads: int,
     args: tuple,
@@ -109,16 +116,11 @@ def _spawned_entry(
     errors: Any,
 ) -> None:
     os.environ.update(
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size)
     )
     torch.set_num_threads(threads)
     try:
-        init_distributed(timeout_s)
+        init_distributed(timeout_s, init_file=init_file)
         fn(*args)
     except BaseException as e:
         expected = isinstance(e, expected_errors)
@@ -172,12 +174,13 @@ def run_distributed(
         return
     if threads_per_rank <= 0:
         threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
-    port = _free_port()
+    rendezvous = tempfile.TemporaryDirectory(prefix="cpd_rendezvous_")
+    init_file = os.path.join(rendezvous.name, "store")
     errors = _CTX.SimpleQueue()
     procs = [
         _CTX.Process(
             target=_spawned_entry,
-            args=(r, fn, world_size, port, timeout_s, threads_per_rank, args, expected_errors, errors),
+            args=(r, fn, world_size, init_file, timeout_s, threads_per_rank, args, expected_errors, errors),
             name=f"rank{r}",
         )
         for r in range(world_size)
@@ -209,6 +212,7 @@ def run_distributed(
     finally:
         stopped = {r for r, p in enumerate(procs) if p.is_alive()}  # ranks we terminate: never the cause
         _stop(procs)
+        rendezvous.cleanup()
     while not errors.empty():
         item = errors.get()
         reported.setdefault(item[0], item)

@@ -92,8 +92,8 @@ class Transport:
         """Send ``tensor`` to the next rank; do not modify it before :meth:`Pending.wait`."""
         raise NotImplementedError
 
-    def recv(self, like: torch.Tensor, tag: int) -> Pending:
-        """Receive a tensor shaped like ``like`` from the previous rank."""
+    def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
+        """Receive a tensor shaped like ``like`` (in ``dtype``, default like's) from the previous rank."""
         raise NotImplementedError
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -145,8 +145,8 @@ class ProcessGroupTransport(Transport):
             [dist.P2POp(dist.isend, tensor, group=self.group, tag=tag, group_peer=self.next_rank)], None
         )
 
-    def recv(self, like: torch.Tensor, tag: int) -> Pending:
-        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+    def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
+        out = torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device)
         return self._p2p(
             [dist.P2POp(dist.irecv, out, group=self.group, tag=tag, group_peer=self.prev_rank)], out
         )
@@ -227,7 +227,7 @@ class ThreadTransport(Transport):
         self._put(tensor, tag)
         return Pending(lambda: None)
 
-    def recv(self, like: torch.Tensor, tag: int) -> Pending:
+    def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
         return Pending(lambda: self._get(tag))
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -116,10 +116,10 @@ def ring_forward(
                 scale=scale,
             )
             _count_work(stats, "forward", q, block.score_elements(s_local))
-            if out_acc is None:  # step 0: the diagonal block covers every row
-                assert block.q_part is Part.ALL
-                out_acc = out_blk.to(acc_dtype, copy=True)  # (B, Hq, S_local, D)
-                lse_acc = lse_blk.to(acc_dtype, copy=True).contiguous()  # (B, Hq, S_local)
+            if out_acc is None:  # step 0: the diagonal block covers every row; its fresh outputs
+                assert block.q_part is Part.ALL  # become the accumulators (no copy when already fp32)
+                out_acc = out_blk.to(acc_dtype)  # (B, Hq, S_local, D)
+                lse_acc = lse_blk.to(acc_dtype).contiguous()  # (B, Hq, S_local)
             else:
                 merge_block_(out_acc[:, :, q_rows], lse_acc[:, :, q_rows], out_blk, lse_blk)
         if pending is not None:
@@ -149,12 +149,12 @@ def ring_backward(
     schedule = build_ring_schedule(transport.rank, cp, layout, is_causal)
     acc_dtype = accumulation_dtype(q.dtype)
     kv = _pack_kv(k, v)  # (2, B, Hkv, S_local, D)
-    dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # (B, Hq, S_local, D)
-    dkv_own = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)  # (2, B, Hkv, S_local, D)
+    dq_acc: torch.Tensor | None = None  # (B, Hq, S_local, D), from step 0's block
+    dkv_own: torch.Tensor | None = None  # (2, B, Hkv, S_local, D), this rank's own dK/dV, fp32
     sends: list[Pending] = []
     for step, block in enumerate(schedule):
         # Order matters for order-matched transports: acc recv, then KV exchange (see the Note).
-        acc_in = transport.recv(dkv_own, DKV_TAG) if step >= 2 else None
+        acc_in = transport.recv(kv, DKV_TAG, dtype=acc_dtype) if step >= 2 else None
         pending_kv = transport.exchange(kv, KV_TAG) if step < cp - 1 else None
         grads = None
         if block is not None:
@@ -164,27 +164,50 @@ def ring_backward(
                 out[:, :, q_rows], lse[:, :, q_rows], is_causal=block.causal, scale=scale,
             )  # fmt: skip
             _count_work(stats, "backward", q, block.score_elements(s_local))
-            dq_acc[:, :, q_rows] += dq_blk
+            if dq_acc is None:  # step 0: the diagonal block covers every row
+                dq_acc = dq_blk.to(acc_dtype)
+            else:
+                dq_acc[:, :, q_rows] += dq_blk
             grads = (kv_rows, dk_blk, dv_blk)
         if step == 0:
-            dkv = dkv_own
-        elif acc_in is None:  # step 1: this rank is the first to touch kv_src's accumulator
-            dkv = torch.zeros_like(dkv_own)
+            assert grads is not None and grads[0] == slice(0, s_local)
+            dkv_own = torch.stack([grads[1], grads[2]]).to(acc_dtype)
+        elif acc_in is None:  # step 1: this rank starts kv_src's accumulator
+            dkv = _new_dkv_accumulator(kv, acc_dtype, grads)
+            sends.append(transport.send(dkv, DKV_TAG))
         else:
             dkv = _wait(acc_in, stats)
-        if grads is not None:
-            kv_rows, dk_blk, dv_blk = grads
-            dkv[0][:, :, kv_rows] += dk_blk
-            dkv[1][:, :, kv_rows] += dv_blk
-        if step >= 1:
+            if grads is not None:
+                kv_rows, dk_blk, dv_blk = grads
+                dkv[0][:, :, kv_rows] += dk_blk
+                dkv[1][:, :, kv_rows] += dv_blk
             sends.append(transport.send(dkv, DKV_TAG))
         if pending_kv is not None:
             kv = _wait(pending_kv, stats)
+    assert dq_acc is not None and dkv_own is not None
     if cp > 1:
         dkv_own += _wait(transport.recv(dkv_own, DKV_TAG), stats)
     for pending in sends:
         _wait(pending, stats)
     return dq_acc.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
+
+
+def _new_dkv_accumulator(
+    kv: torch.Tensor, dtype: torch.dtype, grads: tuple[slice, torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """A (2, B, Hkv, S_local, D) accumulator holding one block's dK/dV in its rows and zeros elsewhere."""
+    acc = torch.empty(kv.shape, dtype=dtype, device=kv.device)
+    if grads is None:
+        return acc.zero_()
+    rows, dk, dv = grads
+    s_local = kv.shape[3]
+    if rows.start > 0:
+        acc[:, :, :, : rows.start].zero_()
+    if rows.stop < s_local:
+        acc[:, :, :, rows.stop :].zero_()
+    acc[0][:, :, rows].copy_(dk)
+    acc[1][:, :, rows].copy_(dv)
+    return acc
 
 
 def _gather_kv_natural(k: torch.Tensor, v: torch.Tensor, transport: Transport, layout: str) -> torch.Tensor:
