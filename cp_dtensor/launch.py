@@ -126,7 +126,14 @@ def _spawned_entry(
         expected = isinstance(e, expected_errors)
         errors.put((rank, type(e).__name__, str(e), "" if expected else traceback.format_exc(), expected))
         os._exit(2 if expected else 1)  # skip interpreter teardown: peers may be gone
+    _finish()
+
+
+def _finish() -> None:
+    """Leave the process group together: nobody tears down a connection a peer is still using."""
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -167,10 +174,8 @@ def run_distributed(
     """
     if in_launcher_env():
         init_distributed(timeout_s)
-        try:
-            fn(*args)
-        finally:
-            dist.destroy_process_group()
+        fn(*args)
+        _finish()
         return
     if threads_per_rank <= 0:
         threads_per_rank = max(1, (os.cpu_count() or 1) // world_size)
