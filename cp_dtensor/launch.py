@@ -23,6 +23,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -127,6 +128,12 @@ def _spawned_entry(
         errors.put((rank, type(e).__name__, str(e), "" if expected else traceback.format_exc(), expected))
         os._exit(2 if expected else 1)  # skip interpreter teardown: peers may be gone
     _finish()
+    # Skip interpreter teardown on success too: C++ threads of the backend (gloo's) that outlive the
+    # process group can abort the process ("terminate called without an active exception") while the
+    # interpreter unwinds, turning a finished run into a SIGABRT. Everything the rank owes is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _finish() -> None:

@@ -113,9 +113,8 @@ A JSON object; every key but ``measurements`` is optional::
 
 ``activation_bytes`` is the bytes of distinct storages autograd saves in forward + loss on the largest
 rank, *parameters excluded*. Note that ``F.linear`` saves ``weight.t()``, a view that is not an
-``nn.Parameter``: a counter that skips only ``nn.Parameter`` instances (as
-:func:`cp_dtensor.memory.count_saved_tensors` does at the time of writing) also counts every weight once;
-exclude storages that belong to parameters (tests/test_planner.py shows how). The prediction includes the
+``nn.Parameter``: a counter that skips only ``nn.Parameter`` instances also counts every weight once;
+:func:`cp_dtensor.memory.count_saved_tensors` skips parameters and their views. The prediction includes the
 fp32 log-softmax of the loss. :func:`compare_measurements` reports ``(predicted - measured) / measured``.
 """
 
@@ -393,16 +392,6 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
         inter_node_bandwidth=50e9,
         devices_per_node=8,
     ),
-    "h200": Hardware(
-        name="h200",
-        memory_bytes=140 * GIB,
-        peak_flops=989e12,
-        matmul_efficiency=0.6,
-        attention_efficiency=0.45,
-        intra_node_bandwidth=450e9,
-        inter_node_bandwidth=50e9,
-        devices_per_node=8,
-    ),
     # A100 SXM 80 GB: 312 TFLOP/s bf16, NVLink3 300 GB/s per direction, 200 Gb/s HDR per GPU.
     "a100": Hardware(
         name="a100",
@@ -433,6 +422,8 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
         layer_overhead_s=2e-3,
     ),
 }
+# H200: the H100's compute and links with 141 GB of HBM3e (140 GiB counted).
+HARDWARE_PRESETS["h200"] = replace(HARDWARE_PRESETS["h100"], name="h200", memory_bytes=140 * GIB)
 
 
 def build_hardware(name: str, overrides: Mapping[str, Any] | None = None) -> Hardware:

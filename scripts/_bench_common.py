@@ -199,8 +199,8 @@ class TimedTransport(ProcessGroupTransport):
     def send(self, tensor: torch.Tensor, tag: int) -> Pending:
         return self._timed(super().send(tensor, tag), f"tag{tag}")
 
-    def recv(self, like: torch.Tensor, tag: int) -> Pending:
-        return self._timed(super().recv(like, tag), f"tag{tag}")
+    def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
+        return self._timed(super().recv(like, tag, dtype=dtype), f"tag{tag}")
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -239,9 +239,9 @@ class LocalCopyTransport(Transport):
         self._last[tag] = tensor
         return Pending(lambda: None)
 
-    def recv(self, like: torch.Tensor, tag: int) -> Pending:
+    def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
         last = self._last.get(tag)
-        out = torch.zeros_like(like, memory_format=torch.contiguous_format)
+        out = torch.zeros_like(like, dtype=dtype, memory_format=torch.contiguous_format)
         if last is not None and last.shape == like.shape:
             out.copy_(last)
         return Pending(lambda: out)

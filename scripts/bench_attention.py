@@ -978,7 +978,23 @@ def check_bars(cfg: BenchConfig, res: dict[str, Any]) -> list[dict[str, Any]]:
         checks.append({"bar": name, "value": value, "target": target, "pass": ok, "note": note})
 
     eff = ours["efficiency"]
-    add("p2p zigzag efficiency", eff, f">= {EFFICIENCY_BAR}", eff >= EFFICIENCY_BAR)
+    cores = machine_facts()["usable_cores"] or 0
+    oversubscribed = cfg.cp > cores
+    ceiling = vs.get("sdpa_cp_threads")
+    eff_note = (
+        f"machine ceiling: single-process SDPA with {cfg.cp} threads reaches {ceiling['efficiency']:.3f}"
+        if ceiling
+        else ""
+    )
+    if oversubscribed:
+        eff_note = f"informational: {cfg.cp} ranks on {cores} cores, wall time says little"
+    add(
+        "p2p zigzag efficiency",
+        eff,
+        f">= {EFFICIENCY_BAR}",
+        None if oversubscribed else eff >= EFFICIENCY_BAR,
+        eff_note,
+    )
     if "torch_ring_alltoall" in vs:
         theirs = vs["torch_ring_alltoall"]["efficiency"]
         pairs = zip(ours["time_s"]["values"], vs["torch_ring_alltoall"]["time_s"]["values"])
@@ -993,8 +1009,6 @@ def check_bars(cfg: BenchConfig, res: dict[str, Any]) -> list[dict[str, Any]]:
             f"{paired.median * 1e3:+.1f} ms [IQR {paired.q1 * 1e3:+.1f}, {paired.q3 * 1e3:+.1f}]",
         )
     ratio = ours["cpu_ratio_vs_single"]
-    cores = machine_facts()["usable_cores"] or 0
-    oversubscribed = cfg.cp > cores
     add(
         "CPU seconds all ranks / single process",
         ratio,
