@@ -39,7 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
 
-import tomli
+try:
+    import tomli
+except ModuleNotFoundError:  # the same parser ships with Python >= 3.11 as tomllib
+    import tomllib as tomli
 
 __all__ = [
     "ActivationCheckpoint",

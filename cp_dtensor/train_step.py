@@ -76,16 +76,17 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float) -> torc
         The total norm before clipping (a plain fp32 scalar tensor, identical on every rank).
     """
     params = [p for p in parameters if p.grad is not None]
-    total_sq = torch.zeros((), dtype=torch.float64)
-    for p in params:
-        local = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-        total_sq += local.detach().double().pow(2).sum().cpu() / _replication(p.grad)
+    local_grads = [_local(p.grad) for p in params]
+    # On the gradients' device: NCCL reduces only device tensors.
+    device = local_grads[0].device if local_grads else torch.device("cpu")
+    total_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for p, local in zip(params, local_grads):
+        total_sq += local.detach().double().pow(2).sum() / _replication(p.grad)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(total_sq)
     total = total_sq.sqrt().to(torch.float32)
     if max_norm > 0 and params:
-        device = (params[0].grad.to_local() if isinstance(params[0].grad, DTensor) else params[0].grad).device
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(device), foreach=False)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)
     return total
 
 
@@ -148,7 +149,11 @@ def _forward_backward(
     args = (tokens,) if pipeline.has_first_stage else ()
     target = labels if pipeline.has_last_stage else None
     pipeline.schedule.step(*args, positions=positions, target=target, losses=losses)
-    return torch.stack(losses).sum().detach() if pipeline.has_last_stage else torch.zeros(())
+    return (
+        torch.stack(losses).sum().detach()
+        if pipeline.has_last_stage
+        else torch.zeros((), device=labels.device)
+    )
 
 
 def train_step(
@@ -186,7 +191,7 @@ def train_step(
     n_global = count_global_tokens(batch["labels"], loss_mesh)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    local_loss = torch.zeros((), dtype=torch.float64)
+    local_loss = torch.zeros((), dtype=torch.float64, device=batch["labels"].device)
     for chunk in range(accumulation_steps):
         per = rows // accumulation_steps
         micro = {k: v[chunk * per : (chunk + 1) * per] for k, v in batch.items()}

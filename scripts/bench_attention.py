@@ -26,7 +26,7 @@ bytes sent per rank vs the theoretical minimum, saved-for-backward bytes per ran
 max/mean over ranks, the measured fraction of communication hidden behind compute, and the max abs
 difference of out/dq/dk/dv against single-process SDPA.
 
---device cuda (UNTESTED on the CPU-only machine this was written on) runs a separate, minimal path: on
+--device cuda (run on one H200 by scripts/check_cuda.sh; CI has no GPU) runs a separate, minimal path: on
 one GPU, cp_dtensor.simulate_context_parallel_attention (the ring schedule of every rank in one process)
 with each CUDA backend (flash, cudnn, efficient) against one monolithic SDPA call of that backend.
 """
@@ -1334,7 +1334,7 @@ def plot_results(report: dict[str, Any], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# CUDA path (minimal; UNTESTED on the CPU-only development machine)
+# CUDA path (minimal; one GPU; exercised by scripts/check_cuda.sh, not by CI)
 # ----------------------------------------------------------------------------------------------------
 
 _CUDA_BACKENDS = {
@@ -1371,10 +1371,12 @@ def run_cuda(args: argparse.Namespace, header: dict[str, Any]) -> dict[str, Any]
                 backend: str = backend, inputs: tuple[torch.Tensor, ...] = inputs
             ) -> dict[str, torch.Tensor]:
                 qq, kk, vv = (t.detach().requires_grad_(True) for t in inputs[:3])
+                # GQA by repeating KV heads (the fused kernels take no enable_gqa for dense inputs),
+                # as the ring's kernel adapters do per block.
+                n_rep = args.heads // args.kv_heads
+                k_full, v_full = (t.repeat_interleave(n_rep, dim=1) for t in (kk, vv))
                 with sdpa_kernel(_CUDA_BACKENDS[backend]):
-                    o = F.scaled_dot_product_attention(
-                        qq, kk, vv, is_causal=args.causal, scale=scale, enable_gqa=args.heads != args.kv_heads
-                    )
+                    o = F.scaled_dot_product_attention(qq, k_full, v_full, is_causal=args.causal, scale=scale)
                 o.backward(inputs[3])
                 return {"out": o.detach(), "dq": qq.grad, "dk": kk.grad, "dv": vv.grad}
 
@@ -1522,7 +1524,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device",
         default="cpu",
         choices=["cpu", "cuda"],
-        help="cpu: the distributed benchmark (gloo). cuda: UNTESTED on this machine (no GPU here); one GPU, "
+        help="cpu: the distributed benchmark (gloo). cuda: one GPU, "
         "simulated CP ring vs monolithic SDPA for each --backends",
     )
     p.add_argument(

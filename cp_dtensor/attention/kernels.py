@@ -108,9 +108,11 @@ class CudaFlashKernel(AttentionKernel):
     def backward(self, dout, q, k, v, out, lse, *, is_causal, scale):
         n_rep = q.shape[1] // k.shape[1]
         k, v = _expand_kv_heads(k, n_rep), _expand_kv_heads(v, n_rep)
+        # cum_seq_q/k must be undefined (None) for dense inputs: defined ones select the varlen kernel.
+        # The philox seed/offset are read only with dropout.
         empty = torch.empty(0, device=q.device, dtype=torch.int64)
         dq, dk, dv = _aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse.contiguous(), empty, empty, q.shape[2], k.shape[2], 0.0, is_causal,
+            dout, q, k, v, out, lse.contiguous(), None, None, q.shape[2], k.shape[2], 0.0, is_causal,
             empty, empty, scale=scale,
         )  # fmt: skip
         return dq, _reduce_kv_heads(dk, n_rep), _reduce_kv_heads(dv, n_rep)
@@ -133,10 +135,11 @@ class CudaCudnnKernel(AttentionKernel):
     def backward(self, dout, q, k, v, out, lse, *, is_causal, scale):
         n_rep = q.shape[1] // k.shape[1]
         k, v = _expand_kv_heads(k, n_rep), _expand_kv_heads(v, n_rep)
+        # As for flash: undefined cum_seq_q/k select the dense (not nested) path.
         empty = torch.empty(0, device=q.device, dtype=torch.int64)
         dq, dk, dv = _aten._scaled_dot_product_cudnn_attention_backward(
             dout.contiguous(), q, k, v, out.contiguous(), lse.contiguous().unsqueeze(-1), empty, empty, None,
-            empty, empty, q.shape[2], k.shape[2], 0.0, is_causal, scale=scale,
+            None, None, q.shape[2], k.shape[2], 0.0, is_causal, scale=scale,
         )  # fmt: skip
         return dq, _reduce_kv_heads(dk, n_rep), _reduce_kv_heads(dv, n_rep)
 
