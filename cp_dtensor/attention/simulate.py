@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,23 @@ from cp_dtensor.attention.ring import (
 from cp_dtensor.layout import shard_sequence_for_rank, unshard_sequence_from_shards, validate_seq_len
 
 __all__ = ["SimulationResult", "simulate_context_parallel_attention"]
+
+
+_RANK_THREADS: dict[int, tuple[ThreadPoolExecutor, threading.Lock]] = {}
+_RANK_THREADS_LOCK = threading.Lock()
+
+
+def _rank_threads(cp: int) -> tuple[ThreadPoolExecutor, threading.Lock]:
+    """A pool of ``cp`` persistent threads (and its lock), created once per CP size.
+
+    Persistent, not fresh per call: libraries keep per-thread state that is costly to rebuild. cuDNN's
+    attention graphs, for one, are cached per thread; with fresh threads every call rebuilt them
+    (measured on an H200: 0.1 s per block forward+backward instead of 0.4 ms).
+    """
+    with _RANK_THREADS_LOCK:
+        if cp not in _RANK_THREADS:
+            _RANK_THREADS[cp] = (ThreadPoolExecutor(cp, thread_name_prefix=f"cp-sim-{cp}"), threading.Lock())
+        return _RANK_THREADS[cp]
 
 
 @dataclass
@@ -94,11 +112,10 @@ def simulate_context_parallel_attention(
             errors.append(e)
             hub.abort()
 
-    threads = [threading.Thread(target=run_rank, args=(r,), name=f"cp-sim-rank{r}") for r in range(cp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    pool, lock = _rank_threads(cp)
+    with lock:  # one simulation at a time per pool: its cp ranks must all run at once
+        for f in [pool.submit(run_rank, r) for r in range(cp)]:
+            f.result()
     if errors:
         raise errors[0]
 
