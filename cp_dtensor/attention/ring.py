@@ -389,6 +389,9 @@ def ring_attention(
             default from device and dtype.
         stats: optional :class:`RingStats` to accumulate bytes sent and work done on this rank.
 
+    With no group or a group of size 1 this is one ``F.scaled_dot_product_attention`` call: PyTorch picks
+    the kernel (``backend`` is not used) and ``stats`` stays untouched.
+
     Returns:
         (B, Hq, S_local, D) this rank's attention output shard.
     """
