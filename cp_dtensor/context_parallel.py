@@ -215,8 +215,7 @@ def shard_batch(
     if "positions" not in batch:
         seq = first.shape[seq_dim]
         batch["positions"] = torch.arange(seq, device=first.device).expand((*first.shape[:seq_dim], seq))
-    placements: list[Placement] = [Replicate()] * mesh.ndim
-    placements[cp_axis] = Shard(seq_dim)
+    placements = activation_placements(mesh, seq_dim, sequence_parallel=False)
     return {
         name: DTensor.from_local(
             shard_sequence_for_rank(t, cp_rank, cp, seq_dim, layout), mesh, placements, run_check=False

@@ -171,7 +171,7 @@ def ring_backward(
             grads = (kv_rows, dk_blk, dv_blk)
         if step == 0:
             assert grads is not None and grads[0] == slice(0, s_local)
-            dkv_own = torch.stack([grads[1], grads[2]]).to(acc_dtype)
+            dkv_own = _new_dkv_accumulator(kv, acc_dtype, grads)  # all rows: one converting copy
         elif acc_in is None:  # step 1: this rank starts kv_src's accumulator
             dkv = _new_dkv_accumulator(kv, acc_dtype, grads)
             sends.append(transport.send(dkv, DKV_TAG))
