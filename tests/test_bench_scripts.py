@@ -1,4 +1,6 @@
-"""Smoke tests of the benchmark harness (scripts/bench_attention.py): it runs and reports; no timing asserted.
+"""Smoke tests of the benchmark harness (scripts/bench_attention.py and its library cp_dtensor.tools.bench).
+
+It runs and reports; no timing is asserted.
 
 One tiny run (CP=4 spawned ranks, so ring steps >= 2 run too; S=256, GQA 8/2 heads, 2 repeats) is shared by
 the tests of this module.
@@ -174,9 +176,10 @@ def test_plot_from_report(
 ) -> None:
     pytest.importorskip("matplotlib")
     _, report = smoke_run
-    bench = _load_script("bench_attention")
+    from cp_dtensor.tools.bench.plot import plot_results
+
     path = tmp_path / "bench.png"
-    bench.plot_results(report, path)
+    plot_results(report, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -189,29 +192,33 @@ def test_cuda_path_fails_clearly_without_gpu() -> None:
 
 
 def test_common_helpers() -> None:
-    common = _load_script("_bench_common")
-    assert common.hidden_fraction(0.0, 1.0) == 1.0
-    assert common.hidden_fraction(2.0, 1.0) == 0.0  # clipped
-    assert common.hidden_fraction(-1.0, 1.0) == 1.0  # clipped
-    assert common.hidden_fraction(0.25, 1.0) == 0.75
-    assert math.isnan(common.hidden_fraction(0.1, 0.0))
-    s = common.summarize([3.0, 1.0, 2.0, 4.0])
+    from cp_dtensor.tools.bench.overlap import hidden_fraction
+    from cp_dtensor.tools.bench.report import markdown_table
+    from cp_dtensor.tools.bench.theory import score_elements
+    from cp_dtensor.tools.bench.timing import summarize
+
+    assert hidden_fraction(0.0, 1.0) == 1.0
+    assert hidden_fraction(2.0, 1.0) == 0.0  # clipped
+    assert hidden_fraction(-1.0, 1.0) == 1.0  # clipped
+    assert hidden_fraction(0.25, 1.0) == 0.75
+    assert math.isnan(hidden_fraction(0.1, 0.0))
+    s = summarize([3.0, 1.0, 2.0, 4.0])
     assert (s.median, s.min, s.max, s.n) == (2.5, 1.0, 4.0, 4)
-    assert common.score_elements(1, 2, 4, 4, causal=True) == 2 * 10
-    assert common.score_elements(1, 2, 4, 8, causal=False) == 2 * 32
-    assert "| a | b |" in common.markdown_table(["a", "b"], [[1, 2]])
+    assert score_elements(1, 2, 4, 4, causal=True) == 2 * 10
+    assert score_elements(1, 2, 4, 8, causal=False) == 2 * 32
+    assert "| a | b |" in markdown_table(["a", "b"], [[1, 2]])
 
 
 def test_local_copy_transport_runs_the_ring() -> None:
     """The compute-only stand-in runs cp_dtensor's ring code end to end with the real shapes."""
     from cp_dtensor.attention.kernels import select_kernel
     from cp_dtensor.attention.ring import ring_backward, ring_forward
+    from cp_dtensor.tools.bench.standins import LocalCopyTransport
 
-    common = _load_script("_bench_common")
     q, dout = torch.randn(2, 1, 4, 32, 8).unbind(0)
     k, v = torch.randn(2, 1, 2, 32, 8).unbind(0)
     for rank in range(2):
-        transport = common.LocalCopyTransport(rank, 2)
+        transport = LocalCopyTransport(rank, 2)
         opts = dict(is_causal=True, scale=0.5, layout="zigzag", kernel=select_kernel(q.device, q.dtype))
         out, lse = ring_forward(q, k, v, transport, **opts)
         dq, dk, dv = ring_backward(dout, q, k, v, out, lse, transport, **opts)
