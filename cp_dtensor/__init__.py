@@ -6,25 +6,33 @@ Public API (stable names)::
     unshard_sequence(x_local, mesh, seq_dim, layout="zigzag")  the full tensor, natural order
     ring_attention(q, k, v, mesh, *, is_causal, scale, layout, comm)   CP attention on local shards
     ParallelDims(dp=-1, pp=1, cp=1, tp=1, world_size=...)      degrees -> .build_mesh() 4-D mesh
-    ContextParallelAttention(layout=..., comm=...)             SDPA on CP-sharded DTensors -> ring op
-    apply_context_parallel(model, mesh, ...)                   sequence-sharded DTensor activations
+    ContextParallelAttention(mesh=None, layout=..., comm=...)  a mode: SDPA inside -> ring op
+    ContextParallel(layout=..., comm=...)                      ParallelStyle: SDPA inside a module -> ring op
+    PrepareSequenceShards(output_dtensor=True)                 ParallelStyle: DTensor <-> local shards
+    apply_context_parallel(model, mesh, attention=..., ...)    the CP plan, applied with parallelize_module
     shard_batch(batch, mesh, layout=...)                       a global batch -> this rank's CP DTensors
+    unshard_sequence_output(x, mesh, layout=...)               a CP-sharded output -> natural order
     inspect_sharding(model, *inputs)                           per-module placements and shapes
 """
 
 from cp_dtensor.attention import RingStats, ring_attention, simulate_context_parallel_attention
 from cp_dtensor.attention.dispatch import ContextParallelAttention, context_parallel_sdpa
-from cp_dtensor.context_parallel import apply_context_parallel, shard_batch, unshard_sequence_output
+from cp_dtensor.context_parallel import apply_context_parallel, build_context_parallel_plan
 from cp_dtensor.inspect import format_sharding_table, inspect_sharding
 from cp_dtensor.layout import LAYOUTS, sequence_positions, shard_sequence, unshard_sequence
 from cp_dtensor.parallel_dims import ParallelDims
+from cp_dtensor.sharding import shard_batch, unshard_sequence_output
+from cp_dtensor.styles import ContextParallel, PrepareSequenceShards
 
 __all__ = [
     "LAYOUTS",
+    "ContextParallel",
     "ContextParallelAttention",
     "ParallelDims",
+    "PrepareSequenceShards",
     "RingStats",
     "apply_context_parallel",
+    "build_context_parallel_plan",
     "context_parallel_sdpa",
     "format_sharding_table",
     "inspect_sharding",

@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Self, TypeVar
 
+from cp_dtensor.parallel_dims import seq_len_problem
+
 try:
     import tomli
 except ModuleNotFoundError:  # the same parser ships with Python >= 3.11 as tomllib
@@ -222,6 +224,10 @@ class Parallelism:
 
     context_parallel_comm: Literal["p2p", "allgather"] = "p2p"
     """How CP ranks exchange keys/values: "p2p" ring passes, or one "allgather" of all keys/values."""
+
+    context_parallel_backend: Literal["auto", "flash", "cudnn", "efficient", "cpu_flash", "math"] = "auto"
+    """Attention kernel of the CP ring: "auto" picks from device and dtype (CPU: cpu_flash; CUDA bf16/fp16:
+    flash; CUDA fp32: efficient); flash, cudnn and efficient need CUDA, cpu_flash a CPU; math is a slow check."""
 
     tensor_parallel_degree: int = _bounded(1, ge=1)
     """Tensor-parallel degree (with sequence parallelism); 1 turns TP off."""
@@ -407,12 +413,15 @@ class JobConfig:
                     f"{unit} ({unit_text}); {_suggest_multiples(training.global_batch_size, unit)}, or -1"
                 )
 
-        divisor, reason = _seq_len_divisor(parallel)
-        if training.seq_len % divisor:
-            raise ConfigError(
-                f"training.seq_len={training.seq_len} must be a multiple of {divisor} ({reason}); "
-                f"{_suggest_multiples(training.seq_len, divisor)}"
-            )
+        problem = seq_len_problem(
+            training.seq_len,
+            cp=parallel.context_parallel_degree,
+            tp=parallel.tensor_parallel_degree,
+            layout=parallel.context_parallel_layout,
+            name="training.seq_len",
+        )
+        if problem is not None:
+            raise ConfigError(problem)
 
         if parallel.pipeline_parallel_degree > 1:
             microbatches = parallel.pipeline_parallel_microbatches
@@ -482,20 +491,6 @@ def _field_types(cls: type) -> Mapping[str, Any]:
 def _section_types() -> Mapping[str, type]:
     """``{section name: section dataclass}`` in declaration order."""
     return _field_types(JobConfig)
-
-
-def _seq_len_divisor(parallel: Parallelism) -> tuple[int, str]:
-    """The number ``training.seq_len`` must be a multiple of, and why.
-
-    Sequence parallelism splits the sequence over TP ranks, CP over CP ranks, and the zigzag layout cuts
-    each CP shard into two chunks, so ``seq_len % (tp * cp * (2 if zigzag else 1)) == 0``.
-    """
-    tp, cp = parallel.tensor_parallel_degree, parallel.context_parallel_degree
-    zigzag = parallel.context_parallel_layout == "zigzag" and cp > 1
-    reason = f"tensor_parallel_degree={tp} x context_parallel_degree={cp}"
-    if zigzag:
-        reason += " x 2 for the zigzag layout"
-    return tp * cp * (2 if zigzag else 1), reason
 
 
 def _suggest_multiples(value: int, unit: int) -> str:

@@ -1,7 +1,7 @@
 """Data: a byte-level tokenizer, local text datasets, a synthetic long-range recall task, a global batch loader.
 
 Nothing is downloaded. Every batch is a pure function of (dataset, seed, batch index): the loader produces the
-*global* batch and each data-parallel rank takes its own rows with `slice_batch_for_rank`, so the data seen by
+*global* batch and each rank takes its rows and sequence shard with `cp_dtensor.shard_batch`, so the data seen by
 the model does not depend on the parallel degrees, and a resumed run sees exactly the batches an
 uninterrupted one would.
 
@@ -29,7 +29,6 @@ __all__ = [
     "GlobalBatchLoader",
     "SyntheticRecallDataset",
     "TextDataset",
-    "slice_batch_for_rank",
     "validate_token_ids",
 ]
 
@@ -598,37 +597,6 @@ class GlobalBatchLoader:
         if consumed < 0:
             raise ValueError(f"batches_consumed must be >= 0, got {consumed}")
         self.batches_consumed = consumed
-
-
-def slice_batch_for_rank(batch: Sample, dp_rank: int, dp_degree: int) -> Sample:
-    """Rows of one data-parallel rank: the contiguous block `[r * G/dp, (r + 1) * G/dp)`.
-
-    Args:
-        batch: Global batch, tensors of shape (G, ...).
-        dp_rank: This rank's index on the data-parallel axis.
-        dp_degree: Data-parallel degree.
-
-    Returns:
-        Dict of (G / dp_degree, ...) views.
-
-    Raises:
-        ValueError: G is not divisible by dp_degree, or dp_rank is out of range.
-    """
-    if dp_degree <= 0:
-        raise ValueError(f"dp_degree must be positive, got {dp_degree}")
-    if not 0 <= dp_rank < dp_degree:
-        raise ValueError(f"dp_rank={dp_rank} is out of range for dp_degree={dp_degree}")
-    sizes = {t.shape[0] for t in batch.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"batch tensors disagree on the batch dim: {sorted(sizes)}")
-    global_size = sizes.pop()
-    if global_size % dp_degree != 0:
-        raise ValueError(
-            f"global batch size {global_size} is not divisible by dp degree {dp_degree}; "
-            f"choose a global batch size that is a multiple of {dp_degree}"
-        )
-    rows = global_size // dp_degree
-    return {key: t[dp_rank * rows : (dp_rank + 1) * rows] for key, t in batch.items()}
 
 
 def validate_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:

@@ -41,11 +41,16 @@ class TensorRecord:
 
 @dataclass
 class ModuleRecord:
-    """Inputs, outputs and own parameters of one module during one forward."""
+    """Inputs, outputs and own parameters of one module during one forward.
+
+    ``inputs`` are the tensors as the caller passed them; ``forward_inputs`` as ``forward`` received them,
+    after the module's pre-hooks (a parallel style's input conversion, e.g. DTensor -> local shard).
+    """
 
     name: str
     type: str
     inputs: list[TensorRecord] = field(default_factory=list)
+    forward_inputs: list[TensorRecord] = field(default_factory=list)
     outputs: list[TensorRecord] = field(default_factory=list)
     params: list[TensorRecord] = field(default_factory=list)
     calls: int = 0
@@ -76,8 +81,9 @@ def _tensors(obj: Any, prefix: str) -> list[TensorRecord]:
 def inspect_sharding(model: nn.Module, *inputs: Any, **kwargs: Any) -> list[ModuleRecord]:
     """Run one forward (no grad) and record, per module, the tensors its forward saw.
 
-    Inputs are recorded after every pre-hook already installed on the module (what ``forward`` really
-    receives) and outputs after every forward hook (what the caller gets). Parameters are the module's
+    Inputs are recorded twice: before every pre-hook installed on the module (what the caller passed)
+    and after them (what ``forward`` really receives); outputs after every forward hook (what the caller
+    gets). So a style's conversions show at the module boundary. Parameters are the module's
     own (non-recursive) ones as stored between steps (e.g. FSDP-sharded), recorded before the forward.
     A collective like the forward itself: call on every rank.
 
@@ -94,18 +100,24 @@ def inspect_sharding(model: nn.Module, *inputs: Any, **kwargs: Any) -> list[Modu
     for name, module in model.named_modules():
         name = name or "<root>"
 
-        def pre(mod: nn.Module, args: tuple, kw: dict, name: str = name) -> None:
+        def caller_pre(mod: nn.Module, args: tuple, kw: dict, name: str = name) -> None:
             rec = records.setdefault(name, ModuleRecord(name, type(mod).__name__))
             if rec.calls == 0:
                 order.append(name)
                 rec.inputs = _tensors((args, kw), "in")
             rec.calls += 1
 
+        def pre(mod: nn.Module, args: tuple, kw: dict, name: str = name) -> None:
+            rec = records[name]
+            if rec.calls == 1 and not rec.forward_inputs:
+                rec.forward_inputs = _tensors((args, kw), "in")
+
         def post(mod: nn.Module, args: tuple, output: Any, name: str = name) -> None:
             rec = records[name]
             if not rec.outputs:
                 rec.outputs = _tensors(output, "out")
 
+        handles.append(module.register_forward_pre_hook(caller_pre, with_kwargs=True, prepend=True))
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post))
     try:
@@ -125,7 +137,13 @@ def format_sharding_table(records: list[ModuleRecord], *, max_name: int = 44) ->
     lines.append("-" * len(lines[0]) + "-" * 40)
     for rec in records:
         first = True
-        for kind, items in (("in", rec.inputs), ("out", rec.outputs), ("param", rec.params)):
+        fwd_in = [] if rec.forward_inputs == rec.inputs else rec.forward_inputs
+        for kind, items in (
+            ("in", rec.inputs),
+            ("fwd-in", fwd_in),
+            ("out", rec.outputs),
+            ("param", rec.params),
+        ):
             for t in items:
                 label = f"{kind}:{t.name}" if kind == "param" else kind
                 head = (

@@ -9,7 +9,9 @@ The log line (every ``metrics.log_freq`` steps, and the first and last step)::
 per device); ``tflops``: achieved model FLOP/s per device (6 x params per token + attention, causal-aware,
 see ``model_flops_per_token``); ``mfu``: that over the device peak (``metrics.peak_tflops_per_device``,
 or the GPU's known peak; n/a on CPU without one); ``mem``: peak memory (CUDA allocator on GPU, process RSS
-on CPU); ``step``: wall time of the step.
+on CPU); ``step``: wall time of the step; ``cp`` (with CP): bytes the CP attention of rank 0 sent in the
+step (forward + backward) and the wall time it spent blocked on CP communication (exposed, not hidden by
+compute; on NCCL the host-side wait returns early, so it reads low there).
 """
 
 from __future__ import annotations
@@ -63,6 +65,8 @@ class StepMetrics:
     peak_memory_gib: float
     step_time_s: float
     skipped: bool = False
+    cp_bytes_sent: int | None = None
+    cp_comm_wait_s: float | None = None
 
     def line(self, total_steps: int) -> str:
         """The human-readable log line."""
@@ -72,7 +76,13 @@ class StepMetrics:
             f"step {self.step:>{width}}/{total_steps} | loss {self.loss:.4f} | grad_norm {self.grad_norm:.3f} | "
             f"lr {self.lr:.1e} | tok/s {self.tokens_per_s:,.0f} ({self.tokens_per_s_per_device:,.0f}/dev) | "
             f"tflops {self.tflops_per_device:.3f}/dev | mfu {mfu} | mem {self.peak_memory_gib:.2f} GiB | "
-            f"step {self.step_time_s:.3f}s" + (" | SKIPPED (non-finite)" if self.skipped else "")
+            f"step {self.step_time_s:.3f}s"
+            + (
+                f" | cp {self.cp_bytes_sent / 2**20:,.1f} MiB sent, {self.cp_comm_wait_s:.3f}s waiting"
+                if self.cp_bytes_sent is not None and self.cp_comm_wait_s is not None
+                else ""
+            )
+            + (" | SKIPPED (non-finite)" if self.skipped else "")
         )
 
 

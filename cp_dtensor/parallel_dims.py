@@ -8,7 +8,7 @@ pp is outermost. Axes of size 1 are kept, so code never branches on which axes e
     world_mesh["cp", "tp"]   activations: sequence Shard(1) over cp (and over tp with sequence parallel)
     dp_cp (flattened)        dp x cp flattened: FSDP shards parameters here (CP ranks hold the same
                              weights) and gradients / the global token count are reduced here
-    world_mesh["dp"]         the batch axis: each dp rank reads different rows of the global batch
+    world_mesh["dp","cp","tp"]  batches: rows Shard(0) over dp, sequence Shard(1) over cp (shard_batch)
 
     world = 8, pp=1 dp=2 cp=2 tp=2:      tp
                                         0 1      dp=0: cp=0 -> ranks 0,1   cp=1 -> ranks 2,3
@@ -25,9 +25,38 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from cp_dtensor.layout import chunks_per_rank
 
-__all__ = ["MESH_AXES", "ParallelDims", "default_device_type"]
+__all__ = ["MESH_AXES", "ParallelDims", "default_device_type", "seq_len_divisor", "seq_len_problem"]
 
 MESH_AXES: tuple[str, str, str, str] = ("pp", "dp", "cp", "tp")
+
+
+def seq_len_divisor(*, cp: int, tp: int, layout: str = "zigzag") -> int:
+    """What a global sequence length must be a multiple of: tp x cp x chunks per CP rank of ``layout``.
+
+    The one home of this rule (config validation, :class:`ParallelDims`, the planner and the integrations
+    all ask here): sequence parallelism splits the sequence over tp ranks, CP over cp ranks, and a layout
+    cuts each CP shard into ``chunks_per_rank(layout)`` chunks (2 for zigzag).
+    """
+    return tp * cp * (chunks_per_rank(layout) if cp > 1 else 1)
+
+
+def seq_len_problem(
+    seq_len: int, *, cp: int, tp: int, layout: str = "zigzag", name: str = "seq_len"
+) -> str | None:
+    """Why ``seq_len`` cannot be split over ``cp`` x ``tp`` ranks in ``layout``, or None when it can.
+
+    The message starts with ``{name}={seq_len}`` and names the multiple, its factors and the nearest
+    valid lengths.
+    """
+    d = seq_len_divisor(cp=cp, tp=tp, layout=layout)
+    if seq_len > 0 and seq_len % d == 0:
+        return None
+    factors = f"tensor_parallel_degree {tp} x context_parallel_degree {cp}"
+    if cp > 1 and chunks_per_rank(layout) > 1:
+        factors += f" x {chunks_per_rank(layout)} {layout} chunks per rank"
+    lower = seq_len // d * d
+    suggestion = f"use {lower} or {lower + d}" if lower > 0 else f"use {d}"
+    return f"{name}={seq_len} must be a multiple of {d} ({factors}); {suggestion}"
 
 
 def default_device_type() -> str:
@@ -120,18 +149,13 @@ class ParallelDims:
     @property
     def seq_len_divisor(self) -> int:
         """What the global sequence length must be a multiple of: tp x cp x chunks per rank of the layout."""
-        return self.tp * self.cp * (chunks_per_rank(self.cp_layout) if self.cp_enabled else 1)
+        return seq_len_divisor(cp=self.cp, tp=self.tp, layout=self.cp_layout)
 
     def validate_seq_len(self, seq_len: int) -> None:
         """Raise ``ValueError`` naming the multiple when ``seq_len`` does not divide."""
-        d = self.seq_len_divisor
-        if seq_len % d != 0:
-            lo, hi = (seq_len // d) * d, (seq_len // d + 1) * d
-            raise ValueError(
-                f"seq_len {seq_len} must be a multiple of {d} (tp {self.tp} x cp {self.cp}"
-                f"{' x 2 zigzag chunks' if self.cp_enabled and self.cp_layout == 'zigzag' else ''}); "
-                f"try {lo or hi} or {hi}."
-            )
+        problem = seq_len_problem(seq_len, cp=self.cp, tp=self.tp, layout=self.cp_layout)
+        if problem is not None:
+            raise ValueError(problem)
 
     # ---- the mesh ------------------------------------------------------------------------------------
     def build_mesh(self, device_type: str | None = None) -> DeviceMesh:
@@ -188,5 +212,6 @@ class ParallelDims:
 
     @property
     def batch_mesh(self) -> DeviceMesh:
-        """1-D dp mesh: ranks along it read different rows of the global batch."""
-        return self.world_mesh["dp"]
+        """3-D ("dp", "cp", "tp") mesh of training batches: rows over dp, sequence shards over cp
+        (:func:`cp_dtensor.shard_batch`)."""
+        return self.world_mesh["dp", "cp", "tp"]

@@ -6,8 +6,9 @@ Note [Parallelize order]
 
     TP    first: it replaces weights by tp-sharded DTensors and installs its input/output styles, which the
           later steps must see as the module's own behaviour.
-    CP    next: its hooks convert between local shards and ("cp", "tp") DTensors around the TP styles
-          (prepended input hooks, appended output hooks), and wrap q/k/v for the ring op.
+    CP    next: its styles (Note [Context-parallel styles]) convert between local shards and ("cp", "tp")
+          DTensors around the TP styles (prepended input hooks, appended output hooks) and run SDPA
+          inside attention as the ring op.
     AC    then: checkpoint wrappers re-run the block forward - hooks included - during backward.
     FSDP  last: it shards whatever parameters (plain or TP DTensors) the model ends up with over the
           flattened dp x cp axis: CP ranks hold the same weights, so they shard them like DP ranks.
@@ -36,7 +37,8 @@ from cp_dtensor.attention.dispatch import ContextParallelAttention
 from cp_dtensor.context_parallel import apply_context_parallel
 from cp_dtensor.models.llama import Transformer
 from cp_dtensor.parallel_dims import ParallelDims
-from cp_dtensor.pipeline import build_pipeline_schedule, split_llama_into_stages
+from cp_dtensor.pipeline import build_pipeline_schedule, split_llama_into_stages, stages_per_rank
+from cp_dtensor.styles import PrepareSequenceShards
 from cp_dtensor.train_step import PipelineState, TokenMeanLoss
 
 __all__ = ["ParallelModel", "apply_ac", "apply_fsdp", "apply_tp", "build_parallel_model", "parallelize_llama"]
@@ -132,7 +134,7 @@ def parallelize_llama(
     cp_layout: str = "zigzag",
     cp_comm: str = "p2p",
     param_dtype: torch.dtype | None = None,
-    attention_backend: str | None = None,
+    cp_backend: str | None = None,
     ring_stats: RingStats | None = None,
 ) -> ContextParallelAttention | None:
     """Parallelize ``model`` in place: TP -> CP -> AC -> FSDP2 (see Note [Parallelize order]).
@@ -144,7 +146,8 @@ def parallelize_llama(
         selective_ac_every: with ``"selective"``, checkpoint every N-th block.
         cp_layout, cp_comm: CP sequence layout and ring comm mode.
         param_dtype: FSDP mixed-precision parameter dtype (e.g. ``torch.bfloat16``); None keeps fp32.
-        attention_backend: kernel adapter name for the ring op, or None for the default.
+        cp_backend: kernel adapter name for the ring op (``flash``, ``cudnn``, ``efficient``,
+            ``cpu_flash``, ``math``), or None to choose from device and dtype.
         ring_stats: optional :class:`RingStats` filled by every CP attention call.
 
     Returns:
@@ -157,15 +160,17 @@ def parallelize_llama(
         cp_attention = apply_context_parallel(
             model,
             parallel_dims.activation_mesh,
-            blocks=list(model.layers.values()),
-            attention_modules=[block.attention.sdpa for block in model.layers.values()],
-            final_modules=[model.norm] if model.norm is not None else [],
+            attention="layers.*.attention",
+            blocks="layers.*",
+            final="norm" if model.norm is not None else (),
             layout=cp_layout,
             comm=cp_comm,
-            sequence_parallel=parallel_dims.tp_enabled,
-            backend=attention_backend,
+            backend=cp_backend,
             stats=ring_stats,
+            sequence_parallel=parallel_dims.tp_enabled,
         )
+    else:  # the model still takes shard_batch's DTensors (cp = 1: whole sequences) as local tensors
+        parallelize_module(model, parallel_dims.activation_mesh, PrepareSequenceShards(output_dtensor=False))
     apply_ac(model, ac_mode, selective_ac_every)
     if parallel_dims.fsdp_enabled:
         apply_fsdp(model, parallel_dims, param_dtype=param_dtype)
@@ -213,12 +218,12 @@ def build_parallel_model(
     if not parallel_dims.pp_enabled:
         cp_attention = parallelize_llama(model, parallel_dims, **parallelize_kwargs)
         return ParallelModel([model], None, cp_attention)
-    stages_per_rank = 2 if "interleaved" in pp_schedule.lower() or "loop" in pp_schedule.lower() else 1
-    stages = split_llama_into_stages(model, parallel_dims, stages_per_rank)
+    per_rank = stages_per_rank(pp_schedule)
+    stages = split_llama_into_stages(model, parallel_dims, per_rank)
     cp_attention = None
     for _, stage in stages:
         cp_attention = parallelize_llama(stage, parallel_dims, **parallelize_kwargs) or cp_attention
-    n_stages = parallel_dims.pp * stages_per_rank
+    n_stages = parallel_dims.pp * per_rank
     loss_fn = TokenMeanLoss()
     schedule = build_pipeline_schedule(
         stages,

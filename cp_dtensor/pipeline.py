@@ -31,7 +31,20 @@ from torch.distributed.pipelining.schedules import (
 from cp_dtensor.models.llama import Transformer
 from cp_dtensor.parallel_dims import ParallelDims
 
-__all__ = ["build_pipeline_schedule", "split_llama_into_stages", "stage_ids_for_rank"]
+__all__ = ["build_pipeline_schedule", "split_llama_into_stages", "stage_ids_for_rank", "stages_per_rank"]
+
+
+def stages_per_rank(schedule: str) -> int:
+    """Stages each pp rank holds under ``schedule``: 2 for multi-stage (looped/interleaved) schedules, else 1.
+
+    The one home of this rule: validation, stage splitting and the planner all ask here. Decided by the
+    schedule's class in ``torch.distributed.pipelining``, not by its name.
+    """
+    try:
+        schedule_class = get_schedule_class(schedule)
+    except ValueError as e:
+        raise ValueError(f"Unknown pipeline schedule {schedule!r}: {e}") from None
+    return 2 if issubclass(schedule_class, PipelineScheduleMulti) else 1
 
 
 def stage_ids_for_rank(pp_rank: int, pp: int, stages_per_rank: int) -> list[int]:

@@ -24,8 +24,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 
-from cp_dtensor.layout import shard_sequence_for_rank
-from cp_dtensor.parallel_dims import ParallelDims
+from cp_dtensor.sharding import batch_rows
 
 __all__ = [
     "IGNORE_INDEX",
@@ -34,7 +33,6 @@ __all__ = [
     "TokenMeanLoss",
     "clip_grad_norm_",
     "count_global_tokens",
-    "local_batch",
     "token_loss_sum",
     "train_step",
 ]
@@ -136,14 +134,21 @@ def _forward_backward(
     n_global: torch.Tensor,
     pipeline: PipelineState | None,
 ) -> torch.Tensor:
-    """Forward and backward of one (micro)batch; returns this rank's share of the global mean loss."""
+    """Forward and backward of one (micro)batch; returns this rank's share of the global mean loss.
+
+    The model takes the batch as it comes (CP DTensors from ``shard_batch``: its CP styles turn them into
+    local shards); the loss is computed on the local shards.
+    """
     tokens, labels, positions = (batch[k] for k in ("tokens", "labels", "positions"))
+    labels = _local(labels)
     if pipeline is None:
         (model,) = model_parts
-        logits = model(tokens, positions)  # (B, S_local, V)
+        logits = _local(model(tokens, positions))  # (B, S_local, V)
         loss = token_loss_sum(logits, labels) / n_global
         loss.backward()
         return loss.detach()
+    # torch.distributed.pipelining splits and sends plain tensors: stages get local shards.
+    tokens, positions = _local(tokens), _local(positions)
     pipeline.loss_fn.normalizer = n_global
     losses: list[torch.Tensor] = []
     args = (tokens,) if pipeline.has_first_stage else ()
@@ -172,8 +177,9 @@ def train_step(
     Args:
         model_parts: the model, or this pp rank's stage modules.
         optimizers: the optimizers over the parts' parameters (one per part, or one for all).
-        batch: this rank's ``tokens``, ``labels``, ``positions`` (local tensors or CP DTensors),
-            (B_local, S_local); split into ``accumulation_steps`` row chunks.
+        batch: this rank's ``tokens``, ``labels``, ``positions`` as CP DTensors from
+            :func:`cp_dtensor.shard_batch` (or local tensors), local shape (B_local, S_local); split into
+            ``accumulation_steps`` row chunks.
         loss_mesh: the dp x cp mesh the token count and loss are reduced over (None: single process).
         pipeline: the pipeline schedule and this rank's stage roles (pp > 1), else None.
         max_norm: gradient clipping threshold; 0 disables clipping (the norm is still reported).
@@ -184,17 +190,17 @@ def train_step(
     Returns:
         The global mean loss, the gradient norm before clipping and the global token count.
     """
-    batch = {k: _local(batch[k]) for k in ("tokens", "labels", "positions")}
-    rows = batch["tokens"].shape[0]
+    batch = {k: batch[k] for k in ("tokens", "labels", "positions")}
+    rows = _local(batch["tokens"]).shape[0]
     if rows % accumulation_steps:
         raise ValueError(f"{rows} local rows cannot be split into {accumulation_steps} accumulation steps.")
-    n_global = count_global_tokens(batch["labels"], loss_mesh)
+    n_global = count_global_tokens(_local(batch["labels"]), loss_mesh)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
-    local_loss = torch.zeros((), dtype=torch.float64, device=batch["labels"].device)
+    local_loss = torch.zeros((), dtype=torch.float64, device=n_global.device)
+    per = rows // accumulation_steps
     for chunk in range(accumulation_steps):
-        per = rows // accumulation_steps
-        micro = {k: v[chunk * per : (chunk + 1) * per] for k, v in batch.items()}
+        micro = batch_rows(batch, chunk * per, (chunk + 1) * per)
         local_loss += _forward_backward(model_parts, micro, n_global, pipeline).to(torch.float64)
     if loss_mesh is not None and loss_mesh.size() > 1:
         dist.all_reduce(local_loss, group=loss_mesh.get_group())
@@ -215,27 +221,3 @@ def train_step(
     for opt in optimizers:
         opt.step()
     return result
-
-
-def local_batch(
-    global_batch: dict[str, torch.Tensor], parallel_dims: ParallelDims, *, layout: str = "zigzag"
-) -> dict[str, torch.Tensor]:
-    """This rank's part of a global batch: rows of its dp rank, then sequence shards of its cp rank.
-
-    ``positions`` (global token positions) are added when missing, so they follow the CP permutation.
-    Returns local tensors (B_local, S / cp); all tp and pp ranks of one (dp, cp) coordinate get the same.
-    """
-    mesh = parallel_dims.world_mesh
-    dp, dp_rank = parallel_dims.dp, mesh.get_local_rank("dp")
-    cp, cp_rank = parallel_dims.cp, mesh.get_local_rank("cp")
-    batch = dict(global_batch)
-    rows, seq = batch["tokens"].shape[:2]
-    if "positions" not in batch:
-        batch["positions"] = torch.arange(seq, device=batch["tokens"].device).expand(rows, seq)
-    if rows % dp:
-        raise ValueError(f"Global batch of {rows} rows cannot be split over data_parallel_degree {dp}.")
-    per = rows // dp
-    return {
-        k: shard_sequence_for_rank(v[dp_rank * per : (dp_rank + 1) * per], cp_rank, cp, 1, layout)
-        for k, v in batch.items()
-    }

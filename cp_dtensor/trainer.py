@@ -8,7 +8,8 @@ Note [Trainer step]
 ::
 
     global batch k (same on every rank; depends only on seed and k)
-      -> rows of this dp rank -> sequence shards of this cp rank (layout order, positions follow)
+      -> shard_batch: DTensors on ("dp", "cp", "tp"): rows of this dp rank, sequence shards of this cp
+         rank (layout order, positions follow; Note [Layout-ordered DTensors])
       -> train_step: accumulation chunks of local_batch_size rows (PP: pipeline microbatches)
          loss = sum CE / global token count; FSDP sums grads over dp x cp; clip; AdamW; LR schedule
       -> metrics (rank 0) -> checkpoint every `interval` steps and at the end
@@ -16,6 +17,7 @@ Note [Trainer step]
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cp_dtensor.attention.comm import RingStats
 from cp_dtensor.checkpoint import CheckpointManager, ModelState, ObjectState, OptimizerState
 from cp_dtensor.config import JobConfig
 from cp_dtensor.data import GlobalBatchLoader, SyntheticRecallDataset, TextDataset, validate_token_ids
@@ -34,7 +37,9 @@ from cp_dtensor.metrics import MetricsLogger, StepMetrics, gpu_peak_tflops, peak
 from cp_dtensor.models.llama import LLAMA3_FLAVORS, ModelArgs, build_llama, model_flops_per_token
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.parallelize import ParallelModel, build_parallel_model
-from cp_dtensor.train_step import StepResult, local_batch, train_step
+from cp_dtensor.pipeline import stages_per_rank
+from cp_dtensor.sharding import shard_batch
+from cp_dtensor.train_step import StepResult, train_step
 
 __all__ = ["Trainer", "build_lr_lambda", "build_model", "model_args_for", "validate_job"]
 
@@ -83,11 +88,22 @@ def validate_job(cfg: JobConfig, world_size: int) -> ParallelDims:
             f"parallelism.tensor_parallel_degree {pd.tp} must divide n_heads {args.n_heads} and n_kv_heads "
             f"{kv_heads} of flavor {cfg.model.flavor!r}."
         )
-    stages = pd.pp * (2 if "interleaved" in par.pipeline_parallel_schedule.lower() else 1)
+    stages = pd.pp * stages_per_rank(par.pipeline_parallel_schedule)
     if stages > args.n_layers:
         raise ValueError(
             f"parallelism.pipeline_parallel_degree {pd.pp} needs {stages} stages but flavor "
             f"{cfg.model.flavor!r} has only {args.n_layers} layers."
+        )
+    backend = par.context_parallel_backend
+    if pd.cp_enabled and backend in ("flash", "cudnn", "efficient") and not torch.cuda.is_available():
+        raise ValueError(
+            f'parallelism.context_parallel_backend "{backend}" needs a CUDA GPU and none is visible; use "auto" '
+            f'or "cpu_flash".'
+        )
+    if pd.cp_enabled and backend == "cpu_flash" and torch.cuda.is_available():
+        raise ValueError(
+            'parallelism.context_parallel_backend "cpu_flash" runs on CPU tensors but training runs on the GPU; '
+            'use "auto", "flash", "cudnn" or "efficient".'
         )
     if cfg.data.dataset == "text":
         for path in map(Path, cfg.data.paths):
@@ -205,6 +221,7 @@ class Trainer:
             log_file=dump / cfg.metrics.log_file,
             tensorboard_dir=dump / cfg.metrics.save_tb_folder if cfg.metrics.enable_tensorboard else None,
         )
+        self.ring_stats = RingStats() if self.parallel_dims.cp_enabled else None
         self.model_args, self.parallel_model = self._build_model()
         self.optimizers = [
             torch.optim.AdamW(
@@ -248,6 +265,10 @@ class Trainer:
             selective_ac_every=int(cfg.activation_checkpoint.selective_ac_option),
             cp_layout=cfg.parallelism.context_parallel_layout,
             cp_comm=cfg.parallelism.context_parallel_comm,
+            cp_backend=None
+            if cfg.parallelism.context_parallel_backend == "auto"
+            else cfg.parallelism.context_parallel_backend,
+            ring_stats=self.ring_stats,
             param_dtype=param_dtype,
         )
         for part in pm.model_parts:
@@ -258,7 +279,7 @@ class Trainer:
             f"model {cfg.model.name}/{cfg.model.flavor} ({n_params / 1e6:.2f}M params, "
             f"{'causal' if causal else 'bidirectional'}) | world {pd.world_size}: pp {pd.pp} dp {pd.dp} cp {pd.cp} "
             f"tp {pd.tp} | cp layout {cfg.parallelism.context_parallel_layout}, comm "
-            f"{cfg.parallelism.context_parallel_comm} | ac {cfg.activation_checkpoint.mode} | seq_len "
+            f"{cfg.parallelism.context_parallel_comm}, backend {cfg.parallelism.context_parallel_backend} | ac {cfg.activation_checkpoint.mode} | seq_len "
             f"{cfg.training.seq_len} | device {self.device.type}"
         )
         return model.args, pm
@@ -317,10 +338,14 @@ class Trainer:
         """Run the next optimizer step and log it."""
         cfg, pd = self.cfg, self.parallel_dims
         t0 = time.perf_counter()
+        ring_before = dataclasses.replace(self.ring_stats) if self.ring_stats is not None else None
         global_batch = next(self.data.loader)
         validate_token_ids(global_batch["tokens"], self.model_args.vocab_size)
-        batch = local_batch(global_batch, pd, layout=cfg.parallelism.context_parallel_layout)
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = shard_batch(
+            {k: v.to(self.device) for k, v in global_batch.items()},
+            pd.batch_mesh,
+            layout=cfg.parallelism.context_parallel_layout,
+        )
         try:
             result = train_step(
                 self.parallel_model.model_parts,
@@ -362,9 +387,21 @@ class Trainer:
                 peak_memory_gib=peak_memory_bytes(self.device) / 2**30,
                 step_time_s=dt,
                 skipped=result.skipped,
+                **self._ring_metrics(ring_before),
             )
         )
         return result
+
+    def _ring_metrics(self, before: RingStats | None) -> dict[str, Any]:
+        """This step's CP communication on this rank: bytes sent and time blocked waiting."""
+        now = self.ring_stats
+        if now is None or before is None:
+            return {}
+        sent = now.bytes_sent_forward + now.bytes_sent_backward
+        return {
+            "cp_bytes_sent": sent - before.bytes_sent_forward - before.bytes_sent_backward,
+            "cp_comm_wait_s": now.comm_wait_seconds - before.comm_wait_seconds,
+        }
 
     def train(self) -> list[StepResult]:
         """Resume if possible, train to ``training.steps``, checkpoint on the way; returns the step results."""

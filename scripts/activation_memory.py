@@ -29,7 +29,8 @@ from cp_dtensor.memory import count_saved_tensors
 from cp_dtensor.models.llama import build_llama
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.parallelize import parallelize_llama
-from cp_dtensor.train_step import local_batch, token_loss_sum
+from cp_dtensor.sharding import shard_batch
+from cp_dtensor.train_step import token_loss_sum
 
 
 def measure(args: argparse.Namespace, cp: int, ac: str, out_file: str) -> None:
@@ -41,10 +42,10 @@ def measure(args: argparse.Namespace, cp: int, ac: str, out_file: str) -> None:
     parallelize_llama(model, pd, ac_mode=ac)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model.args.vocab_size, (args.batch, args.seq_len + 1), generator=g)
-    batch = local_batch({"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}, pd)
+    batch = shard_batch({"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}, pd.batch_mesh)
     with count_saved_tensors() as counter:
         logits = model(batch["tokens"], batch["positions"])
-    token_loss_sum(logits, batch["labels"]).backward()
+    token_loss_sum(logits, batch["labels"].to_local()).backward()
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, counter.bytes)
     if dist.get_rank() == 0:

@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
-"""Training step time, tokens/s and activation memory across parallel layouts of one world size.
+"""Training step time, tokens/s and activation memory across parallel plans of one world size.
 
     python scripts/bench_train.py                                   # small Llama, S=4096, world 4 on CPU
-    python scripts/bench_train.py --layouts tp4+full tp2cp2 cp4 --seq-len 4096 --json train.json --plot train.png
+    python scripts/bench_train.py --plans tp4+full tp2cp2 cp4 --seq-len 4096 --json train.json --plot train.png
     python scripts/plan.py --hw cpu --calibrate-from train.json      # the cost model's predicted vs measured
 
 Reproduces the shape of the seed's Figure 2 at CPU scale: TP-only with full recompute (the seed's "TP8CP1
 full recompute" baseline, here tp4 + full) against TP x CP mixes without recompute (tp2 x cp2, cp4). Each
-layout runs as local CPU processes (gloo, one intra-op thread per rank); every step is the real training
-step (forward, backward, FSDP2 over dp x cp, clipping, AdamW). Reported per layout: median and min/max step
+plan runs as local CPU processes (gloo, one intra-op thread per rank); every step is the real training
+step (forward, backward, FSDP2 over dp x cp, clipping, AdamW). Reported per plan: median and min/max step
 time (max over ranks), global tokens/s, total CPU seconds of all ranks per step (meaningful when ranks
 outnumber cores), the bytes saved for backward on the largest rank (activations: distinct storages,
 parameters excluded) and the peak RSS. The JSON output is the planner's calibration format
-(Note [Calibration file] in cp_dtensor/planner.py), so plan.py can state the cost model's error.
+(Note [Calibration file] in cp_dtensor/tools/planner/calibration.py), so plan.py can state the cost model's
+error.
 """
 
 from __future__ import annotations
@@ -39,25 +40,33 @@ from cp_dtensor.memory import count_saved_tensors
 from cp_dtensor.models.llama import build_llama
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.parallelize import build_parallel_model
-from cp_dtensor.planner import CostOptions, Layout, build_hardware, build_model_shape, compare_measurements
-from cp_dtensor.train_step import local_batch, train_step
+from cp_dtensor.sharding import shard_batch
+from cp_dtensor.tools.planner import (
+    CostOptions,
+    ParallelPlan,
+    build_hardware,
+    build_model_shape,
+    compare_measurements,
+    load_calibration,
+)
+from cp_dtensor.train_step import train_step
 
 
-def run_layout(args: argparse.Namespace, layout: Layout, out_file: str) -> None:
-    """Train ``args.steps`` steps of ``layout`` on this rank; rank 0 writes the measurements."""
-    pd = ParallelDims(dp=layout.dp, cp=layout.cp, tp=layout.tp, pp=layout.pp)
+def run_plan(args: argparse.Namespace, plan: ParallelPlan, out_file: str) -> None:
+    """Train ``args.steps`` steps of ``plan`` on this rank; rank 0 writes the measurements."""
+    pd = ParallelDims(dp=plan.dp, cp=plan.cp, tp=plan.tp, pp=plan.pp)
     pd.build_mesh("cpu")
     pd.validate_seq_len(args.seq_len)
     model = build_llama(args.flavor)
     model.init_weights(seed=0)
     pm = build_parallel_model(
-        model, pd, device=torch.device("cpu"), ac_mode=layout.ac, selective_ac_every=layout.selective_every
+        model, pd, device=torch.device("cpu"), ac_mode=plan.ac, selective_ac_every=plan.selective_every
     )
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in pm.model_parts]
     g = torch.Generator().manual_seed(0)
     rows = args.batch * pd.dp
     tokens = torch.randint(0, model.args.vocab_size, (rows, args.seq_len + 1), generator=g)
-    batch = local_batch({"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}, pd)
+    batch = shard_batch({"tokens": tokens[:, :-1], "labels": tokens[:, 1:]}, pd.batch_mesh)
     step_kwargs = dict(loss_mesh=pd.loss_mesh, pipeline=pm.pipeline, max_norm=1.0)
     times, cpu = [], []
     for step in range(args.warmup + args.steps):
@@ -84,26 +93,33 @@ def run_layout(args: argparse.Namespace, layout: Layout, out_file: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run every layout, print the table, write JSON/PNG."""
+    """Run every plan, print the table, write JSON/PNG."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--flavor", default="small")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--batch", type=int, default=1, help="sequences per data-parallel rank")
-    p.add_argument("--layouts", nargs="+", default=["tp4+full", "tp2cp2", "cp4"])
+    p.add_argument(
+        "--plans",
+        "--layouts",
+        dest="plans",
+        nargs="+",
+        default=["tp4+full", "tp2cp2", "cp4"],
+        help="parallel plans to run, e.g. tp4+full tp2cp2 cp4 (--layouts: the older name)",
+    )
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default="", help="write the results (planner calibration format)")
     p.add_argument("--plot", default="", help="write a PNG bar chart of step time and activation memory")
     args = p.parse_args(argv)
-    layouts = [Layout.parse(text, world_size=None) for text in args.layouts]
+    plans = [ParallelPlan.parse(text, world_size=None) for text in args.plans]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for text, layout in zip(args.layouts, layouts):
+        for text, plan in zip(args.plans, plans):
             out = os.path.join(tmp, "out.json")
-            run_distributed(run_layout, layout.world_size, args, layout, out, threads_per_rank=1)
+            run_distributed(run_plan, plan.world_size, args, plan, out, threads_per_rank=1)
             r = json.loads(Path(out).read_text())
-            results.append((text, layout, r))
-    tokens = args.batch * args.seq_len * layouts[0].dp
+            results.append((text, plan, r))
+    tokens = args.batch * args.seq_len * plans[0].dp
     print(f"# python scripts/bench_train.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(
         f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC | {platform.machine()} {os.cpu_count()} cores | "
@@ -116,10 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     base = statistics.median(results[0][2]["times"])
-    for text, layout, r in results:
+    for text, plan, r in results:
         med = statistics.median(r["times"])
         print(
-            f"| {text} | {layout.world_size} | {med:.3f} | {min(r['times']):.3f} / {max(r['times']):.3f} | "
+            f"| {text} | {plan.world_size} | {med:.3f} | {min(r['times']):.3f} / {max(r['times']):.3f} | "
             f"{tokens / med:,.0f} | {statistics.median(r['cpu']):.2f} | {max(r['activation']) / 2**20:.1f} | "
             f"{max(r['rss']) / 2**20:.0f} | {base / med:.2f}x |"
         )
@@ -129,12 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         "micro_batch": args.batch,
         "measurements": [
             {
-                "layout": layout.to_dict(),
+                "layout": plan.to_dict(),  # the calibration file's key (Note [Calibration file])
                 "step_time_s": statistics.median(r["times"]),
                 "activation_bytes": max(r["activation"]),
                 "cpu_seconds_per_step": statistics.median(r["cpu"]),
             }
-            for _, layout, r in results
+            for _, plan, r in results
         ],
     }
     _print_prediction_error(args, calibration)
@@ -148,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_prediction_error(args: argparse.Namespace, calibration: dict) -> None:
-    """The cost model's (uncalibrated CPU preset) predictions for these layouts vs the measurements."""
-    from cp_dtensor.planner import load_calibration
-
+    """The cost model's (uncalibrated CPU preset) predictions for these plans vs the measurements."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         rows = [
             {k: v for k, v in row.items() if k != "cpu_seconds_per_step"}
@@ -170,7 +184,7 @@ def _print_prediction_error(args: argparse.Namespace, calibration: dict) -> None
     for c in comparisons:
         m = c.measurement
         print(
-            f"| {m.layout.label} | {c.estimate.step_time_s:.3f} | {m.step_time_s:.3f} | {c.step_time_error:+.0%} | "
+            f"| {m.plan.label} | {c.estimate.step_time_s:.3f} | {m.step_time_s:.3f} | {c.step_time_error:+.0%} | "
             f"{c.estimate.activation_bytes / 2**20:.1f} | {m.activation_bytes / 2**20:.1f} | {c.activation_error:+.0%} |"
         )
 

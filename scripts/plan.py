@@ -1,18 +1,19 @@
 #!/usr/bin/env python3
-"""Recommend parallel degrees with the analytic cost model of ``cp_dtensor.planner`` (Note [Cost model]).
+"""Recommend parallel degrees with the analytic cost model ``cp_dtensor.tools.planner`` (Note [Cost model]).
 
     # the seed's Figure 2 setting: 175B GPT, TP x CP mixes vs TP8 CP1 full recompute
     python scripts/plan.py --model gpt175b --seq 8192 16384 32768 65536 131072 --gpus 64 --hw h100
     python scripts/plan.py --model llama3_70b --seq 131072 --gpus 64 128 --hw h200
 
-    # CPU scale: predictions for given layouts, and predicted vs measured from a calibration file
-    python scripts/plan.py --model small --hw cpu --gpus 4 --seq 4096 --layouts tp4+full tp2cp2 cp4
-    python scripts/plan.py --hw cpu --gpus 4 --layouts tp4+full tp2cp2 cp4 --calibrate-from results.json
+    # CPU scale: predictions for given parallel plans, and predicted vs measured from a calibration file
+    python scripts/plan.py --model small --hw cpu --gpus 4 --seq 4096 --plans tp4+full tp2cp2 cp4
+    python scripts/plan.py --hw cpu --gpus 4 --plans tp4+full tp2cp2 cp4 --calibrate-from results.json
 
 Prints markdown: per GPU count a "TP x CP" table (rows: mixes, columns: sequence lengths; each cell the
-speedup over the baseline of the mix's best layout that fits, with its AC mode and pp when > 1; ** marks
-the best layout of the column), then per (seq, GPUs) the top layouts with their step-time breakdown and
-memory. The calibration file format is Note [Calibration file] in ``cp_dtensor/planner.py``.
+speedup over the baseline of the mix's best plan that fits, with its AC mode and pp when > 1; ** marks
+the best plan of the column), then per (seq, GPUs) the top plans with their step-time breakdown and
+memory. The calibration file format is Note [Calibration file] in ``cp_dtensor/tools/planner/calibration.py``.
+``--layouts`` is the older name of ``--plans``.
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cp_dtensor.planner import (
+from cp_dtensor.tools.planner import (
     GIB,
     HARDWARE_PRESETS,
     Comparison,
     CostOptions,
     Estimate,
     Hardware,
-    Layout,
     ModelShape,
+    ParallelPlan,
     Recommendation,
     build_hardware,
     build_model_shape,
@@ -65,9 +66,9 @@ def _parse_assignments(items: Sequence[str], what: str) -> dict[str, Any]:
     return out
 
 
-def _key(layout: Layout) -> tuple[int, int, int, int, str]:
-    """A layout's identity without ``selective_every`` (the planner may change it)."""
-    return layout.tp, layout.cp, layout.pp, layout.dp, layout.ac
+def _key(plan: ParallelPlan) -> tuple[int, int, int, int, str]:
+    """A plan's identity without ``selective_every`` (the planner may change it)."""
+    return plan.tp, plan.cp, plan.pp, plan.dp, plan.ac
 
 
 def _fmt_seq(seq: int) -> str:
@@ -91,8 +92,8 @@ def _mix_cell(rec: Recommendation, row: Estimate | None, best: bool) -> str:
     if row is None:
         return ""
     s = rec.speedup(row)
-    pp = f" pp{row.layout.pp}" if row.layout.pp > 1 else ""
-    text = f"{'-' if s is None else f'{s:.2f}'} {row.layout.ac_label}{pp}"
+    pp = f" pp{row.plan.pp}" if row.plan.pp > 1 else ""
+    text = f"{'-' if s is None else f'{s:.2f}'} {row.plan.ac_label}{pp}"
     return f"**{text}**" if best else text
 
 
@@ -146,12 +147,12 @@ def detail_table(rec: Recommendation, rows: Sequence[Estimate], *, with_reason: 
     cols = [c.replace("GiB", unit) for c in cols]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for i, e in enumerate(rows, 1):
-        if e.tokens_per_s <= 0:  # invalid layout: nothing was priced
-            cells = [str(i), e.layout.label] + [""] * n_numeric + ["no", ""]
+        if e.tokens_per_s <= 0:  # invalid plan: nothing was priced
+            cells = [str(i), e.plan.label] + [""] * n_numeric + ["no", ""]
         else:
             cells = [
                 str(i),
-                e.layout.label,
+                e.plan.label,
                 _fmt_s(e.step_time_s),
                 f"{e.tokens_per_s_per_device:.4g}",
                 f"{e.mfu:.1%}",
@@ -178,7 +179,7 @@ def mix_table(recs: dict[int, Recommendation], n_gpus: int, baseline_label: str)
     seqs = sorted(recs)
     mixes: set[tuple[int, int]] = set()
     for rec in recs.values():
-        mixes.update((e.layout.tp, e.layout.cp) for e in [*rec.rows, *rec.rejected])
+        mixes.update((e.plan.tp, e.plan.cp) for e in [*rec.rows, *rec.rejected])
     lines = [
         f"## Speedup over {baseline_label} by TP x CP mix, {n_gpus} GPUs",
         "",
@@ -195,12 +196,12 @@ def mix_table(recs: dict[int, Recommendation], n_gpus: int, baseline_label: str)
         base_row.append("" if b is None else ("1.00" if b.fits else "1.00 (OOM)"))
     lines.append("| " + " | ".join(base_row) + " |")
     for tp, cp in sorted(mixes, key=lambda m: (-m[0], m[1])):
-        if not any(any((e.layout.tp, e.layout.cp) == (tp, cp) for e in rec.rows) for rec in recs.values()):
-            continue  # no layout of this mix fits at any length
+        if not any(any((e.plan.tp, e.plan.cp) == (tp, cp) for e in rec.rows) for rec in recs.values()):
+            continue  # no plan of this mix fits at any length
         cells = [f"TP{tp} CP{cp}"]
         for s in seqs:
             rec = recs[s]
-            row = next((e for e in rec.rows if (e.layout.tp, e.layout.cp) == (tp, cp)), None)
+            row = next((e for e in rec.rows if (e.plan.tp, e.plan.cp) == (tp, cp)), None)
             cells.append(_mix_cell(rec, row, best=row is not None and row is rec.best))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -224,7 +225,7 @@ def comparison_table(comparisons: Sequence[Comparison]) -> list[str]:
         m, e = c.measurement, c.estimate
         valid = e.tokens_per_s > 0
         lines.append(
-            f"| {m.layout.label} | {m.seq_len} | {val(e.step_time_s) if valid else e.reason} | "
+            f"| {m.plan.label} | {m.seq_len} | {val(e.step_time_s) if valid else e.reason} | "
             f"{val(m.step_time_s)} | {err(c.step_time_error)} | "
             f"{val(e.activation_bytes, 2**20) if valid else ''} | {val(m.activation_bytes, 2**20)} | "
             f"{err(c.activation_error)} |"
@@ -275,12 +276,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--microbatches", type=int, default=1, help="micro-batches per replica without a global batch"
     )
-    p.add_argument("--layouts", nargs="*", default=None, help="only these, e.g. tp4+full tp2cp2 cp4")
+    p.add_argument(
+        "--plans",
+        "--layouts",
+        dest="plans",
+        nargs="*",
+        default=None,
+        help="only these parallel plans, e.g. tp4+full tp2cp2 cp4 (--layouts: the older name)",
+    )
     p.add_argument(
         "--baseline",
         default=None,
-        help="layout the speedups refer to, dp inferred (default: TP min(8, gpus) full recompute, the seed's "
-        "TP8 CP1 full recompute)",
+        help="parallel plan the speedups refer to, dp inferred (default: TP min(8, gpus) full recompute, "
+        "the seed's TP8 CP1 full recompute)",
     )
     p.add_argument("--top", type=int, default=8, help="rows per detailed table")
     p.add_argument("--max-pp", type=int, default=None)
@@ -315,20 +323,20 @@ def main(argv: list[str] | None = None) -> int:
         args.global_batch_tokens = DEFAULT_GLOBAL_BATCH_TOKENS
     seqs = args.seq or sorted({m.seq_len for m in calibration.measurements} if calibration else {8192})
     measured = calibration.measurements if calibration else []
-    gpus = args.gpus or sorted({m.layout.world_size for m in measured} or {64})
+    gpus = args.gpus or sorted({m.plan.world_size for m in measured} or {64})
 
     print("\n".join(header(model, hw, options, impl, args)))
     dump: list[dict[str, Any]] = []
     for n_gpus in gpus:
         recs: dict[int, Recommendation] = {}
-        explicit: list[Layout] | None = None
-        if args.layouts:
-            explicit = [Layout.parse(t, n_gpus) for t in args.layouts]
+        explicit: list[ParallelPlan] | None = None
+        if args.plans:
+            explicit = [ParallelPlan.parse(t, n_gpus) for t in args.plans]
         elif measured:
-            explicit = list(dict.fromkeys(m.layout for m in measured if m.layout.world_size == n_gpus))
+            explicit = list(dict.fromkeys(m.plan for m in measured if m.plan.world_size == n_gpus))
         for seq in seqs:
             try:
-                baseline = Layout.parse(args.baseline or f"tp{min(8, n_gpus)}+full", n_gpus)
+                baseline = ParallelPlan.parse(args.baseline or f"tp{min(8, n_gpus)}+full", n_gpus)
             except ValueError:
                 baseline = None
             recs[seq] = recommend(
@@ -340,13 +348,13 @@ def main(argv: list[str] | None = None) -> int:
                 micro_batch=args.micro_batch,
                 global_batch_tokens=args.global_batch_tokens,
                 microbatches=args.microbatches,
-                layouts=explicit,
+                plans=explicit,
                 baseline=baseline,
                 allow_cross_node_tp=args.allow_cross_node_tp,
                 max_pp=args.max_pp,
             )
         baseline_label = next(
-            (r.baseline.layout.label for r in recs.values() if r.baseline is not None), "no baseline"
+            (r.baseline.plan.label for r in recs.values() if r.baseline is not None), "no baseline"
         )
         if explicit is None:
             print()
@@ -354,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         for seq, rec in recs.items():
             print()
             if explicit is not None:
-                order = {_key(layout): i for i, layout in enumerate(explicit)}
-                rows = sorted([*rec.rows, *rec.rejected], key=lambda e: order.get(_key(e.layout), len(order)))
+                order = {_key(plan): i for i, plan in enumerate(explicit)}
+                rows = sorted([*rec.rows, *rec.rejected], key=lambda e: order.get(_key(e.plan), len(order)))
                 print(f"## seq {seq}, {n_gpus} devices: the given layouts")
                 print()
                 print("\n".join(detail_table(rec, rows, with_reason=True)))
@@ -366,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print()
                 shown = rec.rows[: args.top]
-                if rec.baseline is not None and all(e.layout != rec.baseline.layout for e in shown):
+                if rec.baseline is not None and all(e.plan != rec.baseline.plan for e in shown):
                     shown = [*shown, rec.baseline]
                 print("\n".join(detail_table(rec, shown, with_reason=rec.baseline in shown)))
             best = rec.best
@@ -375,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"Recommendation (seq {seq}, {n_gpus} GPUs): nothing fits.")
             else:
                 print(
-                    f"Recommendation (seq {seq}, {n_gpus} GPUs): **{best.layout.label}**, "
+                    f"Recommendation (seq {seq}, {n_gpus} GPUs): **{best.plan.label}**, "
                     f"{best.step_time_s:.3g} s/step, {best.tokens_per_s_per_device:.4g} tok/s/GPU, "
                     f"MFU {best.mfu:.1%}, peak {_fmt_bytes(best.peak_bytes)}, "
                     f"{_speedup(rec, best)} vs {baseline_label}"

@@ -20,12 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.distributed as dist
 
-from cp_dtensor.context_parallel import shard_batch
 from cp_dtensor.inspect import format_sharding_table, inspect_sharding
 from cp_dtensor.launch import run_distributed
 from cp_dtensor.models.llama import build_llama
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.parallelize import parallelize_llama
+from cp_dtensor.sharding import shard_batch
 
 
 def show(args: argparse.Namespace) -> None:
@@ -35,15 +35,11 @@ def show(args: argparse.Namespace) -> None:
     pd.validate_seq_len(args.seq_len)
     model = build_llama(args.flavor)
     model.init_weights(seed=0)
-    parallelize_llama(model, pd, cp_layout=args.layout, cp_comm=args.comm, ac_mode="none")
+    cp_attention = parallelize_llama(model, pd, cp_layout=args.layout, cp_comm=args.comm, ac_mode="none")
     tokens = torch.randint(
         0, model.args.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)
     )
-    dp_rank = pd.world_mesh.get_local_rank("dp")
-    rows = args.batch // pd.dp
-    batch = shard_batch(
-        {"tokens": tokens[dp_rank * rows : (dp_rank + 1) * rows]}, pd.activation_mesh, layout=args.layout
-    )
+    batch = shard_batch({"tokens": tokens}, pd.batch_mesh, layout=args.layout)
     records = inspect_sharding(model, batch["tokens"], batch["positions"])
     if dist.get_rank() == 0:
         keep = [
@@ -55,6 +51,13 @@ def show(args: argparse.Namespace) -> None:
             f"# flavor={args.flavor} seq_len={args.seq_len} batch={args.batch} dp={pd.dp} cp={pd.cp} tp={pd.tp} "
             f"layout={args.layout} comm={args.comm} (rank 0 of {pd.world_size})"
         )
+        if cp_attention is not None:
+            print(
+                f"# CP attention: every SDPA inside layers.*.attention runs the ring op (layout "
+                f"{cp_attention.layout}, comm {cp_attention.comm}); q, k, v reach it as local shards. Between "
+                f"blocks the hidden state is a DTensor in layout order (cp_dtensor.unshard_sequence_output for "
+                f"natural order)."
+            )
         print(format_sharding_table(keep))
 
 

@@ -16,7 +16,6 @@ from cp_dtensor.data import (
     GlobalBatchLoader,
     SyntheticRecallDataset,
     TextDataset,
-    slice_batch_for_rank,
     validate_token_ids,
 )
 
@@ -184,27 +183,6 @@ def test_loader_epoch_shuffling_covers_each_sample_once_per_epoch(tmp_path: Path
     assert epoch0 != list(range(n)) and epoch0 != epoch1  # shuffled, and differently each epoch
     ordered = GlobalBatchLoader(ds, global_batch_size=1, seed=0, shuffle=False)
     assert [ordered.sample_indices(k)[0] for k in range(n + 2)] == [*range(n), 0, 1]
-
-
-def test_loader_independent_of_dp_slicing(tmp_path: Path) -> None:
-    ds = _text_dataset(tmp_path)
-    loader = GlobalBatchLoader(ds, global_batch_size=8, seed=3)
-    batch = loader.get_batch(2)
-    for dp in (1, 2, 4, 8):
-        slices = [slice_batch_for_rank(batch, r, dp) for r in range(dp)]
-        for key in batch:
-            assert all(s[key].shape[0] == 8 // dp for s in slices)
-            assert torch.equal(torch.cat([s[key] for s in slices]), batch[key])
-    # Rank r holds rows [r * G/dp, (r + 1) * G/dp).
-    assert torch.equal(slice_batch_for_rank(batch, 1, 4)["tokens"], batch["tokens"][2:4])
-
-
-def test_slice_batch_errors() -> None:
-    batch = {"tokens": torch.zeros(6, 4, dtype=torch.int64)}
-    with pytest.raises(ValueError, match=r"global batch size 6 is not divisible by dp degree 4"):
-        slice_batch_for_rank(batch, 0, 4)
-    with pytest.raises(ValueError, match="dp_rank=3"):
-        slice_batch_for_rank(batch, 3, 3)
 
 
 def test_loader_resume_via_state_dict(tmp_path: Path) -> None:

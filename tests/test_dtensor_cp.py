@@ -17,9 +17,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 import cp_dtensor as cpd
 from cp_dtensor.attention.dispatch import ContextParallelAttention
-from cp_dtensor.context_parallel import shard_batch, unshard_sequence_output
 from cp_dtensor.layout import shard_sequence_for_rank
 from cp_dtensor.parallel_dims import ParallelDims
+from cp_dtensor.sharding import shard_batch, unshard_sequence_output
 
 ATOL = 1e-5
 
@@ -67,7 +67,7 @@ def test_seq_len_divisor() -> None:
     assert ParallelDims(cp=2, tp=2, world_size=4).seq_len_divisor == 8
     assert ParallelDims(cp=2, tp=2, world_size=4, cp_layout="contiguous").seq_len_divisor == 4
     assert ParallelDims(tp=2, world_size=2).seq_len_divisor == 2
-    with pytest.raises(ValueError, match=r"seq_len 100 must be a multiple of 8 .*try 96 or 104"):
+    with pytest.raises(ValueError, match=r"seq_len=100 must be a multiple of 8 .*use 96 or 104"):
         ParallelDims(cp=2, tp=2, world_size=4).validate_seq_len(100)
 
 
@@ -241,25 +241,27 @@ def run_inspection(cp: int, tp: int) -> dict:
     model.init_weights(seed=0)
     parallelize_llama(model, pd)
     tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
-    batch = shard_batch({"tokens": tokens}, pd.activation_mesh)
+    batch = shard_batch({"tokens": tokens}, pd.batch_mesh)
     records = {r.name: r for r in inspect_sharding(model, batch["tokens"], batch["positions"])}
     blocks = [records[f"layers.{i}"] for i in range(model.args.n_layers)]
     sdpas = [records[f"layers.{i}.attention.sdpa"] for i in range(model.args.n_layers)]
+
+    def t(r):
+        return (
+            r.is_dtensor,
+            r.mesh_axes,
+            r.placement_on("cp"),
+            r.placement_on("tp"),
+            r.local_shape,
+            r.global_shape,
+        )
+
     return {
-        "block_in": [
-            (
-                r.inputs[0].is_dtensor,
-                r.inputs[0].placement_on("cp"),
-                r.inputs[0].placement_on("tp"),
-                r.inputs[0].local_shape,
-                r.inputs[0].global_shape,
-            )
-            for r in blocks
-        ],
-        "sdpa_in": [
-            [(t.placement_on("cp"), t.placement_on("tp"), t.local_shape, t.global_shape) for t in r.inputs]
-            for r in sdpas
-        ],
+        "root_in": [t(r) for r in records["<root>"].inputs],
+        "block_out": [t(r.outputs[0]) for r in blocks],
+        "block_in": [t(r.forward_inputs[0]) for r in blocks],
+        "sdpa_in": [[t(x) for x in r.forward_inputs] for r in sdpas],
+        "hooks": sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()),
         "wq_param": (
             records["layers.0.attention.wq"].params[0].mesh_axes,
             records["layers.0.attention.wq"].params[0].placements,
@@ -270,15 +272,22 @@ def run_inspection(cp: int, tp: int) -> dict:
 @pytest.mark.parametrize(("cp", "tp"), [(2, 1), (2, 2)])
 def test_inspection_shows_sequence_sharded_blocks_and_attention(cp: int, tp: int, dist_pool) -> None:
     for res in dist_pool(cp * tp).run(run_inspection, cp, tp):
-        for is_dt, on_cp, on_tp, local, global_ in res["block_in"]:
-            assert is_dt and on_cp == "S(1)", res["block_in"]
+        # The trainer's batch: DTensors rows over dp, sequence over cp, replicated over tp.
+        for is_dt, axes, on_cp, on_tp, local, global_ in res["root_in"]:
+            assert is_dt and axes == ("dp", "cp", "tp") and on_cp == "S(1)" and on_tp == "R"
+            assert local == (2, 32 // cp) and global_ == (2, 32)
+        # Between blocks the hidden state is a DTensor on ("cp", "tp"), sequence-sharded over cp (and tp).
+        for is_dt, axes, on_cp, on_tp, local, global_ in res["block_out"]:
+            assert is_dt and axes == ("cp", "tp") and on_cp == "S(1)", res["block_out"]
             assert on_tp == ("S(1)" if tp > 1 else "R")  # sequence parallel over tp
             assert local == (2, 32 // (cp * tp), 64) and global_ == (2, 32, 64)
+        # Inside a block tensors are local shards: the first block gets the embedding's local output.
+        for is_dt, *_, local, _global in res["block_in"]:
+            assert not is_dt and local == (2, 32 // (cp * tp), 64)
+        # q, k, v reach SDPA as local shards (layout known to the CP style); only Hkv heads travel.
         for q, k, v in res["sdpa_in"]:
-            assert q[0] == k[0] == v[0] == "S(2)"
-            assert q[1] == ("S(1)" if tp > 1 else "R")  # heads over tp
-            assert q[2] == (2, 4 // tp, 32 // cp, 16) and q[3] == (2, 4, 32, 16)
-            assert k[2] == (2, 2 // tp, 32 // cp, 16)  # only the Hkv heads travel
+            assert not q[0] and q[4] == (2, 4 // tp, 32 // cp, 16)
+            assert k[4] == v[4] == (2, 2 // tp, 32 // cp, 16)
         # FSDP over dp x cp (and TP over tp) owns the weights; with TP, FSDP shards the already
         # tp-sharded dim 0 again: a strided shard "_S(0, tp)".
         axes, placements = res["wq_param"]

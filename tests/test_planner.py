@@ -1,8 +1,8 @@
-"""Tests of the analytic cost model (cp_dtensor/planner.py) and of scripts/plan.py; fast, no distributed.
+"""Tests of the analytic cost model (cp_dtensor/tools/planner/) and of scripts/plan.py; fast, no distributed.
 
 Each test checks one property of Note [Cost model]: a formula (CP bytes, causal FLOPs, PP bubble), a
 scaling law (activation memory ~ 1/cp and ~ 1/tp, full recompute), the recommender's contract (only
-layouts that fit), and the seed's claim on its own model (175B GPT, Figure 2) as this model prices it.
+plans that fit), and the seed's claim on its own model (175B GPT, Figure 2) as this model prices it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import importlib.util
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -18,24 +19,30 @@ import pytest
 import torch
 
 from cp_dtensor.memory import count_saved_tensors
-from cp_dtensor.models.llama import build_llama, count_params
+from cp_dtensor.models.llama import LLAMA3_FLAVORS, build_llama, count_params
+from cp_dtensor.models.llama import model_flops_per_token as llama_flops_per_token
 from cp_dtensor.parallelize import apply_ac
-from cp_dtensor.planner import (
+from cp_dtensor.pipeline import _split_layers, stage_ids_for_rank, stages_per_rank
+from cp_dtensor.tools.planner import (
     GPT_175B,
     CostOptions,
-    Layout,
     ModelShape,
+    ParallelPlan,
     activation_bytes_per_token_layer,
     attention_flops,
     build_hardware,
     build_model_shape,
     compare_measurements,
     cp_comm_bytes,
+    enumerate_plans,
     estimate,
     load_calibration,
+    model_flops_per_token,
+    plan_problem,
     pp_bubble_fraction,
     recommend,
 )
+from cp_dtensor.tools.planner.parallel_plan import split_stages
 from cp_dtensor.train_step import token_loss_sum
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,9 +112,79 @@ def test_pp_bubble_formula_and_estimate(pp: int, m: int) -> None:
     """Bubble fraction (pp-1)/(m+pp-1), and the estimate's bubble is that fraction of its step."""
     assert pp_bubble_fraction(pp, m) == (pp - 1) / (m + pp - 1)
     # dp = cp = 1: no FSDP term, so the step is exactly the 1F1B pipeline
-    est = estimate(LLAMA_8B, Layout(tp=8, pp=pp, ac="full"), 8192, H100, microbatches=m)
+    est = estimate(LLAMA_8B, ParallelPlan(tp=8, pp=pp, ac="full"), 8192, H100, microbatches=m)
     assert est.fsdp_exposed_s == 0
     assert est.pp_bubble_s / est.step_time_s == pytest.approx(pp_bubble_fraction(pp, m), rel=1e-12)
+
+
+def test_planner_flops_per_token_is_llamas() -> None:
+    """One formula: the planner's MFU numerator equals cp_dtensor.models.llama.model_flops_per_token."""
+    for flavor in ("debug_mqa", "small", "8B", "70B"):
+        for seq in (1024, 131072):
+            planner = model_flops_per_token(build_model_shape(flavor), seq)
+            assert planner == llama_flops_per_token(LLAMA3_FLAVORS[flavor], seq), (flavor, seq)
+
+
+# ---- pipeline stages (the split of cp_dtensor.pipeline) ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n_layers", "pp", "schedule"),
+    [(32, 3, "1F1B"), (10, 4, "1F1B"), (96, 64, "GPipe"), (32, 4, "1F1B"), (10, 2, "Interleaved1F1B")],
+)
+def test_stage_split_prices_the_largest_stage_of_the_pipeline_split(
+    n_layers: int, pp: int, schedule: str
+) -> None:
+    """The planner prices the largest stage ``cp_dtensor.pipeline`` builds; its rank bounds the busiest rank."""
+    split = split_stages(n_layers, pp, schedule)
+    per_rank = stages_per_rank(schedule)
+    stages = _split_layers(n_layers, pp * per_rank)
+    assert split.stages == len(stages) and split.stages_per_rank == per_rank
+    assert split.stage_layers == max(len(s) for s in stages)
+    busiest = max(sum(len(stages[i]) for i in stage_ids_for_rank(r, pp, per_rank)) for r in range(pp))
+    assert busiest <= split.rank_layers < busiest + per_rank
+
+
+def test_uneven_pipeline_split_is_accepted_and_priced_by_its_largest_stage() -> None:
+    """pp 3 on 32 layers runs (stages of 11, 11, 10 blocks) and costs what 3 stages of 11 blocks cost."""
+    plan = ParallelPlan(tp=8, pp=3, ac="full")
+    assert plan_problem(LLAMA_8B, plan, 8192) is None
+    uneven = estimate(LLAMA_8B, plan, 8192, H100, microbatches=4)
+    even = estimate(replace(LLAMA_8B, n_layers=33), plan, 8192, H100, microbatches=4)
+    assert uneven.fits and not uneven.reason
+    assert uneven.step_time_s == even.step_time_s and uneven.peak_bytes == even.peak_bytes
+    # the planner proposes it too: pp 3 of 12 devices
+    assert any(p.pp == 3 for p in enumerate_plans(LLAMA_8B, 8192, 12, H100))
+
+
+def test_pipeline_with_more_stages_than_layers_is_rejected() -> None:
+    """pp x stages per rank must not exceed the layers (4 for the small model); only that is rejected."""
+    small = build_model_shape("small")
+    assert plan_problem(small, ParallelPlan(pp=3), 1024) is None  # 2 + 1 + 1 blocks
+    problem = plan_problem(small, ParallelPlan(pp=5), 1024)
+    assert problem is not None and "5 pipeline stages exceeds n_layers 4" in problem
+    est = estimate(small, ParallelPlan(pp=5), 1024, H100)
+    assert not est.fits and est.reason == problem
+    # an interleaved schedule holds 2 stages per rank: pp 2 makes 4 stages, pp 3 makes 6
+    assert plan_problem(small, ParallelPlan(pp=2), 1024, pp_schedule="Interleaved1F1B") is None
+    interleaved = plan_problem(small, ParallelPlan(pp=3), 1024, pp_schedule="Interleaved1F1B")
+    assert interleaved is not None and "6 pipeline stages" in interleaved
+    assert {p.pp for p in enumerate_plans(small, 1024, 12, H100)} == {1, 2, 3, 4}
+    # selective_every is checked against the largest stage (2 blocks with pp 3)
+    assert plan_problem(small, ParallelPlan(pp=3, ac="selective", selective_every=2), 1024) is None
+    too_sparse = plan_problem(small, ParallelPlan(pp=3, ac="selective", selective_every=3), 1024)
+    assert too_sparse is not None and "selective_every 3" in too_sparse
+
+
+def test_interleaved_schedule_divides_the_bubble_by_the_stages_per_rank() -> None:
+    """Interleaved 1F1B: 2 stages per rank, same blocks per rank, bubble (p-1)/(2m+p-1) of the step."""
+    plan, m = ParallelPlan(tp=8, pp=4, ac="full"), 8
+    one = estimate(LLAMA_8B, plan, 8192, H100, microbatches=m)
+    two = estimate(LLAMA_8B, plan, 8192, H100, CostOptions(pp_schedule="Interleaved1F1B"), microbatches=m)
+    assert two.matmul_s == one.matmul_s and two.pp_bubble_s < one.pp_bubble_s
+    assert two.pp_bubble_s / two.step_time_s == pytest.approx(pp_bubble_fraction(4, m, 2), rel=1e-12)
+    with pytest.raises(ValueError, match="pp_schedule"):
+        CostOptions(pp_schedule="1F2B")
 
 
 # ---- memory and compute scaling ----------------------------------------------------------------------
@@ -117,13 +194,17 @@ def test_pp_bubble_formula_and_estimate(pp: int, m: int) -> None:
 def test_activation_memory_scales_as_one_over_cp_and_tp(model: ModelShape) -> None:
     """With SP (Megatron accounting) every saved activation is divided by tp; CP divides the tokens."""
     s = 65536
-    base = estimate(model, Layout(), s, H100).activation_bytes
+    base = estimate(model, ParallelPlan(), s, H100).activation_bytes
     for cp in (2, 4, 8):
-        assert estimate(model, Layout(cp=cp), s, H100).activation_bytes * cp == pytest.approx(base, rel=1e-12)
+        assert estimate(model, ParallelPlan(cp=cp), s, H100).activation_bytes * cp == pytest.approx(
+            base, rel=1e-12
+        )
     for tp in (2, 4, 8):
         # int64 token ids (8 bytes/token) are not split over tp: within 0.1%
-        assert estimate(model, Layout(tp=tp), s, H100).activation_bytes * tp == pytest.approx(base, rel=1e-3)
-    both = estimate(model, Layout(tp=4, cp=4), s, H100).activation_bytes
+        assert estimate(model, ParallelPlan(tp=tp), s, H100).activation_bytes * tp == pytest.approx(
+            base, rel=1e-3
+        )
+    both = estimate(model, ParallelPlan(tp=4, cp=4), s, H100).activation_bytes
     assert both * 16 == pytest.approx(base, rel=1e-3)
 
 
@@ -144,9 +225,9 @@ def test_megatron_accounting_is_34h_for_gpt() -> None:
 
 def test_full_recompute_cuts_memory_and_adds_a_third_of_the_matmuls() -> None:
     """Full recompute keeps only block inputs and reruns each block's forward: +1/3 of the layer matmuls."""
-    layout, s = Layout(tp=8, dp=8), 16384
-    none = estimate(GPT_175B, layout, s, H100)
-    full = estimate(GPT_175B, Layout(tp=8, dp=8, ac="full"), s, H100)
+    plan, s = ParallelPlan(tp=8, dp=8), 16384
+    none = estimate(GPT_175B, plan, s, H100)
+    full = estimate(GPT_175B, ParallelPlan(tp=8, dp=8, ac="full"), s, H100)
     assert full.activation_bytes < none.activation_bytes / 10
     layer_share = GPT_175B.n_layers * GPT_175B.layer_matmul_params
     layer_share /= layer_share + GPT_175B.head_params  # the output head is not recomputed
@@ -158,12 +239,12 @@ def test_full_recompute_cuts_memory_and_adds_a_third_of_the_matmuls() -> None:
 
 def test_cp_exposed_is_what_attention_does_not_hide() -> None:
     """exposed = sum over ring steps of max(0, transfer - attention block); without overlap: all of it."""
-    s, layout = 131072, Layout(tp=8, cp=2, dp=4)
-    est = estimate(LLAMA_8B, layout, s, H100)
+    s, plan = 131072, ParallelPlan(tp=8, cp=2, dp=4)
+    est = estimate(LLAMA_8B, plan, s, H100)
     assert est.cp_comm_s > 0 and est.cp_exposed_s == 0  # 64K tokens per rank: the ring hides behind attention
-    serial = estimate(LLAMA_8B, layout, s, H100, CostOptions(cp_overlap=False))
+    serial = estimate(LLAMA_8B, plan, s, H100, CostOptions(cp_overlap=False))
     assert serial.cp_exposed_s == pytest.approx(serial.cp_comm_s, rel=1e-12)
-    short = estimate(GPT_175B, Layout(tp=8, cp=8, dp=1), 16384, H100)  # 2K tokens per rank over IB
+    short = estimate(GPT_175B, ParallelPlan(tp=8, cp=8, dp=1), 16384, H100)  # 2K tokens per rank over IB
     assert 0 < short.cp_exposed_s < short.cp_comm_s
 
 
@@ -189,7 +270,7 @@ def test_activation_accounting_matches_saved_tensors_of_the_real_model(ac: str) 
     apply_ac(model, ac)
     measured = _saved_activation_bytes(model, s, shape.vocab_size)
     opt = CostOptions.cp_dtensor(dtype_bytes=4)
-    predicted = estimate(shape, Layout(ac=ac), s, build_hardware("cpu"), opt).activation_bytes
+    predicted = estimate(shape, ParallelPlan(ac=ac), s, build_hardware("cpu"), opt).activation_bytes
     assert predicted == pytest.approx(measured, rel=0.01)
 
 
@@ -200,14 +281,14 @@ def test_activation_accounting_matches_saved_tensors_of_the_real_model(ac: str) 
     ("model", "seq", "gpus"),
     [(GPT_175B, 8192, 64), (GPT_175B, 131072, 64), (LLAMA_8B, 131072, 8), (LLAMA_8B, 262144, 16)],
 )
-def test_recommender_never_returns_a_layout_that_does_not_fit(model: ModelShape, seq: int, gpus: int) -> None:
+def test_recommender_never_returns_a_plan_that_does_not_fit(model: ModelShape, seq: int, gpus: int) -> None:
     """Every ranked row fits, the best is the first of them, rejected rows carry a reason."""
     rec = recommend(model, seq, gpus, H100)
     assert rec.rows, "something must fit in these settings"
     for row in rec.rows:
         assert row.fits and row.peak_bytes <= row.memory_limit_bytes
-        assert row.layout.world_size == gpus
-        assert row.layout.tp <= H100.devices_per_node
+        assert row.plan.world_size == gpus
+        assert row.plan.tp <= H100.devices_per_node
     assert rec.best is rec.rows[0]
     assert [r.tokens_per_s for r in rec.rows] == sorted((r.tokens_per_s for r in rec.rows), reverse=True)
     assert all(not r.fits and r.reason for r in rec.rejected)
@@ -230,13 +311,13 @@ def test_gpt175b_long_sequences_prefer_cp_over_tp8_full_recompute() -> None:
       needs 89.5 GiB > 72 GiB usable and does not fit. CP4 crosses nodes, but 32K tokens per rank give
       enough attention per ring step to hide the KV transfers.
 
-    No layout without recompute fits at 64K+ on 64 GPUs: FSDP state takes 40.6 GiB per GPU.
+    No plan without recompute fits at 64K+ on 64 GPUs: FSDP state takes 40.6 GiB per GPU.
     """
     for seq, min_speedup in ((65536, 1.03), (131072, 1.02)):
         rec = recommend(GPT_175B, seq, 64, H100)
         assert rec.best is not None and rec.baseline is not None
-        assert rec.best.layout.cp > 1, rec.best.layout.label
-        assert rec.baseline.layout == Layout(tp=8, cp=1, pp=1, dp=8, ac="full")
+        assert rec.best.plan.cp > 1, rec.best.plan.label
+        assert rec.baseline.plan == ParallelPlan(tp=8, cp=1, pp=1, dp=8, ac="full")
         speedup = rec.speedup(rec.best)
         assert speedup is not None and speedup > min_speedup
     assert recommend(GPT_175B, 65536, 64, H100).baseline.fits  # type: ignore[union-attr]
@@ -244,28 +325,30 @@ def test_gpt175b_long_sequences_prefer_cp_over_tp8_full_recompute() -> None:
 
 
 def test_selective_picks_the_sparsest_recomputation_that_fits() -> None:
-    """A selective row uses the largest N (recompute every N-th block) for which the layout fits."""
-    rec = recommend(GPT_175B, 8192, 64, H100, layouts=[Layout(tp=8, dp=8, ac="selective")])
+    """A selective row uses the largest N (recompute every N-th block) for which the plan fits."""
+    rec = recommend(GPT_175B, 8192, 64, H100, plans=[ParallelPlan(tp=8, dp=8, ac="selective")])
     (row,) = rec.rows
-    n = row.layout.selective_every
+    n = row.plan.selective_every
     assert n > 2
     sparser = [k for k in (4, 6, 8) if k > n]
     for k in sparser:
-        assert not estimate(GPT_175B, Layout(tp=8, dp=8, ac="selective", selective_every=k), 8192, H100).fits
+        assert not estimate(
+            GPT_175B, ParallelPlan(tp=8, dp=8, ac="selective", selective_every=k), 8192, H100
+        ).fits
 
 
-# ---- layouts, calibration and the script -------------------------------------------------------------
+# ---- parallel plans, calibration and the script -------------------------------------------------------
 
 
-def test_layout_parse() -> None:
-    """Layout strings: degrees then an optional AC mode; dp is inferred from the world size."""
-    assert Layout.parse("tp4+full", 4) == Layout(tp=4, dp=1, ac="full")
-    assert Layout.parse("tp2cp2", 8) == Layout(tp=2, cp=2, dp=2)
-    assert Layout.parse("tp8cp2pp2dp2+selective/4") == Layout(8, 2, 2, 2, "selective", 4)
-    with pytest.raises(ValueError, match="Cannot parse layout"):
-        Layout.parse("tp4 full")
+def test_parallel_plan_parse() -> None:
+    """Parallel plan strings: degrees then an optional AC mode; dp is inferred from the world size."""
+    assert ParallelPlan.parse("tp4+full", 4) == ParallelPlan(tp=4, dp=1, ac="full")
+    assert ParallelPlan.parse("tp2cp2", 8) == ParallelPlan(tp=2, cp=2, dp=2)
+    assert ParallelPlan.parse("tp8cp2pp2dp2+selective/4") == ParallelPlan(8, 2, 2, 2, "selective", 4)
+    with pytest.raises(ValueError, match="Cannot parse parallel plan"):
+        ParallelPlan.parse("tp4 full")
     with pytest.raises(ValueError, match="not divisible"):
-        Layout.parse("tp3", 4)
+        ParallelPlan.parse("tp3", 4)
 
 
 def _write_calibration(path: Path, rows: list[dict[str, object]]) -> None:
@@ -280,13 +363,13 @@ def test_calibration_round_trip(tmp_path: Path) -> None:
     """Measured values equal to the prediction give zero error; hardware overrides are applied."""
     shape, hw = build_model_shape("small"), build_hardware("cpu", {"layer_overhead_s": 0.003})
     opt = CostOptions.cp_dtensor(dtype_bytes=4)
-    layout = Layout(tp=2, cp=2)
-    pred = estimate(shape, layout, 2048, hw, opt)
+    plan = ParallelPlan(tp=2, cp=2)
+    pred = estimate(shape, plan, 2048, hw, opt)
     _write_calibration(
         tmp_path / "c.json",
         [
             {
-                "layout": layout.to_dict(),
+                "layout": plan.to_dict(),
                 "step_time_s": pred.step_time_s,
                 "activation_bytes": 2 * pred.activation_bytes,
             }
@@ -318,8 +401,8 @@ def test_plan_script_gpu_sweep(capsys: pytest.CaptureFixture[str]) -> None:
     assert out.count("Recommendation (seq") == 2
 
 
-def test_plan_script_cpu_layouts_with_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """CPU scale: the bench layouts are predicted, and predicted vs measured shows the relative errors."""
+def test_plan_script_cpu_plans_with_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """CPU scale: the bench plans are predicted, and predicted vs measured shows the relative errors."""
     plan = _load_plan_script()
     _write_calibration(
         tmp_path / "results.json",
@@ -333,7 +416,7 @@ def test_plan_script_cpu_layouts_with_calibration(tmp_path: Path, capsys: pytest
     out = capsys.readouterr().out
     assert "impl cp_dtensor, dtype 4 bytes" in out
     for label in ("TP4 CP1 PP1 DP1 full", "TP2 CP2 PP1 DP1 none", "TP1 CP4 PP1 DP1 none"):
-        assert out.count(f"| {label} |") == 2  # the layout table and the comparison table
+        assert out.count(f"| {label} |") == 2  # the plans table and the comparison table
     assert "Predicted vs measured" in out and "mean |error|: step time" in out
     rows = [line for line in out.splitlines() if line.startswith("| TP4 CP1 PP1 DP1 full | 2048 |")]
     predicted, error = float(rows[0].split("|")[3]), rows[0].split("|")[5].strip()

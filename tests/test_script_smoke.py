@@ -33,7 +33,9 @@ def test_bench_train_smoke(tmp_path: Path) -> None:
 
 def test_show_sharding_smoke() -> None:
     proc = _run("scripts/show_sharding.py", "--cp", "2", "--seq-len", "32")
-    assert "layers.0.attention.sdpa" in proc.stdout and "[cp:S(2) tp:R]" in proc.stdout
+    assert "layers.0.attention.sdpa" in proc.stdout and "# CP attention: every SDPA" in proc.stdout
+    # the hidden state between blocks: a DTensor sequence-sharded over cp
+    assert "out      [cp:S(1) tp:R] (2, 16, 64)/(2, 32, 64)" in proc.stdout
 
 
 def test_activation_memory_smoke() -> None:

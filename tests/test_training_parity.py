@@ -20,7 +20,8 @@ from dist_harness import cached_parallel_dims
 from cp_dtensor.models.llama import build_llama
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.parallelize import build_parallel_model
-from cp_dtensor.train_step import IGNORE_INDEX, local_batch, train_step
+from cp_dtensor.sharding import shard_batch
+from cp_dtensor.train_step import IGNORE_INDEX, train_step
 
 LOSS_RTOL = 1e-5
 WEIGHT_ATOL = 2e-5
@@ -83,9 +84,10 @@ def train_run(run: Run) -> dict:
     opt = torch.optim.AdamW([p for m in parts for p in m.parameters()], lr=1e-3, weight_decay=0.1)
     losses = []
     for gb in _global_batches(run, model.args.vocab_size):
-        batch = local_batch(gb, pd, layout=run.layout) if dist_on else {**gb, "positions": None}
-        if not dist_on:
-            batch["positions"] = torch.arange(run.seq_len).expand(run.batch, run.seq_len)
+        if dist_on:
+            batch = shard_batch(gb, pd.batch_mesh, layout=run.layout)
+        else:
+            batch = {**gb, "positions": torch.arange(run.seq_len).expand(run.batch, run.seq_len)}
         res = train_step(parts, [opt], batch, loss_mesh=loss_mesh, pipeline=pipeline, max_norm=1.0)
         losses.append(res.loss)
     weights = {}

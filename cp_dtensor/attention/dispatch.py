@@ -3,28 +3,38 @@
 Note [SDPA dispatch]
 ~~~~~~~~~~~~~~~~~~~~
 A :class:`ContextParallelAttention` object is a ``TorchFunctionMode`` that the caller holds and enters
-(``with cp_attention: ...``, or the context-parallel style enters it around each attention module). While
-it is active::
+(``with cp_attention: ...``), or that the :class:`~cp_dtensor.styles.ContextParallel` style enters around
+one module's forward. While it is active, SDPA calls take one of two paths::
 
     F.scaled_dot_product_attention(q, k, v, is_causal=..., scale=..., enable_gqa=...)
-      q, k, v: DTensors, Shard(2) on the CP axis        (other axes: Replicate / Shard(0) / Shard(1))
-        |  to_local()                      (B, Hq_local, S_local, D), no communication
-        v
-      ring_attention(q_l, k_l, v_l, cp group, layout=self.layout, comm=self.comm)
-        |  DTensor.from_local(out, q.device_mesh, q.placements)
-        v
-      DTensor out, same placements as q
 
-Calls whose tensors are not sequence-sharded on the CP axis pass through untouched. Nothing is global:
-the layout and comm mode live on the object, and ``F.scaled_dot_product_attention`` is never patched.
-Calls that CP cannot serve exactly (an explicit ``attn_mask``, dropout) raise instead of gathering.
+    (a) q, k, v DTensors, Shard(2) on the "cp" mesh axis  (other axes: Replicate / Shard(0) / Shard(1))
+          |  to_local(): (B, Hq_local, S_local, D), no communication
+          |  ring_attention(..., layout=self.layout or "contiguous")   the global view is the order
+          v                                                            of the shards: natural order
+        DTensor out, q's placements
+
+    (b) q, k, v plain tensors, the mode holds a CP mesh (the ContextParallel style's case)
+          |  they are this rank's local shards, in self.layout (default "zigzag")
+          |  ring_attention(q, k, v, cp group, layout=..., comm=...)
+          v
+        local out (B, Hq_local, S_local, D)
+
+    plain tensors and no mesh: ValueError (a shard must never be attended as if it were the sequence)
+
+DTensors that are not sequence-sharded on the CP axis pass through to DTensor's own SDPA. Nothing is
+global: mesh, layout and comm mode live on the object, and ``F.scaled_dot_product_attention`` is never
+patched. Calls that CP cannot serve exactly (an explicit ``attn_mask``, dropout) raise instead of
+gathering.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.overrides import TorchFunctionMode
 
@@ -114,35 +124,71 @@ def context_parallel_sdpa(
     return DTensor.from_local(out, mesh, query.placements, run_check=False)
 
 
+def _cp_group(mesh: DeviceMesh | dist.ProcessGroup, cp_axis: str) -> dist.ProcessGroup:
+    """The CP process group of ``mesh``: its ``cp_axis`` axis, or the whole mesh when it is 1-D."""
+    if isinstance(mesh, dist.ProcessGroup):
+        return mesh
+    names = mesh.mesh_dim_names or ()
+    if cp_axis in names:
+        return mesh.get_group(names.index(cp_axis))
+    if mesh.ndim == 1:
+        return mesh.get_group()
+    raise ValueError(
+        f"ContextParallelAttention(mesh=...) needs a 1-D CP mesh or a mesh with a {cp_axis!r} axis; got axes "
+        f"{names}. Pass e.g. world_mesh[{cp_axis!r}]."
+    )
+
+
 class ContextParallelAttention(TorchFunctionMode):
-    """A mode that routes SDPA on CP-sharded DTensors to the ring op with this object's settings.
+    """A mode that runs ``F.scaled_dot_product_attention`` as CP attention with this object's settings.
+
+    Inside the mode (Note [SDPA dispatch]):
+
+    * SDPA on DTensors sequence-sharded (``Shard(2)``) over the ``cp_axis`` mesh axis runs the ring op
+      over that axis. A DTensor's global view is the sequence in the order its shards are concatenated:
+      natural order for ``distribute_tensor``, so the default ``layout=None`` means ``"contiguous"`` for
+      them. Pass ``layout`` when the shards were cut otherwise (e.g. ``DTensor.from_local`` of
+      :func:`cp_dtensor.shard_sequence` shards: ``layout="zigzag"``).
+    * SDPA on plain tensors is served only when the mode holds a ``mesh``: the tensors are then this
+      rank's local sequence shards in ``layout`` (default ``"zigzag"``, as :func:`cp_dtensor.shard_sequence`).
+      Without a mesh the call raises instead of silently attending over one shard as if it were the
+      whole sequence.
+    * Calls CP cannot serve exactly (an explicit ``attn_mask``, dropout) raise.
 
     Args:
-        cp_axis: name of the CP mesh axis the DTensors are sequence-sharded over.
-        layout: the sequence layout of the shards (``"zigzag"`` or ``"contiguous"``).
+        mesh: the CP mesh (1-D, or with a ``cp_axis`` axis, e.g. ``world_mesh["cp", "tp"]``) that plain
+            local tensors are sharded over; None: only DTensor calls are served.
+        cp_axis: name of the CP mesh axis.
+        layout: the sequence layout of the shards (``"zigzag"`` or ``"contiguous"``); None: natural order
+            for DTensors, zigzag for local shards (see above).
         comm: ``"p2p"`` or ``"allgather"``.
         backend: kernel adapter name, or ``None`` to choose from device and dtype.
         stats: optional :class:`RingStats` accumulating bytes and work of every dispatched call.
 
     Example::
 
-        cp_attention = ContextParallelAttention(layout="zigzag")
-        with cp_attention:
-            out = F.scaled_dot_product_attention(q_dt, k_dt, v_dt, is_causal=True)
+        with ContextParallelAttention():  # q, k, v: distribute_tensor(x, cp_mesh, [Shard(2)])
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with ContextParallelAttention(world_mesh["cp"], layout="zigzag"):  # local shard_sequence shards
+            out = F.scaled_dot_product_attention(q_local, k_local, v_local, is_causal=True)
     """
 
     def __init__(
         self,
+        mesh: DeviceMesh | dist.ProcessGroup | None = None,
+        *,
         cp_axis: str = "cp",
-        layout: str = "zigzag",
+        layout: str | None = None,
         comm: str = "p2p",
         backend: str | None = None,
         stats: RingStats | None = None,
     ) -> None:
         super().__init__()
-        validate_layout(layout)
+        if layout is not None:
+            validate_layout(layout)
         if comm not in COMM_MODES:
             raise ValueError(f"Unknown CP comm mode {comm!r}; expected one of {COMM_MODES}.")
+        self.group = _cp_group(mesh, cp_axis) if mesh is not None else None
         self.cp_axis = cp_axis
         self.layout = layout
         self.comm = comm
@@ -162,20 +208,46 @@ class ContextParallelAttention(TorchFunctionMode):
         call = dict(_SDPA_DEFAULTS)
         call.update(zip(_SDPA_ARGS, args))
         call.update(kwargs)
-        if not any(self._is_cp_sharded(call[n]) for n in ("query", "key", "value")):
-            return func(*args, **kwargs)
+        tensors = [call[n] for n in ("query", "key", "value")]
+        if any(isinstance(t, DTensor) for t in tensors):
+            if not any(self._is_cp_sharded(t) for t in tensors):
+                return func(*args, **kwargs)  # not sequence-sharded on cp: DTensor's own SDPA
+            self._check_supported(call)
+            return context_parallel_sdpa(
+                call["query"], call["key"], call["value"],
+                is_causal=call["is_causal"], scale=call["scale"], enable_gqa=call["enable_gqa"],
+                cp_axis=self.cp_axis, layout=self.layout or "contiguous", comm=self.comm,
+                backend=self.backend, stats=self.stats,
+            )  # fmt: skip
+        if self.group is None:
+            raise ValueError(
+                "F.scaled_dot_product_attention got plain tensors inside ContextParallelAttention, which "
+                "holds no mesh, so it cannot tell local sequence shards from whole sequences. Either pass "
+                "the CP mesh (ContextParallelAttention(world_mesh['cp'], layout=...) or the "
+                "cp_dtensor.ContextParallel style, which treat plain q, k, v as this rank's shards), or "
+                "give SDPA DTensors sharded Shard(2) on the 'cp' mesh axis."
+            )
+        self._check_supported(call)
+        q, k = call["query"], call["key"]
+        if q.dim() == 4 and k.dim() == 4 and q.shape[1] != k.shape[1] and not call["enable_gqa"]:
+            raise ValueError(
+                f"query has {q.shape[1]} heads and key/value {k.shape[1]}: pass enable_gqa=True for GQA/MQA."
+            )
+        return ring_attention(
+            q, k, call["value"], self.group,
+            is_causal=call["is_causal"], scale=call["scale"], layout=self.layout or "zigzag",
+            comm=self.comm, backend=self.backend, stats=self.stats,
+        )  # fmt: skip
+
+    @staticmethod
+    def _check_supported(call: dict[str, Any]) -> None:
         if call["attn_mask"] is not None:
             raise ValueError(
-                "Context-parallel SDPA on sequence-sharded DTensors does not take an explicit attn_mask "
-                "(it would need the full mask on every rank); use is_causal=True or no mask."
+                "Context-parallel SDPA does not take an explicit attn_mask (it would need the full mask on "
+                "every rank); use is_causal=True or no mask."
             )
         if call["dropout_p"] != 0.0:
             raise ValueError(
                 f"Context-parallel SDPA does not support attention dropout (dropout_p={call['dropout_p']}); "
                 f"set it to 0.0."
             )
-        return context_parallel_sdpa(
-            call["query"], call["key"], call["value"],
-            is_causal=call["is_causal"], scale=call["scale"], enable_gqa=call["enable_gqa"],
-            cp_axis=self.cp_axis, layout=self.layout, comm=self.comm, backend=self.backend, stats=self.stats,
-        )  # fmt: skip

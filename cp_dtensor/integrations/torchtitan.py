@@ -137,9 +137,9 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from cp_dtensor.attention.dispatch import ContextParallelAttention
 from cp_dtensor.attention.ring import COMM_MODES
-from cp_dtensor.context_parallel import attach_context_parallel_attention
-from cp_dtensor.data import GlobalBatchLoader, SyntheticRecallDataset, TextDataset, slice_batch_for_rank
+from cp_dtensor.data import GlobalBatchLoader, SyntheticRecallDataset, TextDataset
 from cp_dtensor.models.llama import ModelArgs
+from cp_dtensor.styles import ContextParallel
 
 __all__ = [
     "TRAIN_SPEC_NAME",
@@ -373,13 +373,11 @@ def apply_cp_dtensor(
         )
     if cp_mesh.ndim != 1:
         raise ValueError(f"cp_mesh must be the 1-D mesh of the CP ranks, got axes {cp_mesh.mesh_dim_names}.")
-    mode = ContextParallelAttention(
-        cp_axis=cp_mesh.mesh_dim_names[0], layout=layout, comm=comm, backend=backend
-    )
-    attach_context_parallel_attention(
-        [block.attention.inner_attention for block in model.layers.values()], cp_mesh, mode
-    )
-    return mode
+    style = ContextParallel(layout=layout, comm=comm, backend=backend)
+    for block in model.layers.values():
+        style._apply(block.attention.inner_attention, cp_mesh)
+    assert style.attention is not None
+    return style.attention
 
 
 def _force_sum_reduction_on_gloo(model: nn.Module) -> None:
@@ -505,8 +503,10 @@ class GlobalBatchDataLoader(BaseDataLoader):
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
         while True:
-            batch = slice_batch_for_rank(next(self.loader), self.dp_rank, self.dp_world_size)
-            yield {"input": batch["tokens"]}, batch["labels"]
+            batch = next(self.loader)
+            rows = batch["tokens"].shape[0] // self.dp_world_size
+            mine = slice(self.dp_rank * rows, (self.dp_rank + 1) * rows)
+            yield {"input": batch["tokens"][mine]}, batch["labels"][mine]
 
     def state_dict(self) -> dict[str, Any]:
         """The loader position (identical on every rank)."""

@@ -52,6 +52,7 @@ __all__ = [
     "build_llama",
     "count_params",
     "model_flops_per_token",
+    "training_flops_per_token",
 ]
 
 
@@ -670,18 +671,39 @@ def _matmul_params(args: ModelArgs) -> int:
     return args.n_layers * per_layer + dim * args.vocab_size
 
 
-def model_flops_per_token(args: ModelArgs, seq_len: int, *, causal: bool | None = None) -> float:
-    """Training FLOPs (forward + backward) per token, for MFU.
+def training_flops_per_token(
+    *, matmul_params: int, n_layers: int, attention_dim: int, seq_len: int, causal: bool = True
+) -> float:
+    """Training FLOPs (forward + backward) per token of a decoder, for MFU; the one home of this formula.
 
     Formula (as torchtitan, plus the causal discount):
 
-        flops = 6 * N + c * 12 * n_layers * dim * seq_len
+        flops = 6 * N + c * 12 * n_layers * attention_dim * seq_len
 
     * `N` = parameters used in matmuls (all linear layers including `output`; the embedding lookup and norms
       are excluded). Each such weight costs 2 FLOPs per token forward and 4 backward.
-    * Attention scores `Q K^T` and `P V` each cost `2 * seq_len * dim` FLOPs per token and layer forward
-      (summed over heads; `dim = n_heads * head_dim`), times 3 for forward + backward: `12 * dim * seq_len`.
+    * Attention scores `Q K^T` and `P V` each cost `2 * seq_len * attention_dim` FLOPs per token and layer
+      forward (`attention_dim = n_heads * head_dim`, summed over heads), times 3 for forward + backward.
     * `c = 0.5` for causal attention (only the lower triangle is computed), 1 otherwise.
+
+    Args:
+        matmul_params: `N`.
+        n_layers: Transformer blocks.
+        attention_dim: `n_heads * head_dim` (query width).
+        seq_len: Sequence length of a sample (the full, unsharded length under context parallelism).
+        causal: Causal attention.
+
+    Returns:
+        FLOPs per token.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be positive, got {seq_len}")
+    attention = 12 * n_layers * attention_dim * seq_len
+    return float(6 * matmul_params + (0.5 if causal else 1.0) * attention)
+
+
+def model_flops_per_token(args: ModelArgs, seq_len: int, *, causal: bool | None = None) -> float:
+    """Training FLOPs (forward + backward) per token of this Llama, for MFU (:func:`training_flops_per_token`).
 
     Args:
         args: Model shape.
@@ -691,8 +713,10 @@ def model_flops_per_token(args: ModelArgs, seq_len: int, *, causal: bool | None 
     Returns:
         FLOPs per token.
     """
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be positive, got {seq_len}")
-    is_causal = args.causal if causal is None else causal
-    attention = 12 * args.n_layers * args.n_heads * args.head_dim * seq_len
-    return float(6 * _matmul_params(args) + (0.5 if is_causal else 1.0) * attention)
+    return training_flops_per_token(
+        matmul_params=_matmul_params(args),
+        n_layers=args.n_layers,
+        attention_dim=args.n_heads * args.head_dim,
+        seq_len=seq_len,
+        causal=args.causal if causal is None else causal,
+    )

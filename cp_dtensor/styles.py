@@ -1,0 +1,165 @@
+"""ParallelStyles that apply context parallelism through ``parallelize_module``, like PyTorch's TP styles.
+
+Note [Context-parallel styles]
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Two styles, one concern each; every other module runs unchanged on its local shard::
+
+    model            PrepareSequenceShards(output_dtensor=False)   shard_batch DTensors -> local shards in,
+                                                                   local logits out
+      layers.i       PrepareSequenceShards()                       DTensor hidden -> local in; local out ->
+                                                                   DTensor [cp: Shard(1), tp: Shard(1) | R]
+        attention    ContextParallel(layout, comm)                 every SDPA call inside runs the ring op
+          (wq, wk, wv, rope, sdpa, wo: local tensors; TP styles, if any, keep doing their own conversions)
+      norm           PrepareSequenceShards(output_dtensor=False)   DTensor hidden -> local
+
+So between blocks the hidden state is a DTensor sequence-sharded over "cp" (and over "tp" under sequence
+parallelism) on the ("cp", "tp") axes of the 4-D mesh, and ``inspect_sharding`` shows it. Inside a block
+tensors are local: the layout of a CP shard (zigzag or contiguous) is a permutation of the sequence that
+per-token modules do not see, and that only attention has to know. ``ContextParallel`` therefore carries
+the layout explicitly and treats the plain q, k, v that reach SDPA as this rank's shards in that layout.
+
+Input hooks are prepended, output hooks appended, so that on a module that also has TP styles (applied
+first, Note [Parallelize order]) the CP conversion is the outermost one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import ParallelStyle
+from torch.utils._pytree import tree_map
+
+from cp_dtensor.attention.comm import RingStats
+from cp_dtensor.attention.dispatch import ContextParallelAttention
+from cp_dtensor.sharding import activation_placements
+
+__all__ = ["ContextParallel", "PrepareSequenceShards"]
+
+
+def _to_local(x: Any) -> Any:
+    return x.to_local() if isinstance(x, DTensor) else x
+
+
+class PrepareSequenceShards(ParallelStyle):
+    """Convert between sequence-sharded DTensors and local shards at a module's boundary.
+
+    Inputs: every DTensor among the positional and keyword inputs becomes its local shard, so the module
+    computes on plain tensors (its weights are plain or TP tensors, never on the CP mesh). Output: with
+    ``output_dtensor`` the module's tensor output becomes a DTensor on the style's mesh with placements
+    :func:`~cp_dtensor.sharding.activation_placements` (Shard(seq_dim) on "cp", and on "tp" under
+    sequence parallelism); without it, DTensor outputs become local.
+
+    Args:
+        output_dtensor: wrap the output as a sequence-sharded DTensor (blocks) or unwrap it (root, final norm).
+        seq_dim: the sequence dim of the output (1 for (B, S, D) hidden states).
+        sequence_parallel: the output is also sequence-sharded over "tp" (TP with sequence parallelism).
+    """
+
+    def __init__(
+        self, *, output_dtensor: bool = True, seq_dim: int = 1, sequence_parallel: bool = False
+    ) -> None:
+        super().__init__()
+        self.output_dtensor = output_dtensor
+        self.seq_dim = seq_dim
+        self.sequence_parallel = sequence_parallel
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        placements = activation_placements(
+            device_mesh, self.seq_dim, sequence_parallel=self.sequence_parallel
+        )
+
+        def inputs_to_local(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            return tree_map(_to_local, args), tree_map(_to_local, kwargs)
+
+        def output_to_dtensor(_: nn.Module, args: tuple, output: Any) -> Any:
+            if not isinstance(output, torch.Tensor):
+                return output
+            # A TP style may hand back a DTensor on the tp mesh; its local shard is what we wrap.
+            return DTensor.from_local(_to_local(output), device_mesh, placements, run_check=False)
+
+        def output_to_local(_: nn.Module, args: tuple, output: Any) -> Any:
+            return tree_map(_to_local, output)
+
+        module.register_forward_pre_hook(inputs_to_local, with_kwargs=True, prepend=True)
+        module.register_forward_hook(output_to_dtensor if self.output_dtensor else output_to_local)
+        return module
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(output_dtensor={self.output_dtensor}, seq_dim={self.seq_dim}, "
+            f"sequence_parallel={self.sequence_parallel})"
+        )
+
+
+class ContextParallel(ParallelStyle):
+    """Run every ``F.scaled_dot_product_attention`` call inside a module's forward as CP attention.
+
+    The module may take anything (``x`` or ``(q, k, v)``) and call SDPA anywhere in its forward: a hook
+    enters a :class:`~cp_dtensor.attention.dispatch.ContextParallelAttention` mode bound to the style's
+    mesh for the duration of the forward, and the mode treats the plain q, k, v it sees as this rank's
+    sequence shards in ``layout`` (Note [SDPA dispatch]). Every SDPA call inside must therefore be
+    self-attention over the CP-sharded sequence; an explicit ``attn_mask`` or dropout raises.
+
+    One mode object serves every module the style is applied to (:attr:`attention`), so its settings
+    and ``stats`` are shared.
+
+    Args:
+        layout: the sequence layout of the shards (``"zigzag"`` or ``"contiguous"``), as given to
+            :func:`cp_dtensor.shard_batch`.
+        comm: ``"p2p"`` (ring) or ``"allgather"``.
+        backend: kernel adapter name, or None to choose from device and dtype.
+        stats: optional :class:`~cp_dtensor.RingStats` filled by every call.
+    """
+
+    def __init__(
+        self,
+        *,
+        layout: str = "zigzag",
+        comm: str = "p2p",
+        backend: str | None = None,
+        stats: RingStats | None = None,
+    ) -> None:
+        super().__init__()
+        self.layout = layout
+        self.comm = comm
+        self.backend = backend
+        self.stats = stats
+        self.attention: ContextParallelAttention | None = None
+        self._mesh: DeviceMesh | None = None
+
+    def _mode_for(self, device_mesh: DeviceMesh) -> ContextParallelAttention:
+        if self.attention is None:
+            self._mesh = device_mesh
+            self.attention = ContextParallelAttention(
+                device_mesh, layout=self.layout, comm=self.comm, backend=self.backend, stats=self.stats
+            )
+        elif device_mesh != self._mesh:
+            raise ValueError(
+                f"One ContextParallel style was applied with two meshes ({self._mesh} and {device_mesh}); "
+                f"create one style per mesh."
+            )
+        return self.attention
+
+    def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
+        mode = self._mode_for(device_mesh)
+        depth = [0]
+
+        def enter(_: nn.Module, args: tuple, kwargs: dict) -> None:
+            mode.__enter__()
+            depth[0] += 1
+
+        def leave(_: nn.Module, args: tuple, output: Any) -> None:
+            if depth[0]:  # always_call: also runs when the forward raised
+                depth[0] -= 1
+                mode.__exit__(None, None, None)
+
+        module.register_forward_pre_hook(enter, with_kwargs=True)
+        module.register_forward_hook(leave, always_call=True)
+        return module
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layout={self.layout!r}, comm={self.comm!r}, backend={self.backend!r})"

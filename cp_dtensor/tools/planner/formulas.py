@@ -1,0 +1,201 @@
+"""The cost model's closed-form terms: FLOPs, bytes, pipeline bubble, collective times.
+
+They are the formulas of Note [Cost model] in ``step_estimate.py``. Each function prices one quantity
+of one layer or one collective; :func:`~.step_estimate.estimate` adds them up for a whole training step.
+"""
+
+from __future__ import annotations
+
+from cp_dtensor.models.llama import training_flops_per_token
+from cp_dtensor.tools.planner.options import CostOptions
+from cp_dtensor.tools.planner.shapes import ModelShape
+
+__all__ = [
+    "activation_bytes_per_token_layer",
+    "attention_flops",
+    "attention_pairs",
+    "collective_time",
+    "cp_comm_bytes",
+    "head_activation_bytes_per_token",
+    "kv_heads_per_rank",
+    "model_flops_per_token",
+    "norm_bytes_per_token",
+    "pp_bubble_fraction",
+]
+
+
+def attention_pairs(seq_len: int, cp: int = 1, *, causal: bool = True, cp_layout: str = "zigzag") -> float:
+    """Query-key pairs the busiest CP rank computes for one sequence (all heads count once).
+
+    Args:
+        seq_len: Global sequence length ``S``.
+        cp: CP degree.
+        causal: Causal mask (lower triangle, ``S^2/2`` pairs in total) or bidirectional (``S^2``).
+        cp_layout: ``"zigzag"``: every rank does exactly ``1/cp`` of the work; ``"contiguous"``: the last
+            rank does ``(2cp-1)/(2cp^2) S^2``.
+
+    Returns:
+        Pairs on the critical path.
+    """
+    s2 = float(seq_len) ** 2
+    if not causal:
+        return s2 / cp
+    if cp_layout == "zigzag" or cp == 1:
+        return s2 / (2 * cp)
+    return s2 * (2 * cp - 1) / (2 * cp * cp)
+
+
+def attention_flops(
+    model: ModelShape,
+    seq_len: int,
+    *,
+    cp: int = 1,
+    tp: int = 1,
+    micro_batch: int = 1,
+    causal: bool | None = None,
+    cp_layout: str = "zigzag",
+) -> float:
+    """Forward FLOPs of ``QK^T`` and ``PV`` of one layer on the busiest rank: ``4 * b * hd * a/tp * pairs``.
+
+    Args:
+        model: Model shape.
+        seq_len: Global sequence length.
+        cp: CP degree.
+        tp: TP degree (splits the heads).
+        micro_batch: Sequences per micro-batch.
+        causal: Override ``model.causal``.
+        cp_layout: ``"zigzag"`` or ``"contiguous"`` (:func:`attention_pairs`).
+
+    Returns:
+        FLOPs.
+    """
+    is_causal = model.causal if causal is None else causal
+    pairs = attention_pairs(seq_len, cp, causal=is_causal, cp_layout=cp_layout)
+    return 4.0 * micro_batch * model.head_dim * (model.n_heads / tp) * pairs
+
+
+def model_flops_per_token(model: ModelShape, seq_len: int) -> float:
+    """Useful training FLOPs per token for MFU, by ``cp_dtensor.models.llama.training_flops_per_token``.
+
+    ``6 * (L * W + h * V) + 0.5 * 12 * L * h * S`` (causal); for a Llama flavor this equals
+    ``cp_dtensor.models.llama.model_flops_per_token``.
+    """
+    return training_flops_per_token(
+        matmul_params=model.matmul_params,
+        n_layers=model.n_layers,
+        attention_dim=model.n_heads * model.head_dim,
+        seq_len=seq_len,
+        causal=model.causal,
+    )
+
+
+def kv_heads_per_rank(model: ModelShape, tp: int) -> int:
+    """KV heads each TP rank holds (replicated when there are fewer KV heads than tp ranks)."""
+    return max(1, model.n_kv_heads // tp)
+
+
+def cp_comm_bytes(
+    model: ModelShape,
+    seq_len: int,
+    cp: int,
+    *,
+    tp: int = 1,
+    micro_batch: int = 1,
+    dtype_bytes: int = 2,
+    grad_bytes: int = 4,
+) -> tuple[float, float]:
+    """Bytes one rank sends in the CP ring for one layer: ``(forward, backward)``.
+
+    Forward: ``(cp-1) * 2 * b*S/cp * g/tp * hd * B`` (K and V of the KV heads only). Backward: K, V again
+    plus the dK, dV accumulators in ``grad_bytes``: ``(cp-1) * 2 * b*S/cp * g/tp * hd * (B + Bg)``.
+
+    Args:
+        model: Model shape.
+        seq_len: Global sequence length.
+        cp: CP degree.
+        tp: TP degree (splits the KV heads).
+        micro_batch: Sequences per micro-batch.
+        dtype_bytes: ``B``, bytes of K and V.
+        grad_bytes: ``Bg``, bytes of the dK, dV accumulators.
+
+    Returns:
+        ``(forward, backward)`` bytes.
+    """
+    if cp == 1:
+        return 0.0, 0.0
+    elems = 2.0 * micro_batch * seq_len / cp * kv_heads_per_rank(model, tp) * model.head_dim
+    return (cp - 1) * elems * dtype_bytes, (cp - 1) * elems * (dtype_bytes + grad_bytes)
+
+
+def pp_bubble_fraction(pp: int, microbatches: int, stages_per_rank: int = 1) -> float:
+    """Idle fraction of a 1F1B (or GPipe) step: ``(pp - 1) / (v * microbatches + pp - 1)``.
+
+    Args:
+        pp: Pipeline-parallel degree.
+        microbatches: Micro-batches per step.
+        stages_per_rank: ``v``, stages each rank holds; an interleaved schedule divides the bubble by it
+            (Narayanan et al. 2021).
+
+    Returns:
+        The fraction of the step.
+    """
+    if pp < 1 or microbatches < 1 or stages_per_rank < 1:
+        raise ValueError(
+            f"pp, microbatches and stages_per_rank must be >= 1, got pp={pp}, microbatches={microbatches}, "
+            f"stages_per_rank={stages_per_rank}"
+        )
+    return (pp - 1) / (stages_per_rank * microbatches + pp - 1)
+
+
+def collective_time(size_bytes: float, n: int, bandwidth: float, latency: float) -> float:
+    """Ring all-gather or reduce-scatter of a ``size_bytes`` tensor over ``n`` ranks.
+
+    ``(n-1)/n * size / bandwidth + (n-1) * latency``; 0 for one rank or an empty tensor.
+    """
+    if n <= 1 or size_bytes <= 0:
+        return 0.0
+    return (n - 1) / n * size_bytes / bandwidth + (n - 1) * latency
+
+
+def norm_bytes_per_token(model: ModelShape, options: CostOptions) -> float:
+    """Bytes per token one norm keeps for backward."""
+    h, b = model.dim, options.dtype_bytes
+    if options.fused_norm:
+        return float(b * h)
+    # unfused fp32 norm: fp32 input (a copy when B < 4), fp32 normalized output, its cast when B < 4, and
+    # the fp32 reciprocal RMS (one value per token)
+    return float((8 + (b if b < 4 else 0)) * h + 4)
+
+
+def activation_bytes_per_token_layer(
+    model: ModelShape, tp: int = 1, options: CostOptions | None = None
+) -> float:
+    """Bytes one block keeps for backward per token of the CP shard, on one TP rank (no checkpointing).
+
+    See Note [Cost model]: sequence-sharded terms and head-sharded terms divide by ``tp``; the gathered
+    inputs of the column-parallel linears divide by ``tp`` only when they are re-gathered in backward.
+
+    Args:
+        model: Model shape.
+        tp: TP degree.
+        options: Implementation choices (default :class:`CostOptions`).
+
+    Returns:
+        Bytes per token.
+    """
+    opt = options or CostOptions()
+    h, b, kv = model.dim, opt.dtype_bytes, model.kv_dim
+    seq_sharded = 2 * norm_bytes_per_token(model, opt) + (2 * h if model.dropout else 0)
+    gathered = 2 * h * b
+    head_sharded = (h + 2 * kv) * b + h * b + 4 * model.n_heads
+    head_sharded += (4 if model.mlp == "swiglu" else 2) * model.ffn_hidden * b
+    return seq_sharded / tp + (gathered if opt.saves_gathered_input else gathered / tp) + head_sharded / tp
+
+
+def head_activation_bytes_per_token(model: ModelShape, tp: int, options: CostOptions) -> float:
+    """Final norm, gathered head input and fp32 log-softmax per token (last stage)."""
+    h, b = model.dim, options.dtype_bytes
+    norm = norm_bytes_per_token(model, options) / tp
+    gathered = h * b if options.saves_gathered_input else h * b / tp
+    vocab = model.vocab_size / tp if options.loss_parallel else model.vocab_size
+    return norm + gathered + 4.0 * vocab

@@ -1,0 +1,148 @@
+"""Devices the cost model prices against: :class:`Hardware` and presets (H100, H200, A100, CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+__all__ = ["GIB", "HARDWARE_PRESETS", "Hardware", "build_hardware", "replace_fields"]
+
+GIB = float(2**30)
+
+
+def replace_fields(obj: Any, overrides: Mapping[str, Any]) -> Any:
+    """A copy of the dataclass ``obj`` with some fields replaced; unknown keys raise naming the valid ones.
+
+    Args:
+        obj: A dataclass instance (:class:`Hardware`, ``CostOptions``).
+        overrides: Field name to new value.
+
+    Returns:
+        The copy (its ``__post_init__`` validates the new values).
+    """
+    names = {f.name for f in fields(obj)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"Unknown {type(obj).__name__} fields {unknown}; valid fields are {sorted(names)}")
+    return replace(obj, **dict(overrides))
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One device type and its interconnect.
+
+    Attributes:
+        name: Label for tables.
+        memory_bytes: Device memory.
+        peak_flops: Peak dense FLOP/s of one device in the compute dtype (bf16 on GPUs).
+        matmul_efficiency: Achievable fraction of ``peak_flops`` for the linear layers (MFU-like).
+        attention_efficiency: Achievable fraction of ``peak_flops`` for the attention kernels.
+        intra_node_bandwidth: Bytes/s per direction per device within a node (NVLink).
+        inter_node_bandwidth: Bytes/s per direction per device between nodes (one NIC per GPU).
+        devices_per_node: Devices that share the intra-node link.
+        intra_node_latency_s: Latency of one intra-node message.
+        inter_node_latency_s: Latency of one inter-node message.
+        memory_usable_fraction: Part of ``memory_bytes`` available to tensors (allocator, runtime, buffers).
+        layer_overhead_s: Fixed time per block per pass (forward, backward, recompute): launch and Python
+            overhead; 0 on GPUs, the dominant term for tiny models on CPU.
+    """
+
+    name: str
+    memory_bytes: float
+    peak_flops: float
+    matmul_efficiency: float
+    attention_efficiency: float
+    intra_node_bandwidth: float
+    inter_node_bandwidth: float
+    devices_per_node: int
+    intra_node_latency_s: float = 5e-6
+    inter_node_latency_s: float = 1e-5
+    memory_usable_fraction: float = 0.9
+    layer_overhead_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("memory_bytes", "peak_flops", "intra_node_bandwidth", "inter_node_bandwidth"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Hardware.{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("matmul_efficiency", "attention_efficiency", "memory_usable_fraction"):
+            if not 0 < getattr(self, name) <= 1:
+                raise ValueError(f"Hardware.{name} must be in (0, 1], got {getattr(self, name)!r}")
+        if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
+            raise ValueError(f"Hardware.devices_per_node must be an int >= 1, got {self.devices_per_node!r}")
+        for name in ("intra_node_latency_s", "inter_node_latency_s", "layer_overhead_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Hardware.{name} must be >= 0, got {getattr(self, name)!r}")
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Hardware:
+        """A copy with some fields replaced; unknown keys raise ``ValueError`` naming the valid ones."""
+        return replace_fields(self, overrides)
+
+    def link(self, span: int) -> tuple[float, float]:
+        """``(bandwidth, latency)`` of a group whose ranks span ``span`` consecutive devices."""
+        if span <= self.devices_per_node:
+            return self.intra_node_bandwidth, self.intra_node_latency_s
+        return self.inter_node_bandwidth, self.inter_node_latency_s
+
+
+HARDWARE_PRESETS: dict[str, Hardware] = {
+    # H100 SXM (80 GiB; nvidia-smi shows 81559 MiB): 989 TFLOP/s dense bf16, NVLink4 450 GB/s per
+    # direction, one 400 Gb/s NDR NIC (50 GB/s) per GPU.
+    "h100": Hardware(
+        name="h100",
+        memory_bytes=80 * GIB,
+        peak_flops=989e12,
+        matmul_efficiency=0.6,
+        attention_efficiency=0.45,
+        intra_node_bandwidth=450e9,
+        inter_node_bandwidth=50e9,
+        devices_per_node=8,
+    ),
+    # A100 SXM 80 GB: 312 TFLOP/s bf16, NVLink3 300 GB/s per direction, 200 Gb/s HDR per GPU.
+    "a100": Hardware(
+        name="a100",
+        memory_bytes=80 * GIB,
+        peak_flops=312e12,
+        matmul_efficiency=0.6,
+        attention_efficiency=0.45,
+        intra_node_bandwidth=300e9,
+        inter_node_bandwidth=25e9,
+        devices_per_node=8,
+        inter_node_latency_s=1.5e-5,
+    ),
+    # A CPU "device" is one gloo rank of a local run. Measured here (torch 2.13 CPU, one thread): fp32
+    # matmul ~80 GFLOP/s, SDPA flash forward ~47 GFLOP/s. The preset is a rank of 4 ranks sharing 2 cores
+    # (half a core each: 50 GFLOP/s "peak"); loopback gloo. Rough; calibrate with --calibrate-from.
+    "cpu": Hardware(
+        name="cpu",
+        memory_bytes=8 * GIB,
+        peak_flops=5e10,
+        matmul_efficiency=0.8,
+        attention_efficiency=0.45,
+        intra_node_bandwidth=1e9,
+        inter_node_bandwidth=1e9,
+        devices_per_node=64,
+        intra_node_latency_s=1e-4,
+        inter_node_latency_s=1e-4,
+        memory_usable_fraction=0.8,
+        layer_overhead_s=2e-3,
+    ),
+}
+# H200: the H100's compute and links with 141 GB of HBM3e (140 GiB counted).
+HARDWARE_PRESETS["h200"] = replace(HARDWARE_PRESETS["h100"], name="h200", memory_bytes=140 * GIB)
+
+
+def build_hardware(name: str, overrides: Mapping[str, Any] | None = None) -> Hardware:
+    """A preset from ``HARDWARE_PRESETS`` (``h100``, ``h200``, ``a100``, ``cpu``), optionally overridden.
+
+    Args:
+        name: Case-insensitive preset name.
+        overrides: :class:`Hardware` field overrides (e.g. from a calibration file or ``--hw-set``).
+
+    Returns:
+        The device description.
+    """
+    if name.lower() not in HARDWARE_PRESETS:
+        raise ValueError(f"Unknown hardware {name!r}; choose from {sorted(HARDWARE_PRESETS)}")
+    hw = HARDWARE_PRESETS[name.lower()]
+    return hw.with_overrides(overrides) if overrides else hw
