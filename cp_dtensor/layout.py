@@ -31,6 +31,7 @@ from torch.distributed.device_mesh import DeviceMesh
 __all__ = [
     "LAYOUTS",
     "Layout",
+    "checked_dim",
     "chunks_per_rank",
     "layout_chunk_ids",
     "layout_permutation",
@@ -72,6 +73,16 @@ def validate_seq_len(seq_len: int, cp: int, layout: str) -> None:
             f"be a multiple of {multiple} ({chunks_per_rank(layout)} chunk(s) per rank x {cp} ranks). "
             f"Pad the sequence or choose another length."
         )
+
+
+def checked_dim(dim: int, ndim: int) -> int:
+    """``dim`` as a non-negative index into ``ndim`` dims; ``ValueError`` when out of range (no wrap-around)."""
+    if not -ndim <= dim < ndim:
+        raise ValueError(
+            f"seq_dim {dim} is out of range for a {ndim}-D tensor (valid: {-ndim} .. {ndim - 1}); pass the "
+            f"sequence dim, e.g. 2 for (B, H, S, D) or 1 for (B, S)."
+        )
+    return dim % ndim
 
 
 def layout_chunk_ids(rank: int, cp: int, layout: str) -> tuple[int, ...]:
@@ -141,7 +152,7 @@ def shard_sequence(
 
 def shard_sequence_for_rank(x: torch.Tensor, rank: int, cp: int, seq_dim: int, layout: str) -> torch.Tensor:
     """The shard of ``x`` that ``rank`` of ``cp`` ranks holds (pure indexing; usable without a group)."""
-    seq_dim = seq_dim % x.dim()
+    seq_dim = checked_dim(seq_dim, x.dim())
     seq_len = x.shape[seq_dim]
     validate_seq_len(seq_len, cp, layout)
     chunks = x.chunk(seq_len_multiple(cp, layout), dim=seq_dim)
@@ -151,7 +162,7 @@ def shard_sequence_for_rank(x: torch.Tensor, rank: int, cp: int, seq_dim: int, l
 def unshard_sequence_from_shards(shards: list[torch.Tensor], seq_dim: int, layout: str) -> torch.Tensor:
     """Inverse of :func:`shard_sequence_for_rank`: full tensor from every rank's shard (rank order)."""
     cp = len(shards)
-    seq_dim = seq_dim % shards[0].dim()
+    seq_dim = checked_dim(seq_dim, shards[0].dim())
     per_rank = chunks_per_rank(layout)
     chunks: list[torch.Tensor | None] = [None] * (cp * per_rank)
     for rank, shard in enumerate(shards):

@@ -112,6 +112,14 @@ def context_parallel_sdpa(
                 f"Context-parallel SDPA supports Replicate, Shard(0) (batch) or Shard(1) (heads) on the "
                 f"non-CP mesh axes; axis {mesh.mesh_dim_names[i]!r} has {kind}. Redistribute first."
             )
+        if isinstance(p, Shard) and p.dim == 1:
+            size = mesh.size(i)
+            if query.shape[1] % size or key.shape[1] % size:
+                raise ValueError(
+                    f"Heads are Shard(1) over mesh axis {mesh.mesh_dim_names[i]!r} of size {size}, which must "
+                    f"divide both the {query.shape[1]} query heads and the {key.shape[1]} key/value heads; "
+                    f"replicate the key/value heads over that axis or use a size that divides them."
+                )
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(
             f"query has {query.shape[1]} heads and key/value {key.shape[1]}: pass enable_gqa=True for GQA/MQA."

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from cp_dtensor.attention.comm import DKV_TAG, KV_TAG, Pending, ProcessGroupTransport, RingStats, Transport
+from cp_dtensor.attention.consistency import CallSignature, verify_call_across_ranks
 from cp_dtensor.attention.kernels import AttentionKernel, select_kernel
 from cp_dtensor.attention.merge import accumulation_dtype, merge_block_
 from cp_dtensor.attention.schedule import Part, build_allgather_blocks, build_ring_schedule
@@ -303,6 +304,11 @@ class _ContextParallelAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
+        if torch.is_grad_enabled():  # create_graph=True: the ring's backward is not itself differentiable
+            raise RuntimeError(
+                "cp_dtensor ring attention does not support double backward (create_graph=True, e.g. a "
+                "gradient penalty): its backward is a hand-written ring, not a differentiable graph."
+            )
         q, k, v, out, lse = ctx.saved_tensors
         transport, is_causal, scale, layout, comm, kernel, stats = ctx.config
         sent = transport.bytes_sent
@@ -331,6 +337,12 @@ def validate_attention_inputs(
         raise ValueError(
             f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, local sequence length "
             f"and head dim (B, _, S_local, D); CP attention is self-attention over one sharded sequence."
+        )
+    if k.shape[1] == 0 or q.shape[1] == 0:
+        raise ValueError(
+            f"This rank holds {q.shape[1]} query heads and {k.shape[1]} key/value heads: each rank needs at "
+            f"least one of each. When heads are sharded over another mesh axis (e.g. tp), its size must divide "
+            f"both head counts (replicate the KV heads instead, or use a smaller tp)."
         )
     if q.shape[1] % k.shape[1] != 0:
         raise ValueError(
@@ -395,12 +407,23 @@ def ring_attention(
     Returns:
         (B, Hq, S_local, D) this rank's attention output shard.
     """
-    validate_attention_inputs(q, k, v, layout=layout, comm=comm)
     group = _process_group(mesh)
     if group is None or dist.get_world_size(group) == 1:
+        validate_attention_inputs(q, k, v, layout=layout, comm=comm)
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
         )
+    error: ValueError | None = None
+    try:
+        validate_attention_inputs(q, k, v, layout=layout, comm=comm)
+    except ValueError as e:
+        error = e
+    signature = CallSignature.of(
+        q, k, v, layout=layout, is_causal=is_causal, comm=comm, scale=scale, backend=backend
+    )
+    verify_call_across_ranks(group, signature, error)
+    if q.shape[2] == 0:  # an empty sequence on every rank (the check above): an empty result, like SDPA
+        return q * 0.0 + (k.sum() + v.sum()) * 0.0  # (B, Hq, 0, D), differentiable
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     kernel = select_kernel(q.device, q.dtype, backend)
     transport = ProcessGroupTransport(group)
