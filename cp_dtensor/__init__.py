@@ -4,7 +4,9 @@ Public API (stable names)::
 
     shard_sequence(x, mesh, seq_dim, layout="zigzag")          this rank's shard of a full tensor
     unshard_sequence(x_local, mesh, seq_dim, layout="zigzag")  the full tensor, natural order
-    ring_attention(q, k, v, mesh, *, is_causal, scale, layout, comm)   CP attention on local shards
+    ring_attention(q, k, v, mesh, *, is_causal, scale, layout, comm, document_ids, window_size)
+                                                               CP attention on local shards (masks exact)
+    balanced_layout(document_ids, cp, *, is_causal, window_size)  a layout object balancing packed documents
     ParallelDims(dp=-1, pp=1, cp=1, tp=1, world_size=...)      degrees -> .build_mesh() 4-D mesh
     ContextParallelAttention(mesh=None, layout=..., comm=...)  a mode: SDPA inside -> ring op
     ContextParallel(layout=..., comm=...)                      ParallelStyle: SDPA inside a module -> ring op
@@ -17,9 +19,10 @@ Public API (stable names)::
 
 from cp_dtensor.attention import RingStats, ring_attention, simulate_context_parallel_attention
 from cp_dtensor.attention.dispatch import ContextParallelAttention, context_parallel_sdpa
+from cp_dtensor.balance import balanced_layout
 from cp_dtensor.context_parallel import apply_context_parallel, build_context_parallel_plan
 from cp_dtensor.inspect import format_sharding_table, inspect_sharding
-from cp_dtensor.layout import LAYOUTS, sequence_positions, shard_sequence, unshard_sequence
+from cp_dtensor.layout import LAYOUTS, SequenceLayout, sequence_positions, shard_sequence, unshard_sequence
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.sharding import shard_batch, unshard_sequence_output
 from cp_dtensor.styles import ContextParallel, PrepareSequenceShards
@@ -31,7 +34,9 @@ __all__ = [
     "ParallelDims",
     "PrepareSequenceShards",
     "RingStats",
+    "SequenceLayout",
     "apply_context_parallel",
+    "balanced_layout",
     "build_context_parallel_plan",
     "context_parallel_sdpa",
     "format_sharding_table",

@@ -18,10 +18,18 @@ Under a causal mask a query at position i sees i + 1 keys, so with ``contiguous`
 about 2 x CP - 1 times the work of the first. ``zigzag`` pairs an early chunk with a late one, so every
 rank holds the same number of visible (query, key) pairs. A rank's local shard is its chunks concatenated
 in increasing position order, so the causal mask inside a shard is the ordinary lower triangle.
+
+Data-dependent layouts (:class:`SequenceLayout`, e.g. from :func:`cp_dtensor.balanced_layout` for packed
+documents) are objects accepted wherever a layout name is. They hold, for every batch row, the global
+position of each slot of the rank-concatenated sequence; each rank holds S / cp positions of every row,
+in increasing order (so again the causal mask inside a shard is a lower triangle per document)::
+
+    row 0:  rank 0 <- positions [0..3] + [12..15]    rank 1 <- [4..11]       (rows may differ)
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Literal
 
 import torch
@@ -31,13 +39,18 @@ from torch.distributed.device_mesh import DeviceMesh
 __all__ = [
     "LAYOUTS",
     "Layout",
+    "LayoutLike",
+    "SequenceLayout",
     "checked_dim",
     "chunks_per_rank",
     "layout_chunk_ids",
+    "layout_name",
     "layout_permutation",
+    "rank_segments",
     "seq_len_multiple",
     "sequence_positions",
     "shard_sequence",
+    "tensor_digest",
     "unshard_sequence",
     "validate_layout",
     "validate_seq_len",
@@ -47,25 +60,108 @@ Layout = Literal["contiguous", "zigzag"]
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
 
 
-def validate_layout(layout: str) -> None:
-    """Raise ``ValueError`` unless ``layout`` is one of :data:`LAYOUTS`."""
+def tensor_digest(t: torch.Tensor) -> str:
+    """A content hash of ``t`` that is the same in every process (unlike ``hash(bytes)``, which is salted)."""
+    data = t.detach().cpu().contiguous()
+    return hashlib.blake2b(
+        data.numpy().tobytes() + str((tuple(data.shape), data.dtype)).encode(), digest_size=16
+    ).hexdigest()
+
+
+class SequenceLayout:
+    """A data-dependent sequence layout: which global positions each CP rank holds, row by row.
+
+    Args:
+        positions: (B, S) int64; row b lists the global position of every slot of the rank-concatenated
+            sequence: rank r holds ``positions[b, r * S/cp : (r + 1) * S/cp]``, increasing within a rank.
+            Every row is a permutation of ``range(S)``.
+        cp: the CP size the layout was built for.
+        name: a short name for messages (e.g. ``"balanced"``).
+    """
+
+    def __init__(self, positions: torch.Tensor, cp: int, name: str = "custom") -> None:
+        if positions.dim() != 2 or positions.dtype != torch.int64:
+            raise ValueError(
+                f"SequenceLayout positions must be (B, S) int64, got {tuple(positions.shape)} {positions.dtype}."
+            )
+        batch, seq_len = positions.shape
+        if cp < 1 or seq_len % cp:
+            raise ValueError(f"SequenceLayout: sequence length {seq_len} is not a multiple of CP size {cp}.")
+        local = positions.view(batch, cp, seq_len // cp)
+        if seq_len and not bool((local[..., 1:] > local[..., :-1]).all()):
+            raise ValueError("SequenceLayout: positions must increase within each rank's shard.")
+        if not torch.equal(positions.sort(dim=1).values, torch.arange(seq_len).expand(batch, seq_len)):
+            raise ValueError("SequenceLayout: every row of positions must be a permutation of range(S).")
+        self.positions = positions.cpu()
+        self.cp = cp
+        self.name = name
+        self.batch, self.seq_len = batch, seq_len
+        self._fingerprint = int(tensor_digest(self.positions), 16) ^ hash((name, cp))
+        self.digest = tensor_digest(self.positions)
+
+    def rank_positions(self, rank: int) -> torch.Tensor:
+        """(B, S / cp) global positions that ``rank`` holds, increasing along each row."""
+        if not 0 <= rank < self.cp:
+            raise ValueError(f"rank {rank} is outside the CP group of size {self.cp}.")
+        local = self.seq_len // self.cp
+        return self.positions[:, rank * local : (rank + 1) * local]
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, SequenceLayout)
+            and other.cp == self.cp
+            and other.name == self.name
+            and torch.equal(other.positions, self.positions)
+        )
+
+    def __hash__(self) -> int:
+        return self._fingerprint
+
+    def __repr__(self) -> str:
+        return f"{self.name}(cp={self.cp}, batch={self.batch}, seq_len={self.seq_len}, id={self.digest[:8]})"
+
+
+LayoutLike = str | SequenceLayout
+"""A layout name (``"zigzag"``, ``"contiguous"``) or a :class:`SequenceLayout` object."""
+
+
+def layout_name(layout: LayoutLike) -> str:
+    """Short text naming ``layout`` (its name, or the object's repr)."""
+    return layout if isinstance(layout, str) else repr(layout)
+
+
+def validate_layout(layout: LayoutLike) -> None:
+    """Raise ``ValueError`` unless ``layout`` is one of :data:`LAYOUTS` or a :class:`SequenceLayout`."""
+    if isinstance(layout, SequenceLayout):
+        return
     if layout not in LAYOUTS:
-        raise ValueError(f"Unknown sequence layout {layout!r}; expected one of {LAYOUTS}.")
+        raise ValueError(
+            f"Unknown sequence layout {layout!r}; expected one of {LAYOUTS} or a layout object from "
+            f"cp_dtensor.balanced_layout(...)."
+        )
 
 
-def chunks_per_rank(layout: str) -> int:
-    """Number of sequence chunks one rank holds: 1 for contiguous, 2 for zigzag."""
+def chunks_per_rank(layout: LayoutLike) -> int:
+    """Number of equal sequence chunks one rank holds: 1 for contiguous (and layout objects), 2 for zigzag."""
     validate_layout(layout)
     return 2 if layout == "zigzag" else 1
 
 
-def seq_len_multiple(cp: int, layout: str) -> int:
+def seq_len_multiple(cp: int, layout: LayoutLike) -> int:
     """What a global sequence length must be a multiple of for ``cp`` ranks in ``layout``."""
     return cp * chunks_per_rank(layout)
 
 
-def validate_seq_len(seq_len: int, cp: int, layout: str) -> None:
+def validate_seq_len(seq_len: int, cp: int, layout: LayoutLike) -> None:
     """Raise ``ValueError`` naming the numbers when ``seq_len`` cannot be split for ``cp`` ranks."""
+    if isinstance(layout, SequenceLayout):
+        if layout.cp != cp or layout.seq_len != seq_len:
+            raise ValueError(
+                f"Layout {layout!r} was built for CP size {layout.cp} and sequence length {layout.seq_len}, "
+                f"but is used with CP size {cp} and sequence length {seq_len}; build it for this batch "
+                f"(cp_dtensor.balanced_layout(document_ids, cp, ...))."
+            )
+        return
     multiple = seq_len_multiple(cp, layout)
     if seq_len % multiple != 0:
         raise ValueError(
@@ -86,8 +182,10 @@ def checked_dim(dim: int, ndim: int) -> int:
 
 
 def layout_chunk_ids(rank: int, cp: int, layout: str) -> tuple[int, ...]:
-    """Global chunk indices that ``rank`` holds, in local (increasing position) order."""
+    """Global chunk indices that ``rank`` holds, in local (increasing position) order (named layouts)."""
     validate_layout(layout)
+    if isinstance(layout, SequenceLayout):
+        raise ValueError(f"{layout!r} is not made of equal chunks; use rank_segments or rank_positions.")
     if not 0 <= rank < cp:
         raise ValueError(f"rank {rank} is outside the CP group of size {cp}.")
     if layout == "contiguous":
@@ -96,13 +194,16 @@ def layout_chunk_ids(rank: int, cp: int, layout: str) -> tuple[int, ...]:
 
 
 def layout_permutation(
-    seq_len: int, cp: int, layout: str, device: torch.device | str = "cpu"
+    seq_len: int, cp: int, layout: LayoutLike, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
     """Global token index of every position of the rank-concatenated sequence.
 
     ``x[..., layout_permutation(S, cp, layout), ...]`` puts rank 0's shard first, then rank 1's, and so on.
+    (S,) for named layouts; (B, S), one permutation per batch row, for a :class:`SequenceLayout`.
     """
     validate_seq_len(seq_len, cp, layout)
+    if isinstance(layout, SequenceLayout):
+        return layout.positions.to(device)
     n_chunks = seq_len_multiple(cp, layout)
     chunk_len = seq_len // n_chunks
     order = [c for r in range(cp) for c in layout_chunk_ids(r, cp, layout)]
@@ -111,12 +212,38 @@ def layout_permutation(
 
 
 def sequence_positions(
-    seq_len: int, rank: int, cp: int, layout: str, device: torch.device | str = "cpu"
+    seq_len: int, rank: int, cp: int, layout: LayoutLike, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Global positions (int64, shape ``(seq_len // cp,)``) of the tokens ``rank`` holds."""
+    """Global positions (int64) of the tokens ``rank`` holds: ``(seq_len // cp,)`` for named layouts,
+    ``(B, seq_len // cp)`` for a :class:`SequenceLayout`."""
     validate_seq_len(seq_len, cp, layout)
     local = seq_len // cp
-    return layout_permutation(seq_len, cp, layout, device)[rank * local : (rank + 1) * local]
+    return layout_permutation(seq_len, cp, layout, device)[..., rank * local : (rank + 1) * local]
+
+
+def rank_segments(
+    layout: LayoutLike, rank: int, cp: int, seq_len: int, row: int = 0
+) -> list[tuple[int, int]]:
+    """Maximal contiguous global ranges ``[start, stop)`` that ``rank`` holds in batch ``row``, in local order."""
+    validate_seq_len(seq_len, cp, layout)
+    if isinstance(layout, str):
+        chunk = seq_len // seq_len_multiple(cp, layout)
+        ranges = [(c * chunk, (c + 1) * chunk) for c in layout_chunk_ids(rank, cp, layout)]
+        merged: list[tuple[int, int]] = []
+        for start, stop in ranges:
+            if merged and merged[-1][1] == start:
+                merged[-1] = (merged[-1][0], stop)
+            else:
+                merged.append((start, stop))
+        return merged
+    pos = layout.rank_positions(rank)[row].tolist()
+    segments: list[tuple[int, int]] = []
+    for p in pos:
+        if segments and segments[-1][1] == p:
+            segments[-1] = (segments[-1][0], p + 1)
+        else:
+            segments.append((p, p + 1))
+    return segments
 
 
 def _rank_and_size(mesh: DeviceMesh | dist.ProcessGroup) -> tuple[int, int, dist.ProcessGroup]:
@@ -133,7 +260,7 @@ def _rank_and_size(mesh: DeviceMesh | dist.ProcessGroup) -> tuple[int, int, dist
 
 
 def shard_sequence(
-    x: torch.Tensor, mesh: DeviceMesh | dist.ProcessGroup, seq_dim: int, layout: str = "zigzag"
+    x: torch.Tensor, mesh: DeviceMesh | dist.ProcessGroup, seq_dim: int, layout: LayoutLike = "zigzag"
 ) -> torch.Tensor:
     """Return this rank's shard of the full tensor ``x`` along ``seq_dim`` (no communication).
 
@@ -141,7 +268,8 @@ def shard_sequence(
         x: the full tensor, identical on every CP rank.
         mesh: a 1-D CP ``DeviceMesh`` (or its ``ProcessGroup``).
         seq_dim: the sequence dimension of ``x``.
-        layout: ``"zigzag"`` or ``"contiguous"``.
+        layout: ``"zigzag"``, ``"contiguous"`` or a :class:`SequenceLayout` (then ``x`` has the batch at
+            dim 0 and each row is permuted by its own positions).
 
     Returns:
         A new contiguous tensor with ``x.shape[seq_dim] // cp`` entries along ``seq_dim``.
@@ -150,19 +278,46 @@ def shard_sequence(
     return shard_sequence_for_rank(x, rank, cp, seq_dim, layout)
 
 
-def shard_sequence_for_rank(x: torch.Tensor, rank: int, cp: int, seq_dim: int, layout: str) -> torch.Tensor:
+def _check_rows(x: torch.Tensor, seq_dim: int, layout: SequenceLayout) -> None:
+    if seq_dim == 0 or x.shape[0] != layout.batch:
+        raise ValueError(
+            f"{layout!r} permutes each of its {layout.batch} batch rows differently: the tensor needs the batch "
+            f"at dim 0 and the sequence at another dim; got shape {tuple(x.shape)} with seq_dim {seq_dim}."
+        )
+
+
+def shard_sequence_for_rank(
+    x: torch.Tensor, rank: int, cp: int, seq_dim: int, layout: LayoutLike
+) -> torch.Tensor:
     """The shard of ``x`` that ``rank`` of ``cp`` ranks holds (pure indexing; usable without a group)."""
     seq_dim = checked_dim(seq_dim, x.dim())
     seq_len = x.shape[seq_dim]
     validate_seq_len(seq_len, cp, layout)
+    if isinstance(layout, SequenceLayout):
+        _check_rows(x, seq_dim, layout)
+        index = layout.rank_positions(rank).to(x.device)
+        return torch.stack([x[b].index_select(seq_dim - 1, index[b]) for b in range(x.shape[0])])
     chunks = x.chunk(seq_len_multiple(cp, layout), dim=seq_dim)
     return torch.cat([chunks[c] for c in layout_chunk_ids(rank, cp, layout)], dim=seq_dim)
 
 
-def unshard_sequence_from_shards(shards: list[torch.Tensor], seq_dim: int, layout: str) -> torch.Tensor:
+def unshard_sequence_from_shards(
+    shards: list[torch.Tensor], seq_dim: int, layout: LayoutLike
+) -> torch.Tensor:
     """Inverse of :func:`shard_sequence_for_rank`: full tensor from every rank's shard (rank order)."""
     cp = len(shards)
     seq_dim = checked_dim(seq_dim, shards[0].dim())
+    if isinstance(layout, SequenceLayout):
+        validate_seq_len(shards[0].shape[seq_dim] * cp, cp, layout)
+        _check_rows(shards[0], seq_dim, layout)
+        shape = list(shards[0].shape)
+        shape[seq_dim] *= cp
+        full = shards[0].new_empty(shape)
+        for rank, shard in enumerate(shards):
+            index = layout.rank_positions(rank).to(shard.device)
+            for b in range(shard.shape[0]):
+                full[b].index_copy_(seq_dim - 1, index[b], shard[b])
+        return full
     per_rank = chunks_per_rank(layout)
     chunks: list[torch.Tensor | None] = [None] * (cp * per_rank)
     for rank, shard in enumerate(shards):
@@ -172,7 +327,7 @@ def unshard_sequence_from_shards(shards: list[torch.Tensor], seq_dim: int, layou
 
 
 def unshard_sequence(
-    x_local: torch.Tensor, mesh: DeviceMesh | dist.ProcessGroup, seq_dim: int, layout: str = "zigzag"
+    x_local: torch.Tensor, mesh: DeviceMesh | dist.ProcessGroup, seq_dim: int, layout: LayoutLike = "zigzag"
 ) -> torch.Tensor:
     """All-gather every rank's shard and return the full tensor in natural sequence order.
 

@@ -35,6 +35,7 @@ from torch.utils._pytree import tree_map
 
 from cp_dtensor.attention.comm import RingStats
 from cp_dtensor.attention.dispatch import ContextParallelAttention
+from cp_dtensor.layout import LayoutLike
 from cp_dtensor.sharding import activation_placements
 
 __all__ = ["ContextParallel", "PrepareSequenceShards"]
@@ -111,6 +112,8 @@ class ContextParallel(ParallelStyle):
         layout: the sequence layout of the shards (``"zigzag"`` or ``"contiguous"``), as given to
             :func:`cp_dtensor.shard_batch`.
         comm: ``"p2p"`` (ring) or ``"allgather"``.
+        window_size: ``(left, right)`` sliding window of every SDPA call inside (flash-attn convention,
+            -1 = unbounded); one style per window (e.g. local and global layers get two styles).
         backend: kernel adapter name, or None to choose from device and dtype.
         stats: optional :class:`~cp_dtensor.RingStats` filled by every call.
     """
@@ -118,14 +121,16 @@ class ContextParallel(ParallelStyle):
     def __init__(
         self,
         *,
-        layout: str = "zigzag",
+        layout: LayoutLike = "zigzag",
         comm: str = "p2p",
+        window_size: tuple[int, int] = (-1, -1),
         backend: str | None = None,
         stats: RingStats | None = None,
     ) -> None:
         super().__init__()
         self.layout = layout
         self.comm = comm
+        self.window_size = tuple(window_size)
         self.backend = backend
         self.stats = stats
         self.attention: ContextParallelAttention | None = None
@@ -135,7 +140,12 @@ class ContextParallel(ParallelStyle):
         if self.attention is None:
             self._mesh = device_mesh
             self.attention = ContextParallelAttention(
-                device_mesh, layout=self.layout, comm=self.comm, backend=self.backend, stats=self.stats
+                device_mesh,
+                layout=self.layout,
+                comm=self.comm,
+                window_size=self.window_size,
+                backend=self.backend,
+                stats=self.stats,
             )
         elif device_mesh != self._mesh:
             raise ValueError(

@@ -92,6 +92,18 @@ class Transport:
         """Send ``tensor`` to the next rank; do not modify it before :meth:`Pending.wait`."""
         raise NotImplementedError
 
+    def send_recv(
+        self,
+        send: torch.Tensor | None,
+        recv_shape: tuple[int, ...] | None,
+        dtype: torch.dtype,
+        device: torch.device,
+        tag: int,
+    ) -> Pending:
+        """Send ``send`` (if any) to the next rank and receive a ``recv_shape`` tensor (if any) from the
+        previous one, in one batch: the masked ring's messages differ in size from hop to hop."""
+        raise NotImplementedError
+
     def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
         """Receive a tensor shaped like ``like`` (in ``dtype``, default like's) from the previous rank."""
         raise NotImplementedError
@@ -150,6 +162,19 @@ class ProcessGroupTransport(Transport):
         return self._p2p(
             [dist.P2POp(dist.irecv, out, group=self.group, tag=tag, group_peer=self.prev_rank)], out
         )
+
+    def send_recv(self, send, recv_shape, dtype, device, tag):
+        ops, out = [], None
+        if send is not None:
+            send = send.contiguous()
+            self.bytes_sent += _nbytes(send)
+            ops.append(dist.P2POp(dist.isend, send, group=self.group, tag=tag, group_peer=self.next_rank))
+        if recv_shape is not None:
+            out = torch.empty(recv_shape, dtype=dtype, device=device)
+            ops.append(dist.P2POp(dist.irecv, out, group=self.group, tag=tag, group_peer=self.prev_rank))
+        if not ops:
+            return Pending(lambda: None)
+        return self._p2p(ops, out)
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.contiguous()
@@ -228,6 +253,13 @@ class ThreadTransport(Transport):
         return Pending(lambda: None)
 
     def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
+        return Pending(lambda: self._get(tag))
+
+    def send_recv(self, send, recv_shape, dtype, device, tag):
+        if send is not None:
+            self._put(send, tag)
+        if recv_shape is None:
+            return Pending(lambda: None)
         return Pending(lambda: self._get(tag))
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:

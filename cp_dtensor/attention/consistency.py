@@ -7,7 +7,8 @@ shapes and dtype. A rank that differs computes garbage without an error (a diffe
 hangs the group (a different comm mode, a different sequence length). So the first time a rank sees a
 call signature it checks it with the group, and caches the verdict::
 
-    rank r:  sig = (layout, is_causal, comm, scale, shapes, dtype, device, backend), error = local check
+    rank r:  sig = (layout, is_causal, comm, scale, shapes, dtype, device, backend, mask: window and a
+                    hash of the document ids), error = local check
              sig in verified[group]?  -> yes: nothing to do (steady state: no communication)
                                       -> no:  all_gather_object((sig, error)) over the CP group
                                               any error?        raise the first failing rank's message
@@ -50,6 +51,7 @@ class CallSignature:
     dtype: str
     device_type: str
     backend: str | None
+    mask: tuple = ()
 
     @classmethod
     def of(
@@ -63,6 +65,7 @@ class CallSignature:
         comm: str,
         scale: float | None,
         backend: str | None,
+        mask: tuple = (),
     ) -> CallSignature:
         """The signature of one call on this rank."""
         return cls(
@@ -76,6 +79,7 @@ class CallSignature:
             dtype=str(q.dtype).removeprefix("torch."),
             device_type=q.device.type,
             backend=backend,
+            mask=mask,
         )
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
@@ -39,8 +40,9 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.overrides import TorchFunctionMode
 
 from cp_dtensor.attention.comm import RingStats
+from cp_dtensor.attention.mask import validate_mask_inputs
 from cp_dtensor.attention.ring import COMM_MODES, ring_attention
-from cp_dtensor.layout import validate_layout
+from cp_dtensor.layout import LayoutLike, validate_layout
 
 __all__ = ["ContextParallelAttention", "context_parallel_sdpa"]
 
@@ -72,8 +74,10 @@ def context_parallel_sdpa(
     scale: float | None = None,
     enable_gqa: bool = False,
     cp_axis: str = "cp",
-    layout: str = "zigzag",
+    layout: LayoutLike = "zigzag",
     comm: str = "p2p",
+    document_ids: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
     backend: str | None = None,
     stats: RingStats | None = None,
 ) -> DTensor:
@@ -87,7 +91,8 @@ def context_parallel_sdpa(
         is_causal, scale: as for ``F.scaled_dot_product_attention`` (causal over global positions).
         enable_gqa: must be True when Hq != Hkv (as for SDPA).
         cp_axis: name of the CP mesh axis.
-        layout, comm, backend, stats: as for :func:`cp_dtensor.ring_attention`.
+        layout, comm, document_ids, window_size, backend, stats: as for :func:`cp_dtensor.ring_attention`
+            (``document_ids`` for the global sequence of this rank's batch rows).
 
     Returns:
         (B, Hq, S, D) DTensor with ``query``'s mesh and placements.
@@ -127,7 +132,8 @@ def context_parallel_sdpa(
     group = mesh.get_group(axis)
     out = ring_attention(
         query.to_local(), key.to_local(), value.to_local(), group,
-        is_causal=is_causal, scale=scale, layout=layout, comm=comm, backend=backend, stats=stats,
+        is_causal=is_causal, scale=scale, layout=layout, comm=comm, document_ids=document_ids,
+        window_size=window_size, backend=backend, stats=stats,
     )  # fmt: skip
     return DTensor.from_local(out, mesh, query.placements, run_check=False)
 
@@ -167,8 +173,11 @@ class ContextParallelAttention(TorchFunctionMode):
         mesh: the CP mesh (1-D, or with a ``cp_axis`` axis, e.g. ``world_mesh["cp", "tp"]``) that plain
             local tensors are sharded over; None: only DTensor calls are served.
         cp_axis: name of the CP mesh axis.
-        layout: the sequence layout of the shards (``"zigzag"`` or ``"contiguous"``); None: natural order
-            for DTensors, zigzag for local shards (see above).
+        layout: the sequence layout of the shards (``"zigzag"``, ``"contiguous"`` or a layout object from
+            :func:`cp_dtensor.balanced_layout`); None: natural order for DTensors, zigzag for local shards.
+        document_ids: (B, S) ids of packed documents of the global sequence (natural order, the same on
+            every CP rank; B = this rank's batch rows): a query sees only its own document.
+        window_size: ``(left, right)`` sliding window (flash-attn convention, -1 = unbounded).
         comm: ``"p2p"`` or ``"allgather"``.
         backend: kernel adapter name, or ``None`` to choose from device and dtype.
         stats: optional :class:`RingStats` accumulating bytes and work of every dispatched call.
@@ -186,14 +195,22 @@ class ContextParallelAttention(TorchFunctionMode):
         mesh: DeviceMesh | dist.ProcessGroup | None = None,
         *,
         cp_axis: str = "cp",
-        layout: str | None = None,
+        layout: LayoutLike | None = None,
         comm: str = "p2p",
+        document_ids: torch.Tensor | None = None,
+        window_size: tuple[int, int] = (-1, -1),
         backend: str | None = None,
         stats: RingStats | None = None,
     ) -> None:
         super().__init__()
         if layout is not None:
             validate_layout(layout)
+        validate_mask_inputs(
+            document_ids, window_size, batch=0 if document_ids is None else document_ids.shape[0],
+            seq_len=0 if document_ids is None else document_ids.shape[-1],
+        )  # fmt: skip
+        self.document_ids = document_ids
+        self.window_size = tuple(window_size)
         if comm not in COMM_MODES:
             raise ValueError(f"Unknown CP comm mode {comm!r}; expected one of {COMM_MODES}.")
         self.group = _cp_group(mesh, cp_axis) if mesh is not None else None
@@ -225,7 +242,8 @@ class ContextParallelAttention(TorchFunctionMode):
                 call["query"], call["key"], call["value"],
                 is_causal=call["is_causal"], scale=call["scale"], enable_gqa=call["enable_gqa"],
                 cp_axis=self.cp_axis, layout=self.layout or "contiguous", comm=self.comm,
-                backend=self.backend, stats=self.stats,
+                document_ids=self.document_ids, window_size=self.window_size, backend=self.backend,
+                stats=self.stats,
             )  # fmt: skip
         if self.group is None:
             raise ValueError(
@@ -244,15 +262,18 @@ class ContextParallelAttention(TorchFunctionMode):
         return ring_attention(
             q, k, call["value"], self.group,
             is_causal=call["is_causal"], scale=call["scale"], layout=self.layout or "zigzag",
-            comm=self.comm, backend=self.backend, stats=self.stats,
+            comm=self.comm, document_ids=self.document_ids, window_size=self.window_size,
+            backend=self.backend, stats=self.stats,
         )  # fmt: skip
 
     @staticmethod
     def _check_supported(call: dict[str, Any]) -> None:
         if call["attn_mask"] is not None:
             raise ValueError(
-                "Context-parallel SDPA does not take an explicit attn_mask (it would need the full mask on "
-                "every rank); use is_causal=True or no mask."
+                "Context-parallel SDPA does not take an explicit attn_mask (it would need the full S x S mask "
+                "on every rank). Describe the mask instead: is_causal=True, and for packed documents or a "
+                "sliding window pass document_ids=... / window_size=(left, right) to ContextParallelAttention "
+                "(or to cp_dtensor.ring_attention)."
             )
         if call["dropout_p"] != 0.0:
             raise ValueError(

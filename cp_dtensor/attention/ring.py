@@ -30,22 +30,46 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
-from cp_dtensor.attention.comm import DKV_TAG, KV_TAG, Pending, ProcessGroupTransport, RingStats, Transport
+from cp_dtensor.attention.comm import (
+    DKV_TAG,
+    KV_TAG,
+    Pending,
+    ProcessGroupTransport,
+    RingStats,
+    ThreadHub,
+    ThreadTransport,
+    Transport,
+)
 from cp_dtensor.attention.consistency import CallSignature, verify_call_across_ranks
 from cp_dtensor.attention.kernels import AttentionKernel, select_kernel
+from cp_dtensor.attention.mask import AttentionMask, validate_mask_inputs
+from cp_dtensor.attention.mask_schedule import build_masked_plan
+from cp_dtensor.attention.masked_ring import (
+    masked_allgather_backward,
+    masked_allgather_forward,
+    masked_ring_backward,
+    masked_ring_forward,
+)
 from cp_dtensor.attention.merge import accumulation_dtype, merge_block_
 from cp_dtensor.attention.schedule import Part, build_allgather_blocks, build_ring_schedule
 from cp_dtensor.layout import (
+    LayoutLike,
+    SequenceLayout,
     chunks_per_rank,
+    layout_name,
     shard_sequence_for_rank,
     unshard_sequence_from_shards,
     validate_layout,
+    validate_seq_len,
 )
 
 __all__ = [
@@ -55,6 +79,7 @@ __all__ = [
     "ring_attention",
     "ring_backward",
     "ring_forward",
+    "select_variant",
     "validate_attention_inputs",
 ]
 
@@ -285,21 +310,50 @@ def allgather_backward(
 
 _FORWARD = {"p2p": ring_forward, "allgather": allgather_forward}
 _BACKWARD = {"p2p": ring_backward, "allgather": allgather_backward}
+_MASKED_FORWARD = {"p2p": masked_ring_forward, "allgather": masked_allgather_forward}
+_MASKED_BACKWARD = {"p2p": masked_ring_backward, "allgather": masked_allgather_backward}
+
+
+@dataclass(frozen=True)
+class _Variant:
+    """One call's algorithm: forward/backward functions and their keyword options (everything but tensors)."""
+
+    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    options: dict[str, Any]
+
+
+def select_variant(
+    comm: str,
+    layout: LayoutLike,
+    mask: AttentionMask,
+    scale: float,
+    kernel: AttentionKernel,
+    rank: int,
+    cp: int,
+    s_local: int,
+) -> _Variant:
+    """The unmasked zigzag/contiguous ring, or the masked ring (documents, windows, layout objects)."""
+    if mask.is_plain and isinstance(layout, str):
+        options = {"is_causal": mask.is_causal, "scale": scale, "layout": layout, "kernel": kernel}
+        return _Variant(_FORWARD[comm], _BACKWARD[comm], options)
+    plan = build_masked_plan(mask, layout, cp, s_local * cp, rank)
+    return _Variant(
+        _MASKED_FORWARD[comm], _MASKED_BACKWARD[comm], {"plan": plan, "scale": scale, "kernel": kernel}
+    )
 
 
 class _ContextParallelAttention(torch.autograd.Function):
     """Autograd wrapper: saves only local q, k, v, out and lse."""
 
     @staticmethod
-    def forward(ctx, q, k, v, transport, is_causal, scale, layout, comm, kernel, stats):
+    def forward(ctx, q, k, v, transport, variant, stats):
         sent = transport.bytes_sent
-        out, lse = _FORWARD[comm](
-            q, k, v, transport, is_causal=is_causal, scale=scale, layout=layout, kernel=kernel, stats=stats
-        )
+        out, lse = variant.forward(q, k, v, transport, stats=stats, **variant.options)
         if stats is not None:
             stats.bytes_sent_forward += transport.bytes_sent - sent
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.config = (transport, is_causal, scale, layout, comm, kernel, stats)
+        ctx.config = (transport, variant, stats)
         return out
 
     @staticmethod
@@ -310,21 +364,26 @@ class _ContextParallelAttention(torch.autograd.Function):
                 "gradient penalty): its backward is a hand-written ring, not a differentiable graph."
             )
         q, k, v, out, lse = ctx.saved_tensors
-        transport, is_causal, scale, layout, comm, kernel, stats = ctx.config
+        transport, variant, stats = ctx.config
         sent = transport.bytes_sent
-        dq, dk, dv = _BACKWARD[comm](
-            dout, q, k, v, out, lse, transport,
-            is_causal=is_causal, scale=scale, layout=layout, kernel=kernel, stats=stats,
-        )  # fmt: skip
+        dq, dk, dv = variant.backward(dout, q, k, v, out, lse, transport, stats=stats, **variant.options)
         if stats is not None:
             stats.bytes_sent_backward += transport.bytes_sent - sent
-        return dq, dk, dv, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None
 
 
 def validate_attention_inputs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, layout: str, comm: str
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: LayoutLike,
+    comm: str,
+    cp: int = 1,
+    document_ids: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
 ) -> None:
-    """Check shapes, dtypes, layout and comm mode of local shards; raise ``ValueError`` naming the problem."""
+    """Check shapes, dtypes, layout, comm mode and mask of local shards; ``ValueError`` naming the problem."""
     validate_layout(layout)
     if comm not in COMM_MODES:
         raise ValueError(f"Unknown CP comm mode {comm!r}; expected one of {COMM_MODES}.")
@@ -357,6 +416,14 @@ def validate_attention_inputs(
             f"Local sequence length {q.shape[2]} must be a multiple of {per_rank} for layout {layout!r} "
             f"(each rank holds {per_rank} chunks of equal length)."
         )
+    if isinstance(layout, SequenceLayout):
+        validate_seq_len(q.shape[2] * cp, cp, layout)
+        if layout.batch != q.shape[0]:
+            raise ValueError(
+                f"{layout!r} was built for {layout.batch} batch rows but q has {q.shape[0]}; build the layout "
+                f"from this batch's document_ids."
+            )
+    validate_mask_inputs(document_ids, window_size, batch=q.shape[0], seq_len=q.shape[2] * cp)
 
 
 def _process_group(mesh: DeviceMesh | dist.ProcessGroup | None) -> dist.ProcessGroup | None:
@@ -379,52 +446,76 @@ def ring_attention(
     *,
     is_causal: bool = False,
     scale: float | None = None,
-    layout: str = "zigzag",
+    layout: LayoutLike = "zigzag",
     comm: str = "p2p",
+    document_ids: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
     backend: str | None = None,
     stats: RingStats | None = None,
 ) -> torch.Tensor:
     """Context-parallel scaled dot-product attention on local sequence shards; differentiable.
 
-    Equals ``F.scaled_dot_product_attention`` on the full sequence (GQA expanded), sharded by ``layout``.
+    Equals ``F.scaled_dot_product_attention`` on the full sequence (GQA expanded) with the mask below,
+    sharded by ``layout``.
 
     Args:
         q: (B, Hq, S_local, D) this rank's queries, in ``layout`` order (see :func:`cp_dtensor.shard_sequence`).
         k: (B, Hkv, S_local, D) this rank's keys; ``Hq % Hkv == 0`` (MHA, GQA, MQA).
         v: (B, Hkv, S_local, D) this rank's values.
-        mesh: the 1-D CP ``DeviceMesh`` (or its ``ProcessGroup``); ``None`` or size 1 means plain SDPA.
+        mesh: the 1-D CP ``DeviceMesh`` (or its ``ProcessGroup``); ``None`` or size 1 means one process.
         is_causal: causal (decoder) masking over global positions; otherwise bidirectional.
         scale: softmax scale; default ``1 / sqrt(D)``.
-        layout: ``"zigzag"`` (load-balanced causal) or ``"contiguous"``.
+        layout: ``"zigzag"`` (load-balanced causal), ``"contiguous"``, or a layout object from
+            :func:`cp_dtensor.balanced_layout`.
         comm: ``"p2p"`` (ring of isend/irecv, overlapped) or ``"allgather"`` (gather KV once).
+        document_ids: (B, S) integer ids of packed documents for the *global* sequence in natural order,
+            identical on every rank; a query sees only keys of its own document. Documents are contiguous.
+        window_size: ``(left, right)``: key j is visible from query i only if ``i - left <= j <= i + right``
+            (flash-attn's convention); -1 = unbounded.
         backend: kernel adapter name (``cpu_flash``, ``flash``, ``cudnn``, ``efficient``, ``math``);
             default from device and dtype.
         stats: optional :class:`RingStats` to accumulate bytes sent and work done on this rank.
 
-    With no group or a group of size 1 this is one ``F.scaled_dot_product_attention`` call: PyTorch picks
-    the kernel (``backend`` is not used) and ``stats`` stays untouched.
+    With documents or a window, only visible pairs are computed and only KV rows some query needs are
+    sent (Note [Masked ring]). Without them and with a named layout on one process this is one
+    ``F.scaled_dot_product_attention`` call (``backend`` and ``stats`` unused).
 
     Returns:
         (B, Hq, S_local, D) this rank's attention output shard.
     """
     group = _process_group(mesh)
-    if group is None or dist.get_world_size(group) == 1:
-        validate_attention_inputs(q, k, v, layout=layout, comm=comm)
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-        )
-    error: ValueError | None = None
-    try:
-        validate_attention_inputs(q, k, v, layout=layout, comm=comm)
-    except ValueError as e:
-        error = e
-    signature = CallSignature.of(
-        q, k, v, layout=layout, is_causal=is_causal, comm=comm, scale=scale, backend=backend
-    )
-    verify_call_across_ranks(group, signature, error)
-    if q.shape[2] == 0:  # an empty sequence on every rank (the check above): an empty result, like SDPA
+    cp = 1 if group is None else dist.get_world_size(group)
+    mask = AttentionMask(is_causal, tuple(window_size), document_ids)  # type: ignore[arg-type]
+    options = {
+        "layout": layout,
+        "comm": comm,
+        "cp": cp,
+        "document_ids": document_ids,
+        "window_size": window_size,
+    }
+    if cp == 1:
+        validate_attention_inputs(q, k, v, **options)
+        if mask.is_plain and isinstance(layout, str):
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+            )
+        transport: Transport = ThreadTransport(ThreadHub(1), 0)
+    else:
+        assert group is not None
+        error: ValueError | None = None
+        try:
+            validate_attention_inputs(q, k, v, **options)
+        except ValueError as e:
+            error = e
+        signature = CallSignature.of(
+            q, k, v, layout=layout_name(layout), is_causal=is_causal, comm=comm, scale=scale, backend=backend,
+            mask=mask.fingerprint(),
+        )  # fmt: skip
+        verify_call_across_ranks(group, signature, error)
+        transport = ProcessGroupTransport(group)
+    if q.shape[2] == 0:  # an empty sequence on every rank (checked above): an empty result, like SDPA
         return q * 0.0 + (k.sum() + v.sum()) * 0.0  # (B, Hq, 0, D), differentiable
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     kernel = select_kernel(q.device, q.dtype, backend)
-    transport = ProcessGroupTransport(group)
-    return _ContextParallelAttention.apply(q, k, v, transport, is_causal, scale, layout, comm, kernel, stats)
+    variant = select_variant(comm, layout, mask, scale, kernel, transport.rank, cp, q.shape[2])
+    return _ContextParallelAttention.apply(q, k, v, transport, variant, stats)

@@ -17,14 +17,14 @@ import torch
 
 from cp_dtensor.attention.comm import RingStats, ThreadHub, ThreadTransport
 from cp_dtensor.attention.kernels import select_kernel
-from cp_dtensor.attention.ring import (
-    allgather_backward,
-    allgather_forward,
-    ring_backward,
-    ring_forward,
-    validate_attention_inputs,
+from cp_dtensor.attention.mask import AttentionMask
+from cp_dtensor.attention.ring import select_variant, validate_attention_inputs
+from cp_dtensor.layout import (
+    LayoutLike,
+    shard_sequence_for_rank,
+    unshard_sequence_from_shards,
+    validate_seq_len,
 )
-from cp_dtensor.layout import shard_sequence_for_rank, unshard_sequence_from_shards, validate_seq_len
 
 __all__ = ["SimulationResult", "simulate_context_parallel_attention"]
 
@@ -66,8 +66,10 @@ def simulate_context_parallel_attention(
     grad_out: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
-    layout: str = "zigzag",
+    layout: LayoutLike = "zigzag",
     comm: str = "p2p",
+    document_ids: torch.Tensor | None = None,
+    window_size: tuple[int, int] = (-1, -1),
     backend: str | None = None,
     timeout_s: float = 300.0,
 ) -> SimulationResult:
@@ -77,7 +79,8 @@ def simulate_context_parallel_attention(
         q, k, v: full-sequence tensors in natural order.
         cp: number of simulated CP ranks.
         grad_out: if given, also run the backward with this output gradient.
-        is_causal, scale, layout, comm, backend: as for :func:`cp_dtensor.ring_attention`.
+        is_causal, scale, layout, comm, document_ids, window_size, backend: as for
+            :func:`cp_dtensor.ring_attention`.
         timeout_s: how long a simulated rank waits for a message before failing.
 
     Returns:
@@ -86,9 +89,8 @@ def simulate_context_parallel_attention(
     validate_seq_len(q.shape[2], cp, layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     kernel = select_kernel(q.device, q.dtype, backend)
-    forward, backward = (
-        (ring_forward, ring_backward) if comm == "p2p" else (allgather_forward, allgather_backward)
-    )
+    mask = AttentionMask(is_causal, tuple(window_size), document_ids)  # type: ignore[arg-type]
+    s_local = q.shape[2] // cp
     hub = ThreadHub(cp, timeout_s)
     results: list[dict[str, torch.Tensor] | None] = [None] * cp
     errors: list[BaseException] = []
@@ -97,15 +99,18 @@ def simulate_context_parallel_attention(
     def run_rank(rank: int) -> None:
         try:
             shard = [shard_sequence_for_rank(t, rank, cp, 2, layout) for t in (q, k, v)]
-            validate_attention_inputs(*shard, layout=layout, comm=comm)
+            validate_attention_inputs(
+                *shard, layout=layout, comm=comm, cp=cp, document_ids=document_ids, window_size=window_size
+            )
             transport = ThreadTransport(hub, rank)
-            opts = dict(is_causal=is_causal, scale=scale, layout=layout, kernel=kernel, stats=stats[rank])
-            out, lse = forward(*shard, transport, **opts)
+            variant = select_variant(comm, layout, mask, scale, kernel, rank, cp, s_local)
+            opts = dict(stats=stats[rank], **variant.options)
+            out, lse = variant.forward(*shard, transport, **opts)
             stats[rank].bytes_sent_forward = transport.bytes_sent
             res = {"out": out}
             if grad_out is not None:
                 dout = shard_sequence_for_rank(grad_out, rank, cp, 2, layout)
-                res["dq"], res["dk"], res["dv"] = backward(dout, *shard, out, lse, transport, **opts)
+                res["dq"], res["dk"], res["dv"] = variant.backward(dout, *shard, out, lse, transport, **opts)
                 stats[rank].bytes_sent_backward = transport.bytes_sent - stats[rank].bytes_sent_forward
             results[rank] = res
         except BaseException as e:  # surface the first failure, release the others
