@@ -236,14 +236,14 @@ def rank_segments(
             else:
                 merged.append((start, stop))
         return merged
-    pos = layout.rank_positions(rank)[row].tolist()
-    segments: list[tuple[int, int]] = []
-    for p in pos:
-        if segments and segments[-1][1] == p:
-            segments[-1] = (segments[-1][0], p + 1)
-        else:
-            segments.append((p, p + 1))
-    return segments
+    pos = layout.rank_positions(rank)[row]
+    if pos.numel() == 0:
+        return []
+    breaks = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1  # first slot of every later segment
+    starts = [0, *breaks.tolist()]
+    stops = [*breaks.tolist(), pos.numel()]
+    first = pos[starts].tolist()
+    return [(f, f + (b - a)) for f, a, b in zip(first, starts, stops)]
 
 
 def _rank_and_size(mesh: DeviceMesh | dist.ProcessGroup) -> tuple[int, int, dist.ProcessGroup]:

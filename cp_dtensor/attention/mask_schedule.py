@@ -105,17 +105,18 @@ def band_pieces(
     if n > 1:
         candidate[1:] |= code == -1
         candidate[2:] |= code[1:] != code[:-1]
-    cand = torch.nonzero(candidate).flatten().tolist()
-    ok_list = ok  # indexed sparsely below
+    cand_t = torch.nonzero(candidate).flatten()
+    cand, cand_ok = cand_t.tolist(), ok[cand_t].tolist()
     codes = code.tolist() if n > 1 else []
-    starts: list[int] = []
-    for i in cand:
-        if not bool(ok_list[i]):
-            starts.append(-i - 1)  # an empty row: ends the run before it, is not part of any run
-            continue
-        if i == 0 or codes[i - 1] == -1 or not starts or starts[-1] != i - 1:
+    # Walk the candidates: an empty row ends the current run (and is in none; empty rows are always
+    # candidates, since the transition into them is invalid); a row after an invalid transition starts a
+    # run; a row where the code changes starts one unless the row before it just started one.
+    starts: list[int] = []  # run starts, and -(row + 1) for empty rows
+    for i, row_ok in zip(cand, cand_ok):
+        if not row_ok:
+            starts.append(-i - 1)
+        elif i == 0 or codes[i - 1] == -1 or not starts or starts[-1] != i - 1:
             starts.append(i)
-        # else: row i - 1 started a run whose code is codes[i - 1]; row i continues it
     pieces: list[tuple[int, int, int, int, PieceKind]] = []
     bounds = [*starts, n]
     for k, p in enumerate(starts):
@@ -123,11 +124,6 @@ def band_pieces(
             continue
         nxt = bounds[k + 1]
         q = n if nxt == n else (-nxt - 1 if nxt < 0 else nxt)
-        # an empty row may follow inside [p, q): the run stops at the first empty row
-        if q - p > 1:
-            empties = torch.nonzero(~ok[p:q]).flatten()
-            if empties.numel():
-                q = p + int(empties[0])
         _run_pieces(pieces, low, high, p, q, codes[p] if q - p > 1 else 0, a)
     return pieces
 
@@ -301,22 +297,26 @@ def _build(mask: AttentionMask, layout: LayoutLike, cp: int, seq_len: int, rank:
     home = torch.zeros(s_local, dtype=torch.bool)
     for t in range(1, cp):
         home |= needed[(rank + t) % cp][rank]
-    pieces: list[list[Piece]] = []
-    for s in range(cp):
-        src = (rank - s) % cp
-        step: list[Piece] = []
-        for b in range(n_rows if row_dependent else 1):
-            lo_b, hi_b = lo[min(b, lo.shape[0] - 1)], hi[min(b, hi.shape[0] - 1)]
-            batch = slice(b, b + 1) if row_dependent else slice(0, None)
-            q_segs = rank_segments(layout, rank, cp, seq_len, b)
-            kv_segs = rank_segments(layout, src, cp, seq_len, b)
-            q_off, kv_off = _local_offsets(q_segs), _local_offsets(kv_segs)
-            for (qa, qb), qo in zip(q_segs, q_off):
-                for (ka, kb), ko in zip(kv_segs, kv_off):
-                    for q0, q1, k0, k1, kind in band_pieces(lo_b, hi_b, (qa, qb), (ka, kb)):
-                        q_rows = slice(q0 - qa + qo, q1 - qa + qo)
-                        step.append(Piece(batch, q_rows, slice(k0 - ka + ko, k1 - ka + ko), kind))
-        pieces.append(step)
+    pieces: list[list[Piece]] = [[] for _ in range(cp)]
+    for b in range(n_rows if row_dependent else 1):
+        lo_b, hi_b = lo[min(b, lo.shape[0] - 1)], hi[min(b, hi.shape[0] - 1)]
+        batch = slice(b, b + 1) if row_dependent else slice(0, None)
+        q_segs = rank_segments(layout, rank, cp, seq_len, b)
+        q_off = _local_offsets(q_segs)
+        q_start = torch.tensor([a for a, _ in q_segs])
+        q_stop = torch.tensor([z for _, z in q_segs])
+        span_lo, span_hi = lo_b[q_start], hi_b[q_stop - 1]  # keys any query of the segment may see
+        for s in range(cp):
+            kv_segs = rank_segments(layout, (rank - s) % cp, cp, seq_len, b)
+            kv_off = _local_offsets(kv_segs)
+            k_start = torch.tensor([a for a, _ in kv_segs])
+            k_stop = torch.tensor([z for _, z in kv_segs])
+            overlap = (span_lo[:, None] < k_stop[None, :]) & (span_hi[:, None] >= k_start[None, :])
+            for i, j in torch.nonzero(overlap).tolist():
+                (qa, qb), qo, (ka, kb), ko = q_segs[i], q_off[i], kv_segs[j], kv_off[j]
+                for q0, q1, k0, k1, kind in band_pieces(lo_b, hi_b, (qa, qb), (ka, kb)):
+                    q_rows = slice(q0 - qa + qo, q1 - qa + qo)
+                    pieces[s].append(Piece(batch, q_rows, slice(k0 - ka + ko, k1 - ka + ko), kind))
     return MaskedPlan(
         rank=rank,
         cp=cp,
