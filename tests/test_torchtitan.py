@@ -43,11 +43,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(nproc: int, dump: Path, *overrides: str) -> subprocess.Popen:
+def _launch(nproc: int, dump: Path, *overrides: str, config: Path = CONFIG) -> subprocess.Popen:
     """torchtitan's trainer through ``-m cp_dtensor.integrations.torchtitan`` on ``nproc`` CPU processes;
-    the degrees are in ``overrides`` (default: the config's, cp=2)."""
+    the degrees are in ``config`` (default: the repo's, cp=2) or ``overrides``."""
     port = _free_port()
-    entry = ["-m", "cp_dtensor.integrations.torchtitan", "--job.config_file", str(CONFIG)]
+    entry = ["-m", "cp_dtensor.integrations.torchtitan", "--job.config_file", str(config)]
     if nproc == 1:  # the entry point runs one process by itself (no torchrun agent to start)
         cmd = [sys.executable, *entry]
     else:
@@ -55,8 +55,12 @@ def _launch(nproc: int, dump: Path, *overrides: str) -> subprocess.Popen:
         cmd = [sys.executable, *launcher, *entry]
     args = [f"--job.dump_folder={dump}", *overrides]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(port)}
-    with (dump.parent / f"{dump.name}.log").open("w") as log:  # the child keeps its own copy of the fd
+    with _log_path(dump).open("w") as log:  # the child keeps its own copy of the fd
         return subprocess.Popen([*cmd, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _log_path(dump: Path) -> Path:
+    return dump.parent / f"{dump.name}.log"
 
 
 def _metrics(dump: Path) -> list[dict]:
@@ -80,6 +84,25 @@ def test_headtail_load_balancer_is_zigzag() -> None:
         cp_layout_for_load_balancer("ptrr")
 
 
+@needs_torchtitan
+def test_parallelize_checks_seq_len_and_refuses_compile_with_cp() -> None:
+    """The train spec's parallelize function validates before touching the model."""
+    from types import SimpleNamespace
+
+    from cp_dtensor.integrations.torchtitan import parallelize_llama  # first: torchtitan imports on CPU
+
+    dims = SimpleNamespace(cp=2, tp=1, cp_enabled=True)
+    job = importlib.import_module("torchtitan.config").JobConfig()  # torchtitan's, not cp_dtensor's
+    job.parallelism.context_parallel_load_balancer = "headtail"
+    job.training.seq_len = 250  # zigzag over cp=2: a multiple of 4
+    with pytest.raises(ValueError, match=r"training.seq_len=250 must be a multiple of 4 .*use 248 or 252"):
+        parallelize_llama(torch.nn.Module(), dims, job)
+    job.training.seq_len = 256
+    job.compile.enable = True
+    with pytest.raises(ValueError, match=r"torch\.compile of the model is not supported"):
+        parallelize_llama(torch.nn.Module(), dims, job)
+
+
 TRAINER_ARGS = ("--training.seq_len=256", "--training.steps=4", "--metrics.log_freq=1")
 
 
@@ -91,7 +114,7 @@ def torchtitan_cp1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
 
     def metrics() -> list[dict]:
         rc = proc.wait(timeout=300)
-        assert rc == 0, (dump.parent / "cp1.log").read_text()[-4000:]
+        assert rc == 0, _log_path(dump).read_text()[-4000:]
         return _metrics(dump)
 
     yield metrics
@@ -99,18 +122,17 @@ def torchtitan_cp1(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callabl
         proc.kill()
 
 
-def _check_parity(ref: list[dict], run: list[dict]) -> None:
-    assert [m["step"] for m in ref] == [m["step"] for m in run] == [1, 2, 3, 4]
+def _check_parity(ref: list[dict], run: list[dict], steps: int = 4) -> None:
+    assert [m["step"] for m in ref] == [m["step"] for m in run] == list(range(1, steps + 1))
     for a, b in zip(ref, run, strict=True):
         loss_a, loss_b = a["loss_metrics/global_avg_loss"], b["loss_metrics/global_avg_loss"]
         assert loss_b == pytest.approx(loss_a, rel=LOSS_RTOL), (a["step"], loss_a, loss_b)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=GRAD_NORM_RTOL), a["step"]
-    assert ref[-1]["loss_metrics/global_avg_loss"] < ref[0]["loss_metrics/global_avg_loss"]  # it trains
 
 
 def _run(nproc: int, dump: Path, *overrides: str) -> tuple[list[dict], str]:
     rc = _launch(nproc, dump, *TRAINER_ARGS, *overrides).wait(timeout=300)
-    log = (dump.parent / f"{dump.name}.log").read_text()
+    log = _log_path(dump).read_text()
     assert rc == 0, log[-4000:]
     return _metrics(dump), log
 
@@ -121,7 +143,9 @@ def test_torchtitan_trainer_cp2_matches_cp1(tmp_path: Path, torchtitan_cp1) -> N
     cp2, log = _run(2, tmp_path / "cp2", "--parallelism.context_parallel_degree=2")  # beside the cp=1 run
     assert "Applied cp_dtensor context parallelism (cp 2, layout zigzag, comm p2p)" in log  # our hooks
     assert "Applied Context Parallel to the model" not in log  # not torchtitan's (PyTorch's) CP
-    _check_parity(torchtitan_cp1(), cp2)
+    cp1 = torchtitan_cp1()
+    _check_parity(cp1, cp2)
+    assert cp1[-1]["loss_metrics/global_avg_loss"] < cp1[0]["loss_metrics/global_avg_loss"]  # it trains
 
 
 @needs_torchtitan
@@ -133,6 +157,125 @@ def test_torchtitan_trainer_tp2_cp2_matches_cp1(tmp_path: Path, torchtitan_cp1) 
     _check_parity(torchtitan_cp1(), tp2_cp2)
 
 
+# torchtitan 0.2.2's torchtitan/models/llama3/train_configs/debug_model.toml, changed only where marked "#!".
+STOCK_LLAMA3_DEBUG_CONFIG = """
+[job]
+dump_folder = "./outputs"
+description = "Llama 3 debug training"
+print_config = false
+
+[profiling]
+enable_profiling = false
+save_traces_folder = "profile_trace"
+profile_freq = 10
+enable_memory_snapshot = false
+save_memory_snapshot_folder = "memory_snapshot"
+
+[metrics]
+log_freq = 1
+disable_color_printing = false
+enable_tensorboard = false
+save_tb_folder = "tb"
+enable_wandb = false
+
+[model]
+name = "llama3"
+flavor = "debugmodel"
+# test folder with tokenizer.json, for debug purpose only
+hf_assets_path = "./tests/assets/tokenizer"
+# converters = ["float8"]
+
+[optimizer]
+name = "AdamW"
+lr = 8e-4
+eps = 1e-8
+
+[lr_scheduler]
+warmup_steps = 2  # lr scheduler warm up, normally 20% of the train steps
+decay_ratio = 0.8  # lr scheduler decay ratio, 80% of the train steps
+decay_type = "linear"
+min_lr_factor = 0.0
+
+[training]
+local_batch_size = 2  #! 8
+seq_len = 256  #! 2048
+max_norm = 1.0  # grad norm clipping
+steps = 3  #! 10
+dataset = "c4_test"  # supported datasets: c4_test (2K), c4 (177M)
+mixed_precision_param = "float32"  #! (default bfloat16) cp=1 and cp=2 stay comparable
+
+[parallelism]
+data_parallel_replicate_degree = 1
+data_parallel_shard_degree = -1
+fsdp_reshard_after_forward = "default" # default / never / always
+tensor_parallel_degree = 1
+enable_async_tensor_parallel = false
+pipeline_parallel_degree = 1
+pipeline_parallel_schedule = "Interleaved1F1B"
+context_parallel_degree = {cp}  #! 1
+context_parallel_load_balancer = "headtail"  #! (the default, written out)
+
+[checkpoint]
+enable = false
+folder = "checkpoint"
+interval = 10
+last_save_model_only = false
+export_dtype = "float32"
+async_mode = "disabled"  # ["disabled", "async", "async_with_pinned_mem"]
+
+[activation_checkpoint]
+mode = "selective"  # ["none", "selective", "full"]
+selective_ac_option = '2'  # 'int' = ac every positive int layer or 'op', ac based on ops policy
+
+[compile]
+enable=false
+components = ["model", "loss"]
+
+[quantize.linear.float8]
+enable_fsdp_float8_all_gather = false
+precompute_float8_dynamic_scale_for_fsdp = false
+filter_fqns = ["output"]
+
+[validation]
+enable = false
+dataset = "c4_validation"
+freq = 5
+steps = 10
+
+[debug]  #!
+seed = 0  #! the same initial weights for any degrees
+"""
+
+
+@needs_torchtitan
+def test_stock_llama3_config_gets_cp_dtensor_cp(tmp_path: Path) -> None:
+    """A stock torchtitan Llama 3 config (``[model] name = "llama3"``, no ``custom_config_module``, selective
+    AC) through our entry point: cp=2 runs cp_dtensor's CP and gives the losses of cp=1, step by step.
+
+    Only the data is overridden on the command line (``synthetic_recall``: no tokenizer, no download).
+    Tolerances as in the module docstring: losses within 1e-5 relative (the same fp32 math in another
+    order: the ring's log-sum-exp merge, FSDP's sum over the two CP ranks; selective AC recomputes the
+    same ops), gradient norms within 2e-4 (torchtitan's fp32 norm over whole tensors vs FSDP shards).
+    """
+    runs = {}
+    for cp in (1, 2):
+        config = tmp_path / f"llama3_debug_cp{cp}.toml"
+        config.write_text(STOCK_LLAMA3_DEBUG_CONFIG.replace("{cp}", str(cp)))
+        dump = tmp_path / f"cp{cp}"
+        runs[cp] = dump, _launch(cp, dump, "--training.dataset=synthetic_recall", config=config)
+    logs = {}
+    for cp, (dump, proc) in runs.items():  # both started: the two runs overlap
+        rc = proc.wait(timeout=300)
+        logs[cp] = _log_path(dump).read_text()
+        assert rc == 0, logs[cp][-4000:]
+    for log in logs.values():
+        assert 'model.name "llama3" is served by cp_dtensor\'s train spec' in log
+        assert "Applied Context Parallel to the model" not in log  # not torchtitan's (PyTorch's) CP
+    assert "Applied cp_dtensor context parallelism (cp 2, layout zigzag, comm p2p)" in logs[2]
+    assert "Applied cp_dtensor context parallelism" not in logs[1]
+    _check_parity(_metrics(runs[1][0]), _metrics(runs[2][0]), steps=3)
+
+
 @needs_torchtitan
 def test_adapter_is_torchtitans_llama3() -> None:
     """TorchtitanLlama3 (cp_dtensor's interface) computes what torchtitan's Transformer computes."""
@@ -142,7 +285,8 @@ def test_adapter_is_torchtitans_llama3() -> None:
     seq = 64
     adapter = cpt.build_torchtitan_llama3("debugmodel", seq_len=seq)
     adapter.init_weights(seed=0)
-    reference = cpt.tt_model.Transformer(adapter.model_args)  # torchtitan's own class
+    torchtitan_model = importlib.import_module("torchtitan.models.llama3.model.model")
+    reference = torchtitan_model.Transformer(adapter.model_args)  # torchtitan's own class
     assert set(reference.state_dict()) == set(adapter.state_dict())  # same parameter names
     reference.load_state_dict(adapter.state_dict())
     tokens = torch.randint(0, adapter.args.vocab_size, (2, seq))

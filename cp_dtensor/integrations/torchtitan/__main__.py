@@ -1,0 +1,11 @@
+"""``python -m cp_dtensor.integrations.torchtitan`` / ``torchrun ... -m cp_dtensor.integrations.torchtitan``.
+
+Python imports the package first (CPU fix 1, the train spec registered), then runs this file; ``main`` is
+the package's own object, so the train spec and the config class torchtitan imports by name are the ones
+registered here.
+"""
+
+from cp_dtensor.integrations.torchtitan import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""The train spec's data loader and tokenizer: cp_dtensor's local datasets, else torchtitan's HF ones.
+
+``training.dataset`` picks the data::
+
+    "synthetic_recall"  SyntheticRecallDataset(seq_len, flavor vocab)  -> GlobalBatchDataLoader, no tokenizer
+    "text"              TextDataset(training.dataset_path, seq_len)    -> GlobalBatchDataLoader, no tokenizer
+    anything else       torchtitan's build_text_dataloader             + torchtitan's HF tokenizer
+
+Both local datasets build each global batch from (dataset, seed, batch index) alone, so runs with other
+parallel degrees but the same global batch (``local_batch_size x dp``) see the same tokens. Nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torchtitan.components.dataloader import BaseDataLoader
+from torchtitan.components.tokenizer import BaseTokenizer
+from torchtitan.config import JobConfig as TorchtitanJobConfig
+from torchtitan.models import llama3 as tt_llama3
+
+from cp_dtensor.data import GlobalBatchLoader, SyntheticRecallDataset, TextDataset
+
+__all__ = ["LOCAL_DATASETS", "GlobalBatchDataLoader", "build_dataloader", "build_tokenizer"]
+
+LOCAL_DATASETS = ("synthetic_recall", "text")
+"""``training.dataset`` names served by cp_dtensor's datasets (they tokenize themselves)."""
+
+
+class GlobalBatchDataLoader(BaseDataLoader):
+    """torchtitan data loader over cp_dtensor's deterministic global batches (nothing is downloaded).
+
+    Every ``next`` yields this data-parallel rank's ``local_batch_size`` rows of the next global batch of
+    ``local_batch_size x dp_world_size`` rows, as torchtitan expects: ``({"input": tokens}, labels)``, both
+    (B, S) int64, labels -100 where no loss is taken. Batches depend only on (dataset, seed, batch index),
+    so runs with different parallel degrees but the same global batch see the same data.
+
+    Args:
+        dataset: a cp_dtensor map-style dataset (``SyntheticRecallDataset``, ``TextDataset``).
+        local_batch_size: rows per rank and microbatch.
+        dp_rank: this rank's position on torchtitan's "batch" mesh.
+        dp_world_size: the size of torchtitan's "batch" mesh.
+        seed: shuffling seed.
+    """
+
+    def __init__(
+        self, dataset: Any, *, local_batch_size: int, dp_rank: int, dp_world_size: int, seed: int
+    ) -> None:
+        self.loader = GlobalBatchLoader(dataset, local_batch_size * dp_world_size, seed=seed)
+        self.dp_rank = dp_rank
+        self.dp_world_size = dp_world_size
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
+        while True:
+            batch = next(self.loader)
+            rows = batch["tokens"].shape[0] // self.dp_world_size
+            mine = slice(self.dp_rank * rows, (self.dp_rank + 1) * rows)
+            yield {"input": batch["tokens"][mine]}, batch["labels"][mine]  # (B, S) each
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader position (identical on every rank)."""
+        return {"global_batch_loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume at the saved position (an empty state is a fresh start)."""
+        if state_dict:
+            self.loader.load_state_dict(state_dict["global_batch_loader"])
+
+
+def _flavor_vocab_size(job_config: TorchtitanJobConfig) -> int:
+    return tt_llama3.llama3_args[job_config.model.flavor].vocab_size
+
+
+def build_dataloader(
+    dp_world_size: int,
+    dp_rank: int,
+    tokenizer: BaseTokenizer | None,
+    job_config: TorchtitanJobConfig,
+    **kwargs: Any,
+) -> BaseDataLoader:
+    """The train spec's data loader: ``training.dataset`` picks it.
+
+    * ``"synthetic_recall"``: cp_dtensor's long-range recall task (answers ~0.9 x seq_len after their cue,
+      so the loss drops below chance only if attention crosses CP shards), vocabulary of the model flavor.
+    * ``"text"``: the byte-tokenized ``.txt`` / ``.jsonl`` files at ``training.dataset_path``.
+    * anything else: torchtitan's HuggingFace text loader (e.g. "c4", with ``model.hf_assets_path``).
+
+    Raises:
+        ValueError: ``"text"`` without ``training.dataset_path``, or a flavor vocabulary too small for bytes.
+    """
+    training = job_config.training
+    seed = job_config.debug.seed or 0
+    vocab_size = _flavor_vocab_size(job_config)
+    if training.dataset == "synthetic_recall":
+        dataset: Any = SyntheticRecallDataset(
+            training.seq_len, vocab_size, seed=seed, cue_repeats=max(4, training.seq_len // 64)
+        )
+    elif training.dataset == "text":
+        if not training.dataset_path:
+            raise ValueError('training.dataset = "text" needs training.dataset_path (a file or a folder).')
+        dataset = TextDataset(training.dataset_path, training.seq_len)
+        if dataset.vocab_size > vocab_size:
+            raise ValueError(
+                f"the byte tokenizer needs {dataset.vocab_size} ids but flavor {job_config.model.flavor!r} has "
+                f"vocab_size {vocab_size}."
+            )
+    else:
+        from torchtitan.hf_datasets.text_datasets import build_text_dataloader
+
+        return build_text_dataloader(dp_world_size, dp_rank, tokenizer, job_config, **kwargs)
+    return GlobalBatchDataLoader(
+        dataset,
+        local_batch_size=training.local_batch_size,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        seed=seed,
+    )
+
+
+def build_tokenizer(job_config: TorchtitanJobConfig) -> BaseTokenizer | None:
+    """None for cp_dtensor's local datasets (they tokenize themselves), else torchtitan's HF tokenizer."""
+    if job_config.training.dataset in LOCAL_DATASETS:
+        return None
+    from torchtitan.components.tokenizer import build_hf_tokenizer
+
+    return build_hf_tokenizer(job_config)
