@@ -1,4 +1,17 @@
-"""Measure the activation memory a forward pass keeps alive for backward."""
+"""Measure memory: what a forward keeps alive for backward, and the peak of live bytes inside a block.
+
+Note [Live-bytes tracker]
+~~~~~~~~~~~~~~~~~~~~~~~~~
+CPU has no allocator statistics like ``torch.cuda.max_memory_allocated``, so :func:`track_live_bytes`
+watches every op output inside a block (a ``TorchDispatchMode``) and keeps a weak reference to its storage::
+
+    op output -> storage (data_ptr, nbytes, weak ref)   new storage: live += nbytes
+    before each op: storages whose weak ref expired      freed:       live -= nbytes
+    peak = max(live) over the block
+
+Only storages created inside the block count (the inputs are the baseline), so the peak is the block's
+transient memory; a storage kept alive by autograd for backward stays live, as it should.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +22,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
+from torch.utils._pytree import tree_flatten
 
-__all__ = ["SavedTensorCounter", "count_saved_tensors"]
+__all__ = ["LiveBytes", "SavedTensorCounter", "count_saved_tensors", "track_live_bytes"]
 
 
 def _is_parameter_data(t: torch.Tensor) -> bool:
@@ -63,3 +78,46 @@ def count_saved_tensors() -> Iterator[SavedTensorCounter]:
     identity: Callable[[Any], Any] = lambda t: t  # noqa: E731
     with torch.autograd.graph.saved_tensors_hooks(counter.pack, identity):
         yield counter
+
+
+class LiveBytes(TorchDispatchMode):
+    """The live-bytes tracker of Note [Live-bytes tracker]; use through :func:`track_live_bytes`.
+
+    Attributes:
+        current: bytes of the storages created in the block that are still alive.
+        peak: the largest ``current`` seen.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _sweep(self) -> None:
+        for ptr, (ref, nbytes) in list(self._live.items()):
+            if ref.expired():
+                del self._live[ptr]
+                self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._sweep()
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                storage = t.untyped_storage()
+                ptr = storage.data_ptr()
+                if ptr and ptr not in self._live:
+                    self._live[ptr] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+@contextmanager
+def track_live_bytes() -> Iterator[LiveBytes]:
+    """Context manager: the peak of live bytes allocated by ops inside the block (CPU or any device)."""
+    tracker = LiveBytes()
+    with tracker:
+        yield tracker
+    tracker._sweep()

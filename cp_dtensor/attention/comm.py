@@ -21,7 +21,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Pending", "ProcessGroupTransport", "RingStats", "ThreadHub", "ThreadTransport", "Transport"]
+__all__ = [
+    "Pending",
+    "ProcessGroupTransport",
+    "RingStats",
+    "SendWindow",
+    "ThreadHub",
+    "ThreadTransport",
+    "Transport",
+]
 
 # Tags keep the KV stream and the dK/dV stream apart on transports that match messages by tag.
 KV_TAG = 11
@@ -65,6 +73,31 @@ class Pending:
             self._result = self._wait_fn()
             self._wait_fn = None
         return self._result
+
+
+class SendWindow:
+    """At most two sends in flight: posting one waits for the one before it (double buffering).
+
+    The ring's dK/dV accumulators are sent one per step; keeping every step's buffer alive until the end
+    would make transient memory grow with the CP degree. A send posted at step s - 1 has had a whole step
+    to complete, so waiting for it when step s posts its own costs nothing in the steady state.
+    """
+
+    def __init__(self, wait: Callable[[Pending], object]) -> None:
+        self._wait = wait
+        self._pending: Pending | None = None
+
+    def post(self, pending: Pending) -> None:
+        """Track ``pending`` and complete the send posted before it."""
+        previous, self._pending = self._pending, pending
+        if previous is not None:
+            self._wait(previous)
+
+    def drain(self) -> None:
+        """Complete the last send."""
+        if self._pending is not None:
+            self._wait(self._pending)
+            self._pending = None
 
 
 class Transport:

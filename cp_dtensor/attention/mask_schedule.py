@@ -329,7 +329,13 @@ def _build(mask: AttentionMask, layout: LayoutLike, cp: int, seq_len: int, rank:
         home_rows=_rows(home),
         needed_rows=[int(needed[rank][src].sum()) for src in range(cp)],
         shared_rows=[
-            _rows(functools.reduce(torch.logical_or, [needed[d][src] for d in range(cp) if d != src]))
+            _rows(
+                functools.reduce(
+                    torch.logical_or,
+                    [needed[d][src] for d in range(cp) if d != src],
+                    torch.zeros(s_local, dtype=torch.bool),
+                )
+            )
             for src in range(cp)
         ],
     )

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from cp_dtensor.attention.comm import DKV_TAG, KV_TAG, Pending, RingStats, Transport
+from cp_dtensor.attention.comm import DKV_TAG, KV_TAG, Pending, RingStats, SendWindow, Transport
 from cp_dtensor.attention.kernels import AttentionKernel
 from cp_dtensor.attention.mask_schedule import MaskedPlan, Piece, PieceKind, buffer_slice
 from cp_dtensor.attention.merge import accumulation_dtype, merge_block_
@@ -174,7 +174,7 @@ def masked_ring_backward(
     kv: torch.Tensor | None = _pack_kv(k, v)
     dkv_own = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)  # (2, B, Hkv, S_local, D)
     acc_shape = (2, *k.shape[:2])
-    sends: list[Pending] = []
+    sends = SendWindow(lambda p: _wait(p, stats))
     for step in range(plan.cp):
         # Order as in the unmasked ring: accumulator recv, then the KV exchange.
         acc_in = None
@@ -186,6 +186,7 @@ def masked_ring_backward(
             if kv is not None
             else _empty_exchange(transport, plan, q, k, step)
         )
+        sends.drain()  # the previous step's dK/dV buffer is free before this step computes
         grads = []
         for piece in plan.pieces[step]:
             assert kv is not None
@@ -211,7 +212,7 @@ def masked_ring_backward(
                     at = buffer_slice(rows_out, piece.kv)
                     acc[0][piece.batch, :, at] += dk
                     acc[1][piece.batch, :, at] += dv
-                sends.append(transport.send_recv(acc, None, acc_dtype, q.device, DKV_TAG))
+                sends.post(transport.send_recv(acc, None, acc_dtype, q.device, DKV_TAG))
         if step < plan.cp - 1:
             kv = _wait(pending_kv, stats)
     if plan.home_rows.numel():
@@ -219,8 +220,7 @@ def masked_ring_backward(
         home = _wait(transport.send_recv(None, shape, acc_dtype, q.device, DKV_TAG), stats)
         assert home is not None
         dkv_own.index_add_(3, plan.home_rows, home)
-    for pending in sends:
-        _wait(pending, stats)
+    sends.drain()
     return dq_acc.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
 
 

@@ -45,6 +45,7 @@ from cp_dtensor.attention.comm import (
     Pending,
     ProcessGroupTransport,
     RingStats,
+    SendWindow,
     ThreadHub,
     ThreadTransport,
     Transport,
@@ -177,11 +178,15 @@ def ring_backward(
     kv = _pack_kv(k, v)  # (2, B, Hkv, S_local, D)
     dq_acc: torch.Tensor | None = None  # (B, Hq, S_local, D), from step 0's block
     dkv_own: torch.Tensor | None = None  # (2, B, Hkv, S_local, D), this rank's own dK/dV, fp32
-    sends: list[Pending] = []
+    sends = SendWindow(lambda p: _wait(p, stats))
     for step, block in enumerate(schedule):
         # Order matters for order-matched transports: acc recv, then KV exchange (see the Note).
         acc_in = transport.recv(kv, DKV_TAG, dtype=acc_dtype) if step >= 2 else None
         pending_kv = transport.exchange(kv, KV_TAG) if step < cp - 1 else None
+        # The previous step's dK/dV send completes before this step computes (its receiver posted the
+        # matching recv first thing in its step), so one accumulator is in flight while one is filled:
+        # transient memory does not grow with the number of steps.
+        sends.drain()
         grads = None
         if block is not None:
             q_rows, kv_rows = block.q_part.rows(s_local), block.kv_part.rows(s_local)
@@ -200,21 +205,20 @@ def ring_backward(
             dkv_own = _new_dkv_accumulator(kv, acc_dtype, grads)  # all rows: one converting copy
         elif acc_in is None:  # step 1: this rank starts kv_src's accumulator
             dkv = _new_dkv_accumulator(kv, acc_dtype, grads)
-            sends.append(transport.send(dkv, DKV_TAG))
+            sends.post(transport.send(dkv, DKV_TAG))
         else:
             dkv = _wait(acc_in, stats)
             if grads is not None:
                 kv_rows, dk_blk, dv_blk = grads
                 dkv[0][:, :, kv_rows] += dk_blk
                 dkv[1][:, :, kv_rows] += dv_blk
-            sends.append(transport.send(dkv, DKV_TAG))
+            sends.post(transport.send(dkv, DKV_TAG))
         if pending_kv is not None:
             kv = _wait(pending_kv, stats)
     assert dq_acc is not None and dkv_own is not None
     if cp > 1:
         dkv_own += _wait(transport.recv(dkv_own, DKV_TAG), stats)
-    for pending in sends:
-        _wait(pending, stats)
+    sends.drain()
     return dq_acc.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
 
 
