@@ -7,6 +7,7 @@ Public API (stable names)::
     ring_attention(q, k, v, mesh, *, is_causal, scale, layout, comm, document_ids, window_size)
                                                                CP attention on local shards (masks exact)
     balanced_layout(document_ids, cp, *, is_causal, window_size)  a layout object balancing packed documents
+    document_attention(q, k, v, *, document_ids, window_size)  SDPA with document / window masks (CP-aware)
     ParallelDims(dp=-1, pp=1, cp=1, tp=1, world_size=...)      degrees -> .build_mesh() 4-D mesh
     ContextParallelAttention(mesh=None, layout=..., comm=...)  a mode: SDPA inside -> ring op
     ContextParallel(layout=..., comm=...)                      ParallelStyle: SDPA inside a module -> ring op
@@ -19,7 +20,8 @@ Public API (stable names)::
 
 from cp_dtensor.attention import RingStats, ring_attention, simulate_context_parallel_attention
 from cp_dtensor.attention.dispatch import ContextParallelAttention, context_parallel_sdpa
-from cp_dtensor.balance import balanced_layout
+from cp_dtensor.attention.functional import document_attention
+from cp_dtensor.balance import BalancedLayoutRule, balanced_layout, layout_work
 from cp_dtensor.context_parallel import apply_context_parallel, build_context_parallel_plan
 from cp_dtensor.inspect import format_sharding_table, inspect_sharding
 from cp_dtensor.layout import LAYOUTS, SequenceLayout, sequence_positions, shard_sequence, unshard_sequence
@@ -29,6 +31,7 @@ from cp_dtensor.styles import ContextParallel, PrepareSequenceShards
 
 __all__ = [
     "LAYOUTS",
+    "BalancedLayoutRule",
     "ContextParallel",
     "ContextParallelAttention",
     "ParallelDims",
@@ -39,8 +42,10 @@ __all__ = [
     "balanced_layout",
     "build_context_parallel_plan",
     "context_parallel_sdpa",
+    "document_attention",
     "format_sharding_table",
     "inspect_sharding",
+    "layout_work",
     "ring_attention",
     "sequence_positions",
     "shard_batch",

@@ -5,8 +5,8 @@ Note [Balanced layout]
 Each query's attention work is its number of visible keys ``w(i)`` (Note [Visible intervals]). Every rank
 must hold exactly ``C = S / cp`` tokens of a row, and we want each rank's work near ``W / cp``. Per row:
 
-1. Order the documents by work per token (light -> heavy, ties in natural order) and lay their tokens out
-   end to end, each document in natural order: the *flat* order. Documents stay whole in it::
+1. Items are whole documents. Order them by work per token (light -> heavy, ties in natural order) and lay
+   their tokens end to end, each item in natural order: the *flat* order::
 
        natural:  | a a | b b b b b b b b | c | d d d |        (causal: w = offset in document + 1)
        flat:     | c | a a | d d d | b b b b b b b b |
@@ -15,7 +15,7 @@ must hold exactly ``C = S / cp`` tokens of a row, and we want each rank's work n
 2. Ranks 0 .. cp-2 in turn take ``C - h`` tokens from the light end and ``h`` from the heavy end, i.e. two
    runs of the flat order. ``h`` (0 .. C, all tried at once) is the one whose work brings the running
    total closest to ``(r + 1) W / cp``; among the ``h`` that keep it within ``tolerance * W / cp``, the one
-   that cuts the fewest documents (a cut on a document boundary is free) wins, then the closest::
+   that cuts the fewest documents (a run end on a document boundary is free) wins, then the closest::
 
        flat:     | c | a a | d d d | b b b b b b b b |
        rank 0:     [C - h    )                 [  h  )
@@ -24,16 +24,31 @@ must hold exactly ``C = S / cp`` tokens of a row, and we want each rank's work n
 
 3. The last rank takes the middle that is left. A rank's positions are sorted, so its local shard keeps
    natural order (the causal mask inside a shard is a lower triangle per document).
+4. If some rank ends above ``1 + 2 x tolerance + 0.005`` times the mean, plan again with items cut into
+   pieces of at most C, C/2, ..., C/8 tokens (piece starts at multiples of the length within each document);
+   the first plan within that bound wins, else the most balanced one, or zigzag if that is better still
+   (shards of a few tokens, where token granularity rules).
+5. Rows (B > 1) are planned one by one; each row's heaviest rank block goes to the rank with the least
+   work so far, so the totals over rows balance even better than each row.
 
-Only the 2 (cp - 1) run ends can fall inside a document, so at most that many cuts in all: short documents
-stay whole on one rank unless a cut lands in one, and a long document becomes a few long contiguous pieces
-(for a sliding window only the last ``left`` keys before each cut cross ranks). For one causal document
-the flat order is the natural order and the best ``h`` is ``C / 2``: exactly zigzag. The running target
-keeps every rank within ``1 +- 2 x tolerance`` of the mean (plus one token's work when no ``h`` is within
-tolerance). Cost: a few sorts of S and ``cp`` vectorized steps of ``C + 1`` candidates per row.
+Why it balances: if the flat order had non-decreasing token work, the C lightest and the C heaviest
+remaining tokens would bracket every target (zigzag's argument). Whole documents are close to that unless
+several causal documents each span many ranks: a half-eaten long document leaves light tokens at the
+heavy end. Pieces of at most C tokens restore the near-monotone order (step 4), at the price of a few more
+cuts. The running target keeps every rank within ``1 +- 2 x tolerance`` of the mean while the targets are
+bracketed. For one causal document the flat order is the natural order and the best ``h`` is ``C / 2``:
+exactly zigzag.
+
+Why it communicates little: only the 2 (cp - 1) run ends (and, after step 4, piece starts where two
+ranks meet) can fall inside a document, so short documents stay whole on one rank unless a run end lands
+in one, and a long document becomes a few long contiguous pieces (for a sliding window only the last
+``left`` keys before each cut cross ranks). Cost per row and plan: vectorized passes over the S tokens,
+one sort of the items, and cp - 1 vectorized steps over C + 1 candidates.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -41,6 +56,7 @@ from cp_dtensor.attention.mask import AttentionMask, validate_mask_inputs
 from cp_dtensor.layout import LayoutLike, SequenceLayout, layout_permutation, validate_seq_len
 
 __all__ = [
+    "BalancedLayoutRule",
     "balanced_layout",
     "count_split_documents",
     "layout_crossing_kv_rows",
@@ -56,7 +72,9 @@ def _validate(
     document_ids: torch.Tensor, cp: int, is_causal: bool, window_size: tuple[int, int], tolerance: float
 ) -> None:
     if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
-        raise ValueError(f"cp must be an integer >= 1 (the CP group size, e.g. mesh['cp'].size()), got {cp!r}.")
+        raise ValueError(
+            f"cp must be an integer >= 1 (the CP group size, e.g. mesh['cp'].size()), got {cp!r}."
+        )
     if not isinstance(is_causal, bool):
         raise ValueError(f"is_causal must be True or False, got {is_causal!r}.")
     if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0 <= tolerance < 1:
@@ -90,8 +108,9 @@ def balanced_layout(
         cp: the CP group size; S must be a multiple of it.
         is_causal: the mask the layout is balanced for (as in the attention call).
         window_size: ``(left, right)`` sliding window as in flash-attn; -1 = unbounded.
-        tolerance: how far (fraction of the mean) a rank's running work may drift from its target to avoid
-            cutting a document; 0 balances as exactly as token granularity allows.
+        tolerance: how far (fraction of the mean) the running work may drift from its target to avoid
+            cutting a document; each rank then ends within ``1 +- 2 x tolerance`` of the mean. 0 balances as
+            exactly as token granularity allows (more documents cut).
 
     Returns:
         A :class:`SequenceLayout` named ``"balanced"``: each rank holds S / cp positions of every row, in
@@ -106,40 +125,99 @@ def balanced_layout(
     batch, seq_len = ids.shape
     work = AttentionMask(is_causal, tuple(window_size), ids).visible_counts(seq_len).expand(batch, seq_len)
     positions = torch.empty(batch, seq_len, dtype=torch.int64)
+    totals = torch.zeros(cp, dtype=torch.int64)  # work of each rank over the rows planned so far
     for row in range(batch):
-        positions[row] = _balance_row(ids[row], work[row], cp, tolerance)
+        row_positions, row_work = _plan_row(ids[row], work[row], cp, tolerance)
+        rank_of_block = torch.arange(cp)  # step 5: later rows deal their heaviest block to the lightest rank
+        if row > 0:
+            rank_of_block[row_work.argsort(descending=True, stable=True)] = totals.argsort(stable=True)
+        positions[row].view(cp, -1)[rank_of_block] = row_positions.view(cp, -1)
+        totals[rank_of_block] += row_work
     return SequenceLayout(positions, cp, "balanced")
 
 
-def _balance_row(ids: torch.Tensor, work: torch.Tensor, cp: int, tolerance: float) -> torch.Tensor:
-    """(S,) positions of one row, rank by rank (Note [Balanced layout]); ``work`` (S,) int64.
+REFINE_SLACK = 0.005
+"""Step 4 of Note [Balanced layout] replans when max / mean exceeds ``1 + 2 x tolerance + REFINE_SLACK``."""
 
-    A few vectorized passes over the S tokens (sorting only the D documents), then cp - 1 steps over
-    C + 1 candidates each, then one expansion of the chosen runs back to positions.
+
+def _plan_row(
+    ids: torch.Tensor, work: torch.Tensor, cp: int, tolerance: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plan one row: whole documents first, then shorter pieces (Note [Balanced layout], step 4).
+
+    Returns:
+        (S,) positions, rank by rank and increasing within a rank, and (cp,) int64 work of each rank.
     """
     seq_len = ids.numel()
     local = seq_len // cp
+    pos = torch.arange(seq_len, dtype=torch.int64)
     if local == 0 or cp == 1:
-        return torch.arange(seq_len, dtype=torch.int64)
-    boundary = torch.ones(seq_len, dtype=torch.bool)
-    boundary[1:] = ids[1:] != ids[:-1]
-    starts = boundary.nonzero().view(-1)  # (D,) natural order
-    lengths = torch.diff(starts, append=starts.new_tensor([seq_len]))  # (D,)
+        return pos, work.view(cp, local).sum(dim=1)
+    doc_start = torch.ones(seq_len, dtype=torch.bool)
+    doc_start[1:] = ids[1:] != ids[:-1]  # (S,) first token of a document
     prefix = torch.zeros(seq_len + 1, dtype=torch.int64)
     prefix[1:] = work.cumsum(0)  # (S + 1,) work of tokens [0, i)
-    doc_work = prefix[starts + lengths] - prefix[starts]  # (D,)
+    bound = (1 + 2 * tolerance + REFINE_SLACK) * float(prefix[-1]) / cp
+    best = (pos, torch.full((cp,), int(prefix[-1]) + 1))  # worse than any plan
+    item_start, offset = doc_start, None
+    for piece in (None, local, local // 2, local // 4, local // 8):
+        if piece is not None:
+            if offset is None:  # only needed when whole documents do not balance
+                offset = pos - torch.where(doc_start, pos, 0).cummax(0).values  # (S,) offset in its document
+            if piece < 1 or bool((offset < piece).all()):
+                continue  # pieces that cut nothing: the same plan as whole documents
+            item_start = doc_start | (offset % piece == 0)
+        plan = _balance_row(item_start, doc_start, work, prefix, cp, tolerance)
+        if plan[1].max() < best[1].max():
+            best = plan
+        if plan[1].max() <= bound:
+            return plan
+    if seq_len % (2 * cp) == 0:  # tiny shards: token granularity rules; never worse than zigzag
+        zigzag = layout_permutation(seq_len, cp, "zigzag")
+        zigzag_work = work[zigzag].view(cp, local).sum(dim=1)
+        if zigzag_work.max() < best[1].max():
+            best = (zigzag, zigzag_work)
+    return best
 
-    # 1. flat order: documents light -> heavy per token; extended by a sentinel document at flat S
-    order = torch.sort(doc_work.double() / lengths.double(), stable=True).indices  # (D,)
+
+def _balance_row(
+    item_start: torch.Tensor,
+    doc_start: torch.Tensor,
+    work: torch.Tensor,
+    prefix: torch.Tensor,
+    cp: int,
+    tolerance: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1-3 of Note [Balanced layout] for one row and one choice of items.
+
+    Args:
+        item_start: (S,) bool, True at the first token of each item (document or piece).
+        doc_start: (S,) bool, True at the first token of each document.
+        work: (S,) int64 visible keys of each query.
+        prefix: (S + 1,) int64 cumulative ``work``.
+        cp: the CP size (>= 2, with S / cp >= 1).
+        tolerance: as in :func:`balanced_layout`.
+
+    Returns:
+        (S,) positions, rank by rank and increasing within a rank, and (cp,) int64 work of each rank.
+    """
+    seq_len = work.numel()
+    local = seq_len // cp
+    starts = item_start.nonzero().view(-1)  # (D,) items in natural order
+    lengths = torch.diff(starts, append=starts.new_tensor([seq_len]))  # (D,)
+    item_work = prefix[starts + lengths] - prefix[starts]  # (D,)
+
+    # 1. flat order: items light -> heavy per token; extended by a sentinel item at flat slot S
+    order = torch.sort(item_work.double() / lengths.double(), stable=True).indices  # (D,)
     flat_len = lengths[order]
     flat_start = torch.cat([flat_len.cumsum(0) - flat_len, flat_len.new_tensor([seq_len])])  # (D + 1,)
-    flat_src = torch.cat([starts[order], starts.new_tensor([seq_len])])  # natural start of each
+    flat_src = torch.cat([starts[order], starts.new_tensor([seq_len])])  # natural start of each item
     flat_token = torch.repeat_interleave(flat_src[:-1] - flat_start[:-1], flat_len, output_size=seq_len)
     flat_token += torch.arange(seq_len, dtype=torch.int64)  # (S,) token at each flat slot
     flat_prefix = torch.zeros(seq_len + 1, dtype=torch.int64)
     flat_prefix[1:] = work[flat_token].cumsum(0)  # (S + 1,) work of flat[:q]
-    inside = torch.ones(seq_len + 1, dtype=torch.bool)
-    inside[flat_start] = False  # (S + 1,) a run end at flat slot q cuts a document
+    inside = torch.zeros(seq_len + 1, dtype=torch.bool)
+    inside[:seq_len] = ~doc_start[flat_token]  # (S + 1,) a run end at flat slot q cuts a document
 
     # 2. ranks 0 .. cp-2: C - h tokens from the light end, h from the heavy end; candidates h = 0 .. C are
     # contiguous flat slots, so each is a reversed slice: light end at light_lo + C - h, heavy at heavy_hi - h
@@ -148,6 +226,7 @@ def _balance_row(ids: torch.Tensor, work: torch.Tensor, cp: int, tolerance: floa
     h = torch.arange(local + 1, dtype=torch.int64)  # (C + 1,)
     runs: list[tuple[int, int, int]] = []  # (flat start, flat stop, rank)
     light_lo, heavy_hi, done = 0, seq_len, 0
+    works = torch.empty(cp, dtype=torch.int64)
     for rank in range(cp - 1):
         light = slice(light_lo, light_lo + local + 1)
         heavy = slice(heavy_hi - local, heavy_hi + 1)
@@ -161,11 +240,13 @@ def _balance_row(ids: torch.Tensor, work: torch.Tensor, cp: int, tolerance: floa
             miss = miss.masked_fill(~ok | (cuts != fewest), float("inf"))
         pick = int(miss.argmin())  # h[pick] == pick
         runs += [(light_lo, light_lo + local - pick, rank), (heavy_hi - pick, heavy_hi, rank)]
+        works[rank] = taken[pick]
         done += int(taken[pick])
         light_lo += local - pick
         heavy_hi -= pick
     runs.append((light_lo, heavy_hi, cp - 1))  # 3. the rest: last rank
-    return _expand(runs, flat_start, flat_src, seq_len)
+    works[cp - 1] = int(flat_prefix[-1]) - done
+    return _expand(runs, flat_start, flat_src, seq_len), works
 
 
 def _expand(
@@ -175,11 +256,11 @@ def _expand(
     runs = sorted(run for run in runs if run[1] > run[0])
     run_start = torch.tensor([run[0] for run in runs], dtype=torch.int64)  # (R,) they tile [0, S)
     run_rank = torch.tensor([run[2] for run in runs], dtype=torch.int64)
-    # segments: pieces of the flat order inside one document and one run
+    # segments: stretches of the flat order inside one item and one run
     cuts = torch.unique(torch.cat([flat_start[:-1], run_start]))  # (G,) sorted
     seg_len = torch.diff(cuts, append=cuts.new_tensor([seq_len]))
-    doc = torch.searchsorted(flat_start, cuts, right=True) - 1
-    seg_src = flat_src[doc] + cuts - flat_start[doc]  # natural start of each segment
+    item = torch.searchsorted(flat_start, cuts, right=True) - 1
+    seg_src = flat_src[item] + cuts - flat_start[item]  # natural start of each segment
     seg_rank = run_rank[torch.searchsorted(run_start, cuts, right=True) - 1]
     order = torch.argsort(seg_rank * seq_len + seg_src)  # by rank, then position
     seg_src, seg_len = seg_src[order], seg_len[order]
@@ -254,3 +335,32 @@ def count_split_documents(layout: SequenceLayout, document_ids: torch.Tensor) ->
     low = torch.full((n_docs,), layout.cp).scatter_reduce_(0, doc.view(-1), owner.view(-1), "amin")
     high = torch.full((n_docs,), -1).scatter_reduce_(0, doc.view(-1), owner.view(-1), "amax")
     return int((low != high).sum())
+
+
+@dataclass(frozen=True)
+class BalancedLayoutRule:
+    """A layout *rule* for CP styles: ``rule(document_ids, cp)`` is the batch's balanced layout.
+
+    Each row is planned on its own (``balanced_layout`` of that row), so any subset of rows - a pipeline
+    microbatch, an accumulation chunk - gets exactly the permutations the whole batch was sharded with.
+    Give the same rule to :func:`cp_dtensor.shard_batch` (``layout=rule(document_ids, cp)``) and to the
+    :class:`~cp_dtensor.ContextParallel` style (``layout=rule``); the style checks every call's positions
+    against it, so a batch sharded otherwise raises instead of attending wrongly.
+
+    Attributes:
+        is_causal, window_size: the mask the layout balances (for models mixing local and global layers,
+            balance the global ones: the default).
+    """
+
+    is_causal: bool = True
+    window_size: tuple[int, int] = (-1, -1)
+
+    def __call__(self, document_ids: torch.Tensor, cp: int) -> SequenceLayout:
+        """The layout of ``document_ids`` (B, S) over ``cp`` ranks, row by row."""
+        rows = [
+            balanced_layout(
+                document_ids[b : b + 1], cp, is_causal=self.is_causal, window_size=self.window_size
+            )
+            for b in range(document_ids.shape[0])
+        ]
+        return SequenceLayout(torch.cat([r.positions for r in rows]), cp, name="balanced")

@@ -71,8 +71,9 @@ def apply_tp(model: Transformer, parallel_dims: ParallelDims) -> None:
     parallelize_module(model, tp_mesh, root_plan)
     block_plan = {
         "attention_norm": SequenceParallel(),
+        # attention(x, rope, document_ids, positions): only x is sequence-parallel over tp
         "attention": PrepareModuleInput(
-            input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)
+            input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
         ),
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),

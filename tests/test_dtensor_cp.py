@@ -285,7 +285,7 @@ def test_inspection_shows_sequence_sharded_blocks_and_attention(cp: int, tp: int
         for is_dt, *_, local, _global in res["block_in"]:
             assert not is_dt and local == (2, 32 // (cp * tp), 64)
         # q, k, v reach SDPA as local shards (layout known to the CP style); only Hkv heads travel.
-        for q, k, v in res["sdpa_in"]:
+        for q, k, v, *_ in res["sdpa_in"]:
             assert not q[0] and q[4] == (2, 4 // tp, 32 // cp, 16)
             assert k[4] == v[4] == (2, 2 // tp, 32 // cp, 16)
         # FSDP over dp x cp (and TP over tp) owns the weights; with TP, FSDP shards the already

@@ -48,7 +48,7 @@ def test_sdpa_module_receives_unrepeated_kv_heads() -> None:
     seen: list[tuple[torch.Size, torch.Size, torch.Size]] = []
     sdpa = model.layers["0"].attention.sdpa
     assert isinstance(sdpa, ScaledDotProductAttention)
-    sdpa.register_forward_pre_hook(lambda _m, args: seen.append(tuple(a.shape for a in args)))
+    sdpa.register_forward_pre_hook(lambda _m, args: seen.append(tuple(a.shape for a in args[:3])))
     model(torch.randint(0, 512, (2, 16)))
     (q_shape, k_shape, v_shape) = seen[0]
     assert q_shape == (2, 4, 16, 16)  # (B, Hq, S, D)

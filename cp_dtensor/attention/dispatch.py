@@ -40,9 +40,10 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.overrides import TorchFunctionMode
 
 from cp_dtensor.attention.comm import RingStats
+from cp_dtensor.attention.functional import document_attention
 from cp_dtensor.attention.mask import validate_mask_inputs
 from cp_dtensor.attention.ring import COMM_MODES, ring_attention
-from cp_dtensor.layout import LayoutLike, validate_layout
+from cp_dtensor.layout import LayoutLike, layout_name, sequence_positions, tensor_digest, validate_layout
 
 __all__ = ["ContextParallelAttention", "context_parallel_sdpa"]
 
@@ -203,7 +204,7 @@ class ContextParallelAttention(TorchFunctionMode):
         stats: RingStats | None = None,
     ) -> None:
         super().__init__()
-        if layout is not None:
+        if layout is not None and not callable(layout):
             validate_layout(layout)
         validate_mask_inputs(
             document_ids, window_size, batch=0 if document_ids is None else document_ids.shape[0],
@@ -211,6 +212,7 @@ class ContextParallelAttention(TorchFunctionMode):
         )  # fmt: skip
         self.document_ids = document_ids
         self.window_size = tuple(window_size)
+        self._rule_cache: dict[tuple, LayoutLike] = {}
         if comm not in COMM_MODES:
             raise ValueError(f"Unknown CP comm mode {comm!r}; expected one of {COMM_MODES}.")
         self.group = _cp_group(mesh, cp_axis) if mesh is not None else None
@@ -228,6 +230,8 @@ class ContextParallelAttention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is document_attention:
+            return self._document_attention(*args, **kwargs)
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         call = dict(_SDPA_DEFAULTS)
@@ -265,6 +269,68 @@ class ContextParallelAttention(TorchFunctionMode):
             comm=self.comm, document_ids=self.document_ids, window_size=self.window_size,
             backend=self.backend, stats=self.stats,
         )  # fmt: skip
+
+    def _layout_for(self, document_ids: torch.Tensor | None, cp: int) -> LayoutLike:
+        """This call's layout: the fixed one, or the layout rule applied to the batch's document ids."""
+        layout = self.layout if self.layout is not None else "zigzag"
+        if not callable(layout):
+            return layout
+        if document_ids is None:
+            raise ValueError(
+                f"The CP layout rule {layout!r} derives the layout from document ids, but the attention call "
+                f"passed none; pass document_ids or use a fixed layout."
+            )
+        key = (tensor_digest(document_ids), cp)
+        if key not in self._rule_cache:
+            self._rule_cache.clear()  # one batch at a time: every layer of a step uses the same ids
+            self._rule_cache[key] = layout(document_ids, cp)
+        return self._rule_cache[key]
+
+    def _document_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        document_ids: torch.Tensor | None = None,
+        window_size: tuple[int, int] = (-1, -1),
+        is_causal: bool = True,
+        scale: float | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """:func:`document_attention` on this rank's local shards (Note [Document attention])."""
+        if any(isinstance(t, DTensor) for t in (query, key, value)):
+            raise ValueError(
+                "document_attention takes this rank's local q, k, v shards (the ContextParallel style's "
+                "case); for sequence-sharded DTensors use F.scaled_dot_product_attention inside "
+                "ContextParallelAttention(document_ids=..., window_size=...)."
+            )
+        if self.group is None:
+            raise ValueError(
+                "document_attention inside a ContextParallelAttention that holds no mesh: pass the CP mesh "
+                "(or apply the cp_dtensor.ContextParallel style) so the local shards can be attended as such."
+            )
+        cp = dist.get_world_size(self.group)
+        layout = self._layout_for(document_ids, cp)
+        if positions is not None:
+            self._check_positions(positions, layout, cp, query.shape[2])
+        return ring_attention(
+            query, key, value, self.group, is_causal=is_causal, scale=scale, layout=layout, comm=self.comm,
+            document_ids=document_ids, window_size=window_size, backend=self.backend, stats=self.stats,
+        )  # fmt: skip
+
+    def _check_positions(self, positions: torch.Tensor, layout: LayoutLike, cp: int, s_local: int) -> None:
+        """The tokens' positions must be those the layout gives this rank: never attend a mis-sharded batch."""
+        rank = dist.get_rank(self.group)
+        expected = sequence_positions(s_local * cp, rank, cp, layout).to(positions.device)
+        got = positions if positions.dim() == 2 else positions.unsqueeze(0)
+        want = expected if expected.dim() == 2 else expected.unsqueeze(0)
+        if got.shape[-1] != want.shape[-1] or not bool((got == want).all()):
+            raise ValueError(
+                f"CP rank {rank} holds tokens at positions {got[0, :6].tolist()}... but the CP attention's "
+                f"layout {layout_name(layout)} gives it {want[0, :6].tolist()}...: shard the batch with the "
+                f"same layout as the ContextParallel style (cp_dtensor.shard_batch(..., layout=...))."
+            )
 
     @staticmethod
     def _check_supported(call: dict[str, Any]) -> None:

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cp_dtensor.attention.functional import document_attention
+
 __all__ = [
     "LLAMA3_FLAVORS",
     "Attention",
@@ -74,6 +76,12 @@ class ModelArgs:
         max_seq_len: Longest sequence the model is meant for. The model does not allocate anything from it
             (RoPE is computed from positions on the fly); trainers and configs validate against it.
         causal: True for a decoder (causal attention), False for bidirectional (encoder) attention.
+        sliding_window: Attention window in tokens of the local layers (0 = none): a query sees the
+            ``sliding_window`` keys up to itself (causal) or that many on each side (bidirectional).
+        sliding_window_layers: Which layers are local: ``"all"``, or ``"alternate"`` (even layers local,
+            odd layers global, as several current open models do).
+
+    Packed documents are not a shape property: pass ``document_ids`` to the forward.
     """
 
     dim: int = 4096
@@ -87,8 +95,18 @@ class ModelArgs:
     rope_theta: float = 500000.0
     max_seq_len: int = 131072
     causal: bool = True
+    sliding_window: int = 0
+    sliding_window_layers: str = "all"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+            raise ValueError(
+                f"ModelArgs.sliding_window must be an int >= 0 (0 = off), got {self.sliding_window!r}"
+            )
+        if self.sliding_window_layers not in ("all", "alternate"):
+            raise ValueError(
+                f"ModelArgs.sliding_window_layers must be 'all' or 'alternate', got {self.sliding_window_layers!r}"
+            )
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -118,6 +136,14 @@ class ModelArgs:
             raise ValueError(
                 f"ModelArgs.ffn_dim_multiplier must be > 0 or None, got {self.ffn_dim_multiplier}"
             )
+
+    def window_size(self, layer_id: int) -> tuple[int, int]:
+        """``(left, right)`` attention window of layer ``layer_id`` (flash-attn convention; -1 = none)."""
+        local = self.sliding_window > 0 and (self.sliding_window_layers == "all" or layer_id % 2 == 0)
+        if not local:
+            return (-1, -1)
+        reach = self.sliding_window - 1 if self.causal else self.sliding_window
+        return (reach, 0 if self.causal else reach)
 
     @property
     def kv_heads(self) -> int:
@@ -363,34 +389,52 @@ def apply_rotary_emb(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
 class ScaledDotProductAttention(nn.Module):
     """The attention kernel as its own module, so parallel styles can be applied to it.
 
-    Its forward is exactly one call of `F.scaled_dot_product_attention`; context parallelism hooks this
-    module (or dispatches the SDPA call on DTensor inputs) to run ring attention instead.
+    Without documents or a window its forward is one call of ``F.scaled_dot_product_attention``; with
+    them, one call of :func:`cp_dtensor.document_attention` (exact, only visible pairs computed). Under
+    context parallelism the ``ContextParallel`` style turns either into the ring op.
 
     Args:
         causal: Whether attention is causal (decoder) or bidirectional.
+        window_size: ``(left, right)`` sliding window (-1 = unbounded).
     """
 
-    def __init__(self, causal: bool) -> None:
+    def __init__(self, causal: bool, window_size: tuple[int, int] = (-1, -1)) -> None:
         super().__init__()
         self.causal = causal
+        self.window_size = tuple(window_size)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attend `q` to `k`/`v`.
 
         Args:
             q: Queries (B, Hq, S, D).
             k: Keys (B, Hkv, S, D); Hq must be a multiple of Hkv.
             v: Values (B, Hkv, S, D).
+            document_ids: (B, S_global) ids of packed documents (natural order, the whole sequence), or None.
+            positions: (B, S) global positions of the tokens (checked against the CP layout under CP).
 
         Returns:
             Attention output (B, Hq, S, D).
         """
-        return F.scaled_dot_product_attention(
-            q, k, v, is_causal=self.causal, enable_gqa=q.shape[1] != k.shape[1]
-        )
+        if document_ids is None and self.window_size == (-1, -1):
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=self.causal, enable_gqa=q.shape[1] != k.shape[1]
+            )
+        return document_attention(
+            q, k, v, document_ids=document_ids, window_size=self.window_size, is_causal=self.causal,
+            positions=positions,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}"
+        window = "" if self.window_size == (-1, -1) else f", window_size={self.window_size}"
+        return f"causal={self.causal}{window}"
 
 
 class Attention(nn.Module):
@@ -400,7 +444,7 @@ class Attention(nn.Module):
         args: Model shape; uses dim, n_heads, n_kv_heads and causal.
     """
 
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, layer_id: int = 0) -> None:
         super().__init__()
         self.n_heads = args.n_heads
         self.n_kv_heads = args.kv_heads
@@ -409,14 +453,22 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.sdpa = ScaledDotProductAttention(args.causal)
+        self.sdpa = ScaledDotProductAttention(args.causal, args.window_size(layer_id))
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Self-attention over the sequence held by this process.
 
         Args:
             x: Hidden states (B, S, dim).
             rope: RoPE table (B or 1, S, head_dim // 2, 2) for the positions of `x`.
+            document_ids: (B, S_global) ids of packed documents, or None.
+            positions: (B, S) global positions of the tokens of `x` (for the CP layout check), or None.
 
         Returns:
             Output (B, S, dim).
@@ -431,7 +483,7 @@ class Attention(nn.Module):
         q = xq.transpose(1, 2)  # (B, Hq, S, D)
         k = xk.transpose(1, 2)  # (B, Hkv, S, D)
         v = xv.transpose(1, 2)  # (B, Hkv, S, D)
-        out = self.sdpa(q, k, v)  # (B, Hq, S, D)
+        out = self.sdpa(q, k, v, document_ids, positions)  # (B, Hq, S, D)
         out = out.transpose(1, 2).contiguous().view(bsz, seq_len, -1)  # (B, S, Hq * D)
         return self.wo(out)  # (B, S, dim)
 
@@ -499,21 +551,29 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.attention = Attention(args)
+        self.attention = Attention(args, layer_id)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: torch.Tensor,
+        document_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Apply the block.
 
         Args:
             x: Hidden states (B, S, dim).
             rope: RoPE table (B or 1, S, head_dim // 2, 2).
+            document_ids: (B, S_global) ids of packed documents, or None.
+            positions: (B, S) global positions of the tokens (for the CP layout check), or None.
 
         Returns:
             Hidden states (B, S, dim).
         """
-        h = x + self.attention(self.attention_norm(x), rope)  # (B, S, dim)
+        h = x + self.attention(self.attention_norm(x), rope, document_ids, positions)  # (B, S, dim)
         return h + self.feed_forward(self.ffn_norm(h))  # (B, S, dim)
 
     def init_weights(self, seed: int | None) -> None:
@@ -549,13 +609,21 @@ class Transformer(nn.Module):
         self.norm: RMSNorm | None = RMSNorm(args.dim, eps=args.norm_eps)
         self.output: nn.Linear | None = nn.Linear(args.dim, args.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run the model (or this pipeline stage of it).
 
         Args:
             tokens: Token ids (B, S) int64; hidden states (B, S, dim) when `tok_embeddings` is None.
             positions: Global token positions for RoPE, (B, S) or (S,) int64. Defaults to `arange(S)`.
                 Under context parallelism pass the positions of the local shard (they follow the layout).
+            document_ids: (B, S_global) int ids of the packed documents of each row, for the whole sequence
+                in natural order (under CP: not sharded, the same on every CP rank); a token then attends
+                only within its document. None: one document per row.
 
         Returns:
             Logits (B, S, vocab_size) in the dtype of `output` (fp32 for an fp32 model); the final hidden
@@ -576,7 +644,7 @@ class Transformer(nn.Module):
             positions = positions.unsqueeze(0)  # (1, S)
         rope = self.rope(positions)  # (B or 1, S, head_dim // 2, 2)
         for layer in self.layers.values():
-            h = layer(h, rope)  # (B, S, dim)
+            h = layer(h, rope, document_ids, positions)  # (B, S, dim)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None:
