@@ -5,7 +5,8 @@ Note [Atomic checkpoints]
 ::
 
     folder/
-      step-20/            published: DCP files + .metadata + manifest.json (names and sizes of all files)
+      step-20/            published: DCP files + .metadata + manifest.json (names and sizes of all files,
+                          the model's fingerprint: its name and every parameter's full shape)
       step-40/
       .step-60.tmp/       being written (or left by a crash): never loaded, removed by the next save
 
@@ -14,6 +15,8 @@ Note [Atomic checkpoints]
                  (an atomic rename on one file system)  -> retention (keep_latest_k)  -> barrier
     load():      newest published step first; a folder whose manifest is missing or whose files do not
                  match it, or that DCP cannot read, is reported and skipped in favour of the previous one.
+                 A checkpoint of another model (its fingerprint differs from this job's) stops the load
+                 with one line naming both models and the first difference, before any tensor is read.
 
 Model and optimizer state are DTensor state dicts keyed by fully qualified parameter names
 (``get_model_state_dict`` / flattened ``get_optimizer_state_dict``), so a checkpoint saved with one set of
@@ -43,7 +46,15 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-__all__ = ["CheckpointError", "CheckpointManager", "ModelState", "ObjectState", "OptimizerState"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointManager",
+    "ModelState",
+    "ObjectState",
+    "OptimizerState",
+    "fingerprint_mismatch",
+    "model_fingerprint",
+]
 
 MANIFEST = "manifest.json"
 _FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -104,6 +115,45 @@ class ObjectState(Stateful):
         self._put(state_dict)
 
 
+def model_fingerprint(model: nn.Module, name: str, settings: dict[str, str] | None = None) -> dict[str, Any]:
+    """What a checkpoint records about the model it was saved for: its name and every parameter's full shape.
+
+    Args:
+        model: the whole model before parallelization (a meta-device model is enough: only shapes are read).
+        name: how the model is called in messages, e.g. ``"llama3/debug"``.
+        settings: the config options that chose the model, e.g. ``{"model.flavor": "debug"}``; a mismatch
+            message tells which of them to set to resume.
+
+    Returns:
+        ``{"model": name, "settings": settings, "params": {fully qualified name: [full shape]}}``, JSON-ready.
+    """
+    params = {n: list(p.shape) for n, p in model.named_parameters()}
+    return {"model": name, "settings": dict(settings or {}), "params": params}
+
+
+def fingerprint_mismatch(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """The first difference between the parameters of two fingerprints, in words; None when they match.
+
+    Only names and shapes count: a checkpoint whose parameters fit loads even if its model name differs.
+    """
+    was, now = saved.get("params", {}), current.get("params", {})
+    shapes = [k for k in now if k in was and list(was[k]) != list(now[k])]
+    missing = [k for k in now if k not in was]
+    extra = [k for k in was if k not in now]
+    problems = []
+    if shapes:
+        k = shapes[0]
+        problems.append(f"{k} has shape {tuple(was[k])} in the checkpoint, {tuple(now[k])} here")
+    if missing:
+        problems.append(f"{missing[0]} is not in the checkpoint")
+    if extra:
+        problems.append(f"the checkpoint has {extra[0]}, this model does not")
+    if not problems:
+        return None
+    more = len(shapes) + len(missing) + len(extra) - len(problems)
+    return "; ".join(problems) + (f" (and {more} more difference(s))" if more else "")
+
+
 def _barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
@@ -149,8 +199,15 @@ class CheckpointManager:
                 steps.append(int(p.name[5:]))
         return sorted(steps)
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write ``state`` as the checkpoint of ``step`` atomically (a collective: call on every rank)."""
+    def save(self, step: int, state: dict[str, Any], fingerprint: dict[str, Any] | None = None) -> Path:
+        """Write ``state`` as the checkpoint of ``step`` atomically (a collective: call on every rank).
+
+        Args:
+            step: the training step the state belongs to.
+            state: the stateful objects to save.
+            fingerprint: the model's :func:`model_fingerprint`, kept in the manifest so that a load can
+                check it before reading tensors.
+        """
         tmp = self.folder / f".step-{step}.tmp"
         if _is_rank0():
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -170,6 +227,8 @@ class CheckpointManager:
                 "saved_at": time.time(),
                 "seconds": time.perf_counter() - t0,
             }
+            if fingerprint is not None:
+                manifest["fingerprint"] = fingerprint
             part = tmp / (MANIFEST + ".part")
             part.write_text(json.dumps(manifest, indent=1))
             os.replace(part, tmp / MANIFEST)
@@ -204,13 +263,24 @@ class CheckpointManager:
                 return f"file {name} has {f.stat().st_size} bytes, the manifest says {size}"
         return None
 
-    def load(self, state: dict[str, Any], step: int = -1) -> int | None:
+    def load(
+        self, state: dict[str, Any], step: int = -1, fingerprint: dict[str, Any] | None = None
+    ) -> int | None:
         """Load the newest usable checkpoint (or exactly ``step``) into ``state``; return its step.
 
         Returns None when there is no checkpoint at all. A checkpoint that fails verification or that DCP
         cannot read is reported and skipped in favour of the previous one; every rank makes the same
-        choice. Raises :class:`CheckpointError` when checkpoints exist but none is usable, or ``step`` is
-        given and unusable.
+        choice.
+
+        Args:
+            state: the stateful objects to load into.
+            step: load exactly this step (-1: the newest usable one).
+            fingerprint: this job's :func:`model_fingerprint`; a checkpoint that recorded a different one
+                stops the load before any tensor is read (checkpoints without one are not checked).
+
+        Raises:
+            CheckpointError: checkpoints exist but none is usable, ``step`` is given and unusable, or the
+                checkpoint was saved for another model (one line: both models and the first difference).
         """
         candidates = self.published_steps()[::-1]
         if step >= 0:
@@ -223,13 +293,16 @@ class CheckpointManager:
             return None
         for s in candidates:
             problem = self.verify(s) if _is_rank0() else None
-            problem = _broadcast_object(problem)
+            mismatch = self.model_mismatch(s, fingerprint) if _is_rank0() and problem is None else None
+            problem, mismatch = _broadcast_object((problem, mismatch))
+            if mismatch is not None:
+                raise CheckpointError(mismatch)
             if problem is None:
                 try:
                     dcp.load(state, checkpoint_id=str(self.step_dir(s)))
                     return s
-                except Exception as e:  # DCP raises on every rank when any rank fails to read
-                    problem = f"DCP could not read it: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                except (Exception, dcp.CheckpointException) as e:  # DCP raises on every rank if one fails
+                    problem = f"DCP could not read it: {_last_error_line(e)}"
             if _is_rank0():
                 self.log(f"checkpoint {self.step_dir(s)} is unusable: {problem}; trying the previous one")
             if step >= 0:
@@ -237,6 +310,42 @@ class CheckpointManager:
         raise CheckpointError(
             f"no usable checkpoint in {self.folder} (tried steps {candidates}); remove the folder to start fresh"
         )
+
+    def model_mismatch(self, step: int, fingerprint: dict[str, Any] | None) -> str | None:
+        """Why the checkpoint of ``step`` belongs to another model than ``fingerprint``, or None.
+
+        None too when either side has no fingerprint (checkpoints saved before fingerprints existed).
+        """
+        if fingerprint is None:
+            return None
+        try:
+            saved = json.loads((self.step_dir(step) / MANIFEST).read_text()).get("fingerprint")
+        except (OSError, ValueError):
+            return None  # verify() reports an unreadable manifest
+        if saved is None:
+            return None
+        difference = fingerprint_mismatch(saved, fingerprint)
+        if difference is None:
+            return None
+        now = fingerprint.get("settings", {})
+        differing = [f"--{k} {v}" for k, v in saved.get("settings", {}).items() if now.get(k) != v]
+        resume = (
+            "resume with " + " ".join(differing) if differing else "resume with the model it was saved for"
+        )
+        return (
+            f"checkpoint {self.step_dir(step)} was saved for model {saved.get('model', '?')}, not "
+            f"{fingerprint.get('model', '?')}: {difference}; {resume}, or set another checkpoint.folder (or "
+            f"job.dump_folder) to start fresh"
+        )
+
+
+def _last_error_line(e: BaseException) -> str:
+    """``Type: message`` of the innermost error, one line (DCP's CheckpointException wraps every rank's
+    traceback; its last line is the underlying error)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if isinstance(e, dcp.CheckpointException) and lines:
+        return lines[-1][:300]
+    return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
 def _broadcast_object(obj: Any) -> Any:

@@ -42,6 +42,11 @@ def _error(message: str) -> None:
         sys.stderr.write(f"error: {message}\n")
 
 
+def _warn(message: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        sys.stderr.write(f"warning: {message}\n")
+
+
 def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
     """Run training; returns the process exit code (0 ok, 2 bad config, 1 a rank failed)."""
     try:
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
         return 2
     world = int(os.environ["WORLD_SIZE"]) if in_launcher_env() else local_world_size(cfg)
     try:
-        validate_job(cfg, world)
+        validate_job(cfg, world, warn=_warn)
     except (ValueError, FileNotFoundError) as e:
         _error(str(e))
         return 2

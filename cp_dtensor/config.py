@@ -152,8 +152,14 @@ class Model:
     flavor: str = "debug"
     """Size preset of the model family (e.g. "debug", "8B"); see cp_dtensor.models for the list."""
 
-    attention_mask: Literal["causal", "bidirectional"] = "causal"
-    """Attention mask: "causal" (decoder, each token sees itself and earlier tokens) or "bidirectional"."""
+    attention_mask: Literal["causal", "bidirectional", "document_causal"] = "causal"
+    """Attention mask: "causal" (decoder, each token sees itself and earlier tokens), "bidirectional", or "document_causal" (causal within each packed document: a token sees only earlier tokens of its own document)."""
+
+    sliding_window: int = _bounded(0, ge=0)
+    """Sliding-window attention of the local layers, in tokens (a query sees that many keys up to itself); 0 = off."""
+
+    sliding_window_layers: Literal["all", "alternate"] = "all"
+    """With sliding_window: which layers are local, "all" or "alternate" (even layers local, odd layers global)."""
 
 
 @dataclass
@@ -219,8 +225,8 @@ class Parallelism:
     context_parallel_degree: int = _bounded(1, ge=1)
     """Context-parallel degree: ranks that split each sequence; 1 turns CP off."""
 
-    context_parallel_layout: Literal["zigzag", "contiguous"] = "zigzag"
-    """How sequence chunks map to CP ranks; "zigzag" balances causal attention work across ranks."""
+    context_parallel_layout: Literal["auto", "zigzag", "contiguous", "balanced"] = "auto"
+    """How tokens map to CP ranks: "zigzag" balances causal work over one sequence, "contiguous" cuts it in cp pieces, "balanced" plans each batch from its documents (equal attention work, documents kept whole where possible); "auto" = "balanced" for document_causal, else "zigzag"."""
 
     context_parallel_comm: Literal["p2p", "allgather"] = "p2p"
     """How CP ranks exchange keys/values: "p2p" ring passes, or one "allgather" of all keys/values."""
@@ -265,6 +271,15 @@ class Data:
 
     jsonl_field: str = "text"
     """Field of each JSONL record that holds the text (for .jsonl files)."""
+
+    tokenizer: str = "byte"
+    """Tokenizer of dataset "text": "byte" (UTF-8 bytes + BOS/EOS, 258 ids) or the path of a HuggingFace tokenizer.json (or of the folder holding it, e.g. torchtitan's hf_assets_path); needs pip install "cp_dtensor[hf]", and the model's vocab_size must cover its ids."""
+
+    reset_positions: bool = False
+    """Restart the rotary positions at 0 at each document start in a sample; false: the global positions 0..seq_len-1. Not yet with document_causal or a sliding window (their attention takes the positions as the tokens' places in the sequence)."""
+
+    recall_documents: Literal["same", "split"] = "same"
+    """Documents of each synthetic_recall sample: "same" (one) or "split" (two, cut after the cue region, so that under model.attention_mask "document_causal" the queries cannot see their cue and the loss stays at chance)."""
 
 
 @dataclass
@@ -368,6 +383,15 @@ class JobConfig:
         config.validate()
         return config
 
+    @property
+    def cp_layout(self) -> str:
+        """The CP layout this job uses: ``parallelism.context_parallel_layout`` with "auto" resolved
+        ("balanced" for document_causal, else "zigzag")."""
+        layout = self.parallelism.context_parallel_layout
+        if layout != "auto":
+            return layout
+        return "balanced" if self.model.attention_mask == "document_causal" else "zigzag"
+
     def validate(self) -> None:
         """Check types, ranges and the combinations that need no world size.
 
@@ -417,7 +441,7 @@ class JobConfig:
             training.seq_len,
             cp=parallel.context_parallel_degree,
             tp=parallel.tensor_parallel_degree,
-            layout=parallel.context_parallel_layout,
+            layout=self.cp_layout,
             name="training.seq_len",
         )
         if problem is not None:

@@ -1,15 +1,20 @@
-"""Data: a byte-level tokenizer, local text datasets, a synthetic long-range recall task, a global batch loader.
+"""Data: tokenizers (bytes, or a HuggingFace tokenizer.json), local text datasets of packed documents, a
+synthetic long-range recall task, a global batch loader.
 
 Nothing is downloaded. Every batch is a pure function of (dataset, seed, batch index): the loader produces the
 *global* batch and each rank takes its rows and sequence shard with `cp_dtensor.shard_batch`, so the data seen by
 the model does not depend on the parallel degrees, and a resumed run sees exactly the batches an
 uninterrupted one would.
 
-A sample is a dict of three (S,) int64 tensors; a batch stacks them to (G, S):
+A sample is a dict of (S,) int64 tensors; a batch stacks them to (G, S):
 
 * `tokens`: model inputs.
 * `labels`: targets for each position, `IGNORE_INDEX` (-100) where no loss is taken.
-* `positions`: global token positions for RoPE (`arange(S)`; context parallelism shards them with the tokens).
+* `positions`: token positions for RoPE: the global positions `arange(S)` (context parallelism shards them
+  with the tokens), or with `reset_positions` the position inside each document (Note [Packed documents]).
+* `document_ids`: the document of each token, `0, 1, 2, ...` along the sample (the model's
+  `document_causal` mask keeps attention inside a document). `TextDataset` and `SyntheticRecallDataset`
+  always emit it; the trainer drops it unless `model.attention_mask = "document_causal"`.
 """
 
 from __future__ import annotations
@@ -24,11 +29,18 @@ from typing import Any, Protocol
 import torch
 
 __all__ = [
+    "HF_BOS_TOKENS",
+    "HF_EOS_TOKENS",
     "IGNORE_INDEX",
+    "RECALL_CUE_START_FRACTION",
     "ByteTokenizer",
     "GlobalBatchLoader",
+    "HFTokenizer",
     "SyntheticRecallDataset",
     "TextDataset",
+    "Tokenizer",
+    "document_positions",
+    "load_tokenizer",
     "validate_token_ids",
 ]
 
@@ -36,6 +48,11 @@ IGNORE_INDEX = -100
 """Label value that the loss ignores (`F.cross_entropy(..., ignore_index=-100)`)."""
 
 Sample = dict[str, torch.Tensor]
+
+RECALL_CUE_START_FRACTION = 0.25
+"""Where the trainers start the synthetic recall task's cue region: from S/4, which is on another CP rank
+than the last positions (the queries) for any cp >= 2 under zigzag or contiguous (Note [Recall across CP
+ranks] in cp_dtensor.trainer)."""
 
 
 def _mix_seed(*parts: int | str) -> int:
@@ -50,15 +67,41 @@ def _mix_seed(*parts: int | str) -> int:
 # --------------------------------------------------------------------------------------------------------
 
 
+class Tokenizer(Protocol):
+    """What the datasets need of a tokenizer: ids below `vocab_size`, one BOS and one EOS id, encode/decode.
+
+    Attributes:
+        name: What the tokenizer is, for logs and messages (e.g. "byte", or the tokenizer.json path).
+        BOS: Beginning-of-document id.
+        EOS: End-of-document id.
+        vocab_size: Every id is in [0, vocab_size): the model's vocabulary must be at least this large.
+    """
+
+    name: str
+    BOS: int
+    EOS: int
+    vocab_size: int
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]: ...
+
+    def encode_batch(
+        self, texts: Sequence[str], *, bos: bool = False, eos: bool = False
+    ) -> list[list[int]]: ...
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str: ...
+
+
 class ByteTokenizer:
     """Byte-level tokenizer: ids 0..255 are the UTF-8 bytes, plus BOS and EOS.
 
     Attributes:
+        name: "byte".
         BOS: Beginning-of-document id (256).
         EOS: End-of-document id (257).
         vocab_size: 258.
     """
 
+    name: str = "byte"
     BOS: int = 256
     EOS: int = 257
     vocab_size: int = 258
@@ -80,6 +123,19 @@ class ByteTokenizer:
         if eos:
             ids.append(self.EOS)
         return ids
+
+    def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
+        """`encode` of each text.
+
+        Args:
+            texts: The texts.
+            bos: Prepend `BOS` to each.
+            eos: Append `EOS` to each.
+
+        Returns:
+            Token ids per text.
+        """
+        return [self.encode(text, bos=bos, eos=eos) for text in texts]
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Decode ids back to text; special ids are dropped, invalid UTF-8 becomes U+FFFD.
@@ -103,12 +159,160 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
+HF_BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<bos>", "[BOS]", "<|startoftext|>")
+"""Special tokens `HFTokenizer` takes as BOS, first present wins (Llama 3, Llama 2 / Mistral, Gemma, ...)."""
+
+HF_EOS_TOKENS = ("<|end_of_text|>", "</s>", "<eos>", "[EOS]", "<|endoftext|>")
+"""Special tokens `HFTokenizer` takes as EOS, first present wins (Llama 3, Llama 2 / Mistral, Gemma, GPT-2)."""
+
+HF_EXTRA_HINT = 'pip install "cp_dtensor[hf]"'
+
+
+class HFTokenizer:
+    """A HuggingFace `tokenizer.json` (the file torchtitan's `model.hf_assets_path` folder holds), loaded with
+    the `tokenizers` library (the optional extra: `pip install "cp_dtensor[hf]"`).
+
+    BOS and EOS are the tokenizer's own special tokens: the first of `HF_BOS_TOKENS` / `HF_EOS_TOKENS` it has
+    (Llama 3: `<|begin_of_text|>` = 128000, `<|end_of_text|>` = 128001). A tokenizer with only one of the
+    two uses that token for both (GPT-2's `<|endoftext|>`, as its HuggingFace config does); one with
+    neither is refused. Text is encoded without the tokenizer's own post-processing (Llama 3's adds a BOS to
+    every `encode`): the datasets add BOS/EOS per document themselves.
+
+    Args:
+        path: A `tokenizer.json` file, or a folder holding one.
+
+    Attributes:
+        name: The tokenizer.json path.
+        BOS: Beginning-of-document id.
+        EOS: End-of-document id.
+        bos_token: BOS as text.
+        eos_token: EOS as text.
+        vocab_size: Largest id + 1, added (special) tokens included (Llama 3: 128,256).
+
+    Raises:
+        ValueError: The `tokenizers` library is missing (the message names the pip command), the file is not
+            a tokenizer.json, or it has none of the BOS/EOS special tokens.
+        FileNotFoundError: No such file (the message says where to get one).
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            from tokenizers import Tokenizer as _HFTokenizer
+        except ImportError:
+            raise ValueError(
+                f"tokenizer {str(path)!r} is a HuggingFace tokenizer.json, which needs the tokenizers library: "
+                f'{HF_EXTRA_HINT} (or use the "byte" tokenizer)'
+            ) from None
+        file = Path(path)
+        if file.is_dir():
+            file = file / "tokenizer.json"
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"tokenizer file {str(file)!r} not found; put a HuggingFace tokenizer.json there (Llama 3: "
+                f"hf download meta-llama/Llama-3.1-8B tokenizer.json --local-dir {str(file.parent)!r}, or "
+                f"torchtitan's scripts/download_hf_assets.py --repo_id meta-llama/Llama-3.1-8B --assets "
+                f'tokenizer), or use the "byte" tokenizer'
+            )
+        try:
+            self._tok = _HFTokenizer.from_file(str(file))
+        except Exception as err:  # the Rust side raises plain Exception for a malformed file
+            raise ValueError(
+                f"tokenizer file {str(file)!r} is not a HuggingFace tokenizer.json ({err})"
+            ) from None
+        self.name = str(file)
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(vocab.values()) + 1 if vocab else 0
+        bos = next((t for t in HF_BOS_TOKENS if t in vocab), None)
+        eos = next((t for t in HF_EOS_TOKENS if t in vocab), None)
+        if bos is None and eos is None:
+            raise ValueError(
+                f"tokenizer {self.name!r} has no BOS or EOS special token (looked for {list(HF_BOS_TOKENS)} and "
+                f"{list(HF_EOS_TOKENS)}); documents need one to mark their boundaries: add one as a special "
+                f'token (tokenizers: Tokenizer.add_special_tokens) or use "byte"'
+            )
+        self.bos_token = bos if bos is not None else eos
+        self.eos_token = eos if eos is not None else bos
+        self.BOS = vocab[self.bos_token]
+        self.EOS = vocab[self.eos_token]
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Encode text (special-token text inside it is encoded as such; no post-processing).
+
+        Args:
+            text: The text.
+            bos: Prepend `BOS`.
+            eos: Append `EOS`.
+
+        Returns:
+            Token ids.
+        """
+        return self.encode_batch([text], bos=bos, eos=eos)[0]
+
+    def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
+        """`encode` of each text, in parallel (the `tokenizers` library's own threads).
+
+        Args:
+            texts: The texts.
+            bos: Prepend `BOS` to each.
+            eos: Append `EOS` to each.
+
+        Returns:
+            Token ids per text.
+        """
+        head, tail = [self.BOS] if bos else [], [self.EOS] if eos else []
+        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        return [head + enc.ids + tail for enc in encodings]
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """Decode ids back to text; special tokens (BOS, EOS, ...) are dropped.
+
+        Args:
+            ids: Token ids (a sequence or a 1-D tensor).
+
+        Returns:
+            The text.
+
+        Raises:
+            ValueError: For an id outside [0, vocab_size).
+        """
+        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        for i in values:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(
+                    f"token id {i} is outside tokenizer {self.name!r}'s vocab [0, {self.vocab_size})"
+                )
+        return self._tok.decode(values, skip_special_tokens=True)
+
+
+def load_tokenizer(spec: str | Path) -> Tokenizer:
+    """The tokenizer `spec` names: "byte" (`ByteTokenizer`) or a HuggingFace tokenizer.json (`HFTokenizer`).
+
+    Args:
+        spec: "byte", or the path of a `tokenizer.json` file or of a folder holding one.
+
+    Returns:
+        The tokenizer.
+
+    Raises:
+        ValueError: An empty spec, or what `HFTokenizer` raises (missing library, bad file, no BOS/EOS).
+        FileNotFoundError: No tokenizer.json at the path.
+    """
+    if spec == "byte":
+        return ByteTokenizer()
+    if not str(spec).strip():
+        raise ValueError(
+            'tokenizer: got an empty string; use "byte" or the path of a HuggingFace tokenizer.json'
+        )
+    return HFTokenizer(spec)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Text dataset
 # --------------------------------------------------------------------------------------------------------
 
 
 _TEXT_SUFFIXES = (".txt", ".jsonl")
+_ENCODE_CHUNK = 1024  # documents per encode_batch call (bounds the tokenizer's temporary objects)
 
 
 def _expand_paths(paths: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -176,13 +380,52 @@ def _read_documents(path: Path, text_field: str) -> list[str]:
     return docs
 
 
-class TextDataset:
-    """Local `.txt` / `.jsonl` documents, byte-tokenized and packed into fixed windows.
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Positions that restart at 0 wherever the document id changes along the last dim.
 
-    Each document becomes `[BOS] + bytes + [EOS]`; documents are concatenated in file order into one stream,
+    Args:
+        document_ids: (..., S) integer ids; a document is a run of equal ids.
+
+    Returns:
+        (..., S) int64: each token's offset from the first token of its run.
+
+    Example:
+        >>> document_positions(torch.tensor([0, 0, 0, 1, 1, 2]))
+        tensor([0, 1, 2, 0, 1, 0])
+    """
+    seq_len = document_ids.shape[-1]
+    index = torch.arange(seq_len, device=document_ids.device).expand_as(document_ids)  # (..., S)
+    is_start = torch.ones_like(document_ids, dtype=torch.bool)  # (..., S)
+    is_start[..., 1:] = document_ids[..., 1:] != document_ids[..., :-1]
+    run_start = torch.where(is_start, index, 0).cummax(dim=-1).values  # (..., S) start of each token's run
+    return index - run_start
+
+
+class TextDataset:
+    """Local `.txt` / `.jsonl` documents, tokenized and packed into fixed windows with their boundaries.
+
+    Note [Packed documents]
+    -----------------------
+    Each document becomes `[BOS] + tokens + [EOS]`; documents are concatenated in file order into one stream,
     which is cut into windows of `seq_len + 1` tokens. Consecutive windows overlap by one token (window i
     starts at `i * seq_len`), so every token of the stream except the first is a label exactly once.
-    Sample i is `tokens = window[:-1]`, `labels = window[1:]`, `positions = arange(seq_len)`.
+    Sample i is `tokens = window[:-1]`, `labels = window[1:]`. A document longer than what is left of a
+    window continues in the next sample; nothing is dropped except the stream's last `(N - 1) % seq_len`
+    labels, which do not fill a window. `document_ids` number the documents of a sample 0, 1, 2, ...
+    along it (a continued document starts the next sample with id 0); with `reset_positions` the positions
+    restart at 0 with each id (RoPE positions inside the document, as far as this sample holds it), else
+    they are `arange(seq_len)`. seq_len 8, documents a (6 tokens with BOS/EOS), b (7), c, ...:
+
+    ```
+                        sample 0            sample 1
+    tokens              B a a a a E B b  |  b b b b E B c c      (B = BOS, E = EOS)
+    document_ids        0 0 0 0 0 0 1 1  |  0 0 0 0 0 1 1 1
+    positions           0 1 2 3 4 5 6 7  |  0 1 2 3 4 5 6 7
+    reset_positions     0 1 2 3 4 5 0 1  |  0 1 2 3 4 0 1 2
+    ```
+
+    The label of a document's EOS is the next document's BOS (as before document ids existed); a model
+    with the `document_causal` mask predicts it from its own document, which ends there.
 
     Args:
         paths: A file, a directory (its `.txt` and `.jsonl` files, sorted) or a list of them. A `.txt` file is
@@ -190,6 +433,8 @@ class TextDataset:
             (blank lines are skipped).
         seq_len: Tokens per sample.
         text_field: JSONL field holding the text.
+        tokenizer: The tokenizer (its `BOS`/`EOS` wrap each document); None means `ByteTokenizer()`.
+        reset_positions: Positions restart at 0 at each document start (see the Note).
 
     Raises:
         FileNotFoundError: A path does not exist.
@@ -198,27 +443,41 @@ class TextDataset:
     """
 
     def __init__(
-        self, paths: str | Path | Sequence[str | Path], seq_len: int, *, text_field: str = "text"
+        self,
+        paths: str | Path | Sequence[str | Path],
+        seq_len: int,
+        *,
+        text_field: str = "text",
+        tokenizer: Tokenizer | None = None,
+        reset_positions: bool = False,
     ) -> None:
         if seq_len <= 0:
             raise ValueError(f"seq_len must be positive, got {seq_len}")
         self.seq_len = seq_len
-        self.tokenizer = ByteTokenizer()
+        self.reset_positions = reset_positions
+        self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.files = _expand_paths(paths)
         stream: list[int] = []
-        self.num_documents = 0
+        starts: list[int] = []
         for path in self.files:
-            for doc in _read_documents(path, text_field):
-                stream.extend(self.tokenizer.encode(doc, bos=True, eos=True))
-                self.num_documents += 1
+            docs = _read_documents(path, text_field)
+            for first in range(0, len(docs), _ENCODE_CHUNK):
+                for ids in self.tokenizer.encode_batch(
+                    docs[first : first + _ENCODE_CHUNK], bos=True, eos=True
+                ):
+                    starts.append(len(stream))
+                    stream.extend(ids)
+        self.num_documents = len(starts)
         needed = seq_len + 1
         if len(stream) < needed:
             raise ValueError(
-                f"corpus {[str(p) for p in self.files]} has {len(stream)} tokens (bytes + BOS/EOS), but one "
-                f"sample of seq_len={seq_len} needs {needed}; add text or lower seq_len"
+                f"corpus {[str(p) for p in self.files]} has {len(stream)} tokens ({self.tokenizer.name} tokenizer, "
+                f"BOS/EOS included), but one sample of seq_len={seq_len} needs {needed}; add text or lower seq_len"
             )
-        self.tokens = torch.tensor(stream, dtype=torch.int16)  # (N,), ids < 258 fit in int16
         self.vocab_size = self.tokenizer.vocab_size
+        dtype = torch.int16 if self.vocab_size <= 2**15 else torch.int32  # bytes (258 ids) fit in int16
+        self.tokens = torch.tensor(stream, dtype=dtype)  # (N,)
+        self.document_starts = torch.tensor(starts, dtype=torch.int64)  # (num_documents,) stream offsets
 
     @property
     def num_tokens(self) -> int:
@@ -229,22 +488,31 @@ class TextDataset:
         return (self.num_tokens - 1) // self.seq_len
 
     def __getitem__(self, index: int) -> Sample:
-        """Sample `index`: the window starting at `index * seq_len`.
+        """Sample `index`: the window starting at `index * seq_len` (Note [Packed documents]).
 
         Args:
             index: In [0, len(self)).
 
         Returns:
-            `{"tokens", "labels", "positions"}`, each (seq_len,) int64.
+            `{"tokens", "labels", "positions", "document_ids"}`, each (seq_len,) int64.
         """
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range for a dataset of {len(self)} samples")
         start = index * self.seq_len
         window = self.tokens[start : start + self.seq_len + 1].to(torch.int64)  # (S + 1,)
+        offsets = torch.arange(start, start + self.seq_len)  # (S,) stream offsets of the tokens
+        document = torch.searchsorted(self.document_starts, offsets, right=True) - 1  # (S,) global index
+        document_ids = document - document[0]  # (S,) 0, 1, 2, ... along the sample
+        positions = (
+            document_positions(document_ids)
+            if self.reset_positions
+            else torch.arange(self.seq_len, dtype=torch.int64)
+        )  # (S,)
         return {
             "tokens": window[:-1],  # (S,)
             "labels": window[1:],  # (S,)
-            "positions": torch.arange(self.seq_len, dtype=torch.int64),  # (S,)
+            "positions": positions,  # (S,)
+            "document_ids": document_ids,  # (S,)
         }
 
 
@@ -260,19 +528,23 @@ class SyntheticRecallDataset:
     ------------------------------
     Token ids are split into disjoint ranges below `vocab_size`:
     `filler [0, F) | keys [F, F+K) | values [F+K, F+K+V') | query marker F+K+V'`.
-    The cue sits inside the first `cue_fraction` of the sequence, each cue written `cue_repeats` times at
+    The cue sits inside the cue region, `int(cue_fraction * seq_len)` positions from `cue_start =
+    int(cue_start_fraction * seq_len)` on (the first 10% by default), each cue written `cue_repeats` times at
     random distinct places; random filler fills everything else up to one query marker, after which the last
     `num_queries` positions are the queries. Only query positions have labels (the recalled value); all
     other labels are -100. The answer is never in the input at or after a query, so the task is the same for
-    causal and bidirectional models, and it needs attention over ~90% of the sequence (under context
-    parallelism: from the last shard to the first).
+    causal and bidirectional models, and it needs attention from the queries back to the cue region (~90% of
+    the sequence by default). Under context parallelism it crosses ranks only if the cue region lies on
+    another CP rank than the queries: with the zigzag layout the first chunk belongs to the rank that holds
+    the last one, so the trainer starts the cue region at `cue_start_fraction = 0.25` (Note [Recall across
+    CP ranks] in `cp_dtensor/trainer.py`).
 
     `variant="copy"` (default; one hop, K = 0, V' = num_values): one value, the queries are query markers.
 
     ```
-    position  0    ...             cue_end             ...        S-Q-1   S-Q  ...  S-1
-    tokens    f  v  f  f  v  f  v  f | f  f  f  f  f  f  ...  f  f   ?       ?    ...  ?
-    labels    .  .  .  .  .  .  .  . | .  .  .  .  .  .  ...  .  .   .       v    ...  v
+    position  0 ... cue_start ...       cue_end             ...        S-Q-1   S-Q  ...  S-1
+    tokens    f ... f  v  f  f  v  f  v  f | f  f  f  f  f  f  ...  f  f   ?       ?    ...  ?
+    labels    . ... .  .  .  .  .  .  .  . | .  .  .  .  .  .  ...  .  .   .       v    ...  v
     ```
 
     `variant="keyed"` (one hop, several answers): `num_pairs` distinct keys, each key k owning its own value
@@ -299,6 +571,17 @@ class SyntheticRecallDataset:
     is the loss of a uniform guess among the possible answers, i.e. what a model reaches without long-range
     attention.
 
+    `documents` sets the sample's `document_ids` (tokens, labels and positions do not depend on it):
+    `"same"` (default) makes the sample one document (all ids 0); `"split"` makes it two, cut at `cue_end`
+    (`split_position`): document 0 holds the cue region, document 1 the filler after it, the query marker
+    and the queries. Under a `document_causal` mask the queries then cannot see their cue, so a model stays
+    at `chance_loss`: the control of a cross-document recall experiment.
+
+    ```
+    tokens          f ... f  v  f  v  f  v | f  f  ...  f  ?   ?  ...  ?
+    document_ids    0 ... 0  0  0  0  0  0 | 1  1  ...  1  1   1  ...  1      ("split"; | = cue_end)
+    ```
+
     Measured (debug flavor, single process, 1 CPU thread, AdamW lr 1e-3, grad clip 1, seq_len 256, global
     batch 8, default arguments otherwise; loss = mean over the 10 previous steps, chance = ln 16 = 2.77):
 
@@ -322,17 +605,23 @@ class SyntheticRecallDataset:
             "pairs").
         num_values: Possible answers per query (sets `chance_loss`).
         num_filler: Size of the filler range; None takes the ids left below `vocab_size`, at most 256.
-        cue_fraction: The cues lie within the first `int(cue_fraction * seq_len)` positions.
+        cue_fraction: The cue region is `int(cue_fraction * seq_len)` positions long.
+        cue_start_fraction: The cue region starts at position `int(cue_start_fraction * seq_len)` (0: the
+            first positions, as before this option existed).
         cue_repeats: How many times each cue is written (more copies make the task easier to learn); None means
             4 for "copy" and "keyed", 1 for "pairs".
         num_samples: `len(self)`; samples are generated on demand, nothing is stored.
+        documents: "same" (one document per sample) or "split" (cue and queries in two documents); see above.
+        reset_positions: Positions restart at 0 at each document start (the second "split" document's
+            positions count from `cue_end`); else `arange(seq_len)`.
 
     Raises:
-        ValueError: For an unknown variant, ranges that do not fit in `vocab_size`, or a `seq_len` too short
-            for the cue region, the query marker and the queries.
+        ValueError: For an unknown variant or `documents`, ranges that do not fit in `vocab_size`, or a
+            `seq_len` too short for the cue region (from its start), the query marker and the queries.
     """
 
     VARIANTS = ("copy", "keyed", "pairs")
+    DOCUMENTS = ("same", "split")
 
     def __init__(
         self,
@@ -347,11 +636,18 @@ class SyntheticRecallDataset:
         num_values: int = 16,
         num_filler: int | None = None,
         cue_fraction: float = 0.1,
+        cue_start_fraction: float = 0.0,
         cue_repeats: int | None = None,
         num_samples: int = 1 << 20,
+        documents: str = "same",
+        reset_positions: bool = False,
     ) -> None:
         if variant not in self.VARIANTS:
             raise ValueError(f"variant must be one of {self.VARIANTS}, got {variant!r}")
+        if documents not in self.DOCUMENTS:
+            raise ValueError(
+                f"SyntheticRecallDataset: documents must be one of {self.DOCUMENTS}, got {documents!r}"
+            )
         if variant == "copy":
             if num_pairs not in (None, 1) or num_keys not in (None, 0):
                 raise ValueError(
@@ -394,19 +690,26 @@ class SyntheticRecallDataset:
                 f"1 query marker = {num_filler + special} > vocab_size={vocab_size}; raise vocab_size or shrink "
                 f"the ranges"
             )
-        cue_end = int(cue_fraction * seq_len)
+        if not 0.0 <= cue_start_fraction < 1.0:
+            raise ValueError(
+                f"SyntheticRecallDataset: cue_start_fraction must be in [0, 1), got {cue_start_fraction}"
+            )
+        cue_start = int(cue_start_fraction * seq_len)
+        cue_len = int(cue_fraction * seq_len)
+        cue_end = cue_start + cue_len
         cue_width = 2 if variant == "pairs" else 1  # positions one written cue takes
         needed = num_pairs * cue_repeats * cue_width
-        if cue_end < needed:
+        if cue_len < needed:
             raise ValueError(
-                f"the cue region (first {cue_end} positions = cue_fraction {cue_fraction} x seq_len {seq_len}) "
+                f"the cue region ({cue_len} positions = cue_fraction {cue_fraction} x seq_len {seq_len}) "
                 f"cannot hold {num_pairs} cue(s) x {cue_repeats} repeats x {cue_width} positions = {needed}; "
                 f"raise seq_len or cue_fraction, or lower num_pairs or cue_repeats"
             )
         if cue_end + 1 + num_queries > seq_len:
             raise ValueError(
-                f"seq_len={seq_len} is too short for the cue region ({cue_end}), 1 query marker and "
-                f"{num_queries} queries; use seq_len >= {cue_end + 1 + num_queries}"
+                f"seq_len={seq_len} is too short for the cue region (positions {cue_start}..{cue_end - 1}), "
+                f"1 query marker and {num_queries} queries; use seq_len >= {cue_end + 1 + num_queries} or a "
+                f"smaller cue_start_fraction"
             )
         self.seq_len = seq_len
         self.vocab_size = vocab_size
@@ -416,8 +719,11 @@ class SyntheticRecallDataset:
         self.num_queries = num_queries
         self.num_values = num_values
         self.cue_repeats = cue_repeats
+        self.cue_start = cue_start
         self.cue_end = cue_end
         self.num_samples = num_samples
+        self.documents = documents
+        self.reset_positions = reset_positions
         self.filler_range = (0, num_filler)
         self.key_range = (num_filler, num_filler + num_keys)
         self.value_range = (num_filler + num_keys, num_filler + num_keys + value_ids)
@@ -427,6 +733,11 @@ class SyntheticRecallDataset:
     def chance_loss(self) -> float:
         """ln(num_values): the loss of a uniform guess among the possible answers of a query."""
         return math.log(self.num_values)
+
+    @property
+    def split_position(self) -> int | None:
+        """First position of the second document for `documents="split"` (`cue_end`); None for "same"."""
+        return self.cue_end if self.documents == "split" else None
 
     def __len__(self) -> int:
         return self.num_samples
@@ -438,7 +749,7 @@ class SyntheticRecallDataset:
             index: In [0, len(self)).
 
         Returns:
-            `{"tokens", "labels", "positions"}`, each (seq_len,) int64.
+            `{"tokens", "labels", "positions", "document_ids"}`, each (seq_len,) int64.
         """
         if not 0 <= index < self.num_samples:
             raise IndexError(f"sample index {index} out of range for a dataset of {self.num_samples} samples")
@@ -458,11 +769,16 @@ class SyntheticRecallDataset:
             values += (keys - k_lo) * self.num_values  # each key's own sub-range
 
         if self.variant == "pairs":
-            slots = 2 * torch.randperm(self.cue_end // 2, generator=gen)[: p * r]  # (P*R,) even positions
+            cue_len = self.cue_end - self.cue_start
+            slots = (
+                self.cue_start + 2 * torch.randperm(cue_len // 2, generator=gen)[: p * r]
+            )  # (P*R,) even offsets
             tokens[slots] = keys.repeat(r)
             tokens[slots + 1] = values.repeat(r)
         else:
-            slots = torch.randperm(self.cue_end, generator=gen)[: p * r]  # (P*R,) distinct positions
+            slots = (
+                self.cue_start + torch.randperm(self.cue_end - self.cue_start, generator=gen)[: p * r]
+            )  # (P*R,)
             tokens[slots] = values.repeat(r)
 
         query_start = seq - q
@@ -473,7 +789,13 @@ class SyntheticRecallDataset:
             asked = torch.randperm(p, generator=gen)[:q]  # (Q,) distinct cues in random order
         tokens[query_start:] = keys[asked]  # (Q,)
         labels[query_start:] = values[asked]  # (Q,)
-        return {"tokens": tokens, "labels": labels, "positions": torch.arange(seq, dtype=torch.int64)}
+        document_ids = torch.zeros(seq, dtype=torch.int64)  # (S,)
+        if self.split_position is not None:
+            document_ids[self.split_position :] = 1
+        positions = (
+            document_positions(document_ids) if self.reset_positions else torch.arange(seq, dtype=torch.int64)
+        )  # (S,)
+        return {"tokens": tokens, "labels": labels, "positions": positions, "document_ids": document_ids}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -498,7 +820,8 @@ class GlobalBatchLoader:
     iterator; `state_dict()` holds the number of batches consumed.
 
     Args:
-        dataset: Map-style dataset of `{"tokens", "labels", "positions"}` samples.
+        dataset: Map-style dataset of `{"tokens", "labels", "positions"}` samples (plus any other (S,)
+            entries, e.g. `document_ids`, the same names in every sample).
         global_batch_size: Samples per global batch (all data-parallel ranks together).
         seed: Shuffling seed.
         shuffle: Shuffle sample indices each epoch.
@@ -549,10 +872,22 @@ class GlobalBatchLoader:
             batch_index: Non-negative batch number.
 
         Returns:
-            `{"tokens", "labels", "positions"}`, each (G, S) int64.
+            The samples' entries stacked (`tokens`, `labels`, `positions`, and `document_ids` where the
+            dataset has them), each (G, S) int64.
+
+        Raises:
+            ValueError: The samples of the batch do not have the same entries.
         """
-        samples = [self.dataset[i] for i in self.sample_indices(batch_index)]
-        return {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels", "positions")}
+        indices = self.sample_indices(batch_index)
+        samples = [self.dataset[i] for i in indices]
+        keys = list(samples[0])
+        for index, sample in zip(indices, samples):
+            if set(sample) != set(keys):
+                raise ValueError(
+                    f"dataset samples disagree on their entries: sample {indices[0]} has {sorted(keys)}, sample "
+                    f"{index} has {sorted(sample)}; a dataset must return the same entries for every index"
+                )
+        return {key: torch.stack([s[key] for s in samples]) for key in keys}
 
     def __iter__(self) -> Iterator[Sample]:
         return self

@@ -38,6 +38,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 __all__ = [
     "LAYOUTS",
+    "LAYOUT_RULES",
     "Layout",
     "LayoutLike",
     "SequenceLayout",
@@ -141,8 +142,15 @@ def validate_layout(layout: LayoutLike) -> None:
         )
 
 
+LAYOUT_RULES: tuple[str, ...] = ("balanced",)
+"""Names of layouts planned per batch (:class:`cp_dtensor.BalancedLayoutRule`): 1 chunk per rank."""
+
+
 def chunks_per_rank(layout: LayoutLike) -> int:
-    """Number of equal sequence chunks one rank holds: 1 for contiguous (and layout objects), 2 for zigzag."""
+    """Number of equal sequence chunks one rank holds: 1 for contiguous (and layout objects / rules), 2 for
+    zigzag."""
+    if layout in LAYOUT_RULES:
+        return 1
     validate_layout(layout)
     return 2 if layout == "zigzag" else 1
 

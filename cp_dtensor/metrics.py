@@ -9,7 +9,8 @@ The log line (every ``metrics.log_freq`` steps, and the first and last step)::
 per device); ``tflops``: achieved model FLOP/s per device (6 x params per token + attention, causal-aware,
 see ``model_flops_per_token``); ``mfu``: that over the device peak (``metrics.peak_tflops_per_device``,
 or the GPU's known peak; n/a on CPU without one); ``mem``: peak memory (CUDA allocator on GPU, process RSS
-on CPU); ``step``: wall time of the step; ``cp`` (with CP): bytes the CP attention of rank 0 sent in the
+on CPU); ``step``: wall time of the step; ``cp work max/mean`` (with CP): attention work (visible query-key
+pairs of the step's batch) of the busiest CP rank over the mean, from the batch's layout and mask; ``cp`` (with CP): bytes the CP attention of rank 0 sent in the
 step (forward + backward) and the wall time it spent blocked on CP communication (exposed, not hidden by
 compute; on NCCL the host-side wait returns early, so it reads low there).
 """
@@ -67,6 +68,7 @@ class StepMetrics:
     skipped: bool = False
     cp_bytes_sent: int | None = None
     cp_comm_wait_s: float | None = None
+    cp_work_imbalance: float | None = None
 
     def line(self, total_steps: int) -> str:
         """The human-readable log line."""
@@ -77,6 +79,11 @@ class StepMetrics:
             f"lr {self.lr:.1e} | tok/s {self.tokens_per_s:,.0f} ({self.tokens_per_s_per_device:,.0f}/dev) | "
             f"tflops {self.tflops_per_device:.3f}/dev | mfu {mfu} | mem {self.peak_memory_gib:.2f} GiB | "
             f"step {self.step_time_s:.3f}s"
+            + (
+                f" | cp work max/mean {self.cp_work_imbalance:.3f}"
+                if self.cp_work_imbalance is not None
+                else ""
+            )
             + (
                 f" | cp {self.cp_bytes_sent / 2**20:,.1f} MiB sent, {self.cp_comm_wait_s:.3f}s waiting"
                 if self.cp_bytes_sent is not None and self.cp_comm_wait_s is not None

@@ -19,13 +19,19 @@ the global view is the natural order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
-from cp_dtensor.layout import shard_sequence_for_rank, unshard_sequence, validate_seq_len
+from cp_dtensor.layout import (
+    LayoutLike,
+    SequenceLayout,
+    shard_sequence_for_rank,
+    unshard_sequence,
+    validate_seq_len,
+)
 
 __all__ = ["activation_placements", "batch_rows", "cp_axis_of", "shard_batch", "unshard_sequence_output"]
 
@@ -54,7 +60,12 @@ def activation_placements(mesh: DeviceMesh, seq_dim: int, *, sequence_parallel: 
 
 
 def shard_batch(
-    batch: Mapping[str, torch.Tensor], mesh: DeviceMesh, *, layout: str = "zigzag", seq_dim: int = 1
+    batch: Mapping[str, torch.Tensor],
+    mesh: DeviceMesh,
+    *,
+    layout: LayoutLike = "zigzag",
+    seq_dim: int = 1,
+    whole: Collection[str] = ("document_ids",),
 ) -> dict[str, DTensor]:
     """This rank's part of a global batch, as DTensors on ``mesh`` (the one batch sharder).
 
@@ -62,13 +73,17 @@ def shard_batch(
     (when it has one: Shard(0), contiguous row blocks) and into sequence shards over "cp" by ``layout``
     (Shard(seq_dim), see Note [Layout-ordered DTensors]); other axes (e.g. "tp") are Replicate. A
     ``"positions"`` entry (B, S) with the global positions is added when missing and ``seq_dim`` is 1, so
-    rotary embeddings see the right positions whatever the permutation. No communication.
+    rotary embeddings see the right positions whatever the permutation. Entries named in ``whole``
+    (``document_ids``: the attention mask needs the whole sequence) keep the whole sequence in natural
+    order on every CP rank (rows still over "dp": Shard(0), Replicate on "cp"). No communication.
 
     Args:
         batch: the global batch, identical on every rank; all tensors share dims 0 and ``seq_dim``.
         mesh: a mesh with a "cp" axis (e.g. ``world_mesh["dp", "cp", "tp"]``), or a 1-D CP mesh.
-        layout: ``"zigzag"`` or ``"contiguous"``.
+        layout: ``"zigzag"``, ``"contiguous"`` or a layout object (e.g. from
+            :func:`cp_dtensor.balanced_layout` of this batch's document ids).
         seq_dim: the sequence dim of every tensor.
+        whole: names of entries that are not sequence-sharded.
 
     Returns:
         ``{name: DTensor}`` with local shards (B / dp, S / cp, ...).
@@ -92,15 +107,19 @@ def shard_batch(
         batch["positions"] = torch.arange(seq_len, device=device).expand(rows, seq_len)
     per = rows // dp
     placements = activation_placements(mesh, seq_dim, sequence_parallel=False)
-    return {
-        name: DTensor.from_local(
-            shard_sequence_for_rank(t[dp_rank * per : (dp_rank + 1) * per], cp_rank, cp, seq_dim, layout),
-            mesh,
-            placements,
-            run_check=False,
-        )
-        for name, t in batch.items()
-    }
+    whole_placements = list(placements)
+    whole_placements[cp_axis] = Replicate()
+    if isinstance(layout, SequenceLayout) and dp > 1:
+        layout = SequenceLayout(layout.positions[dp_rank * per : (dp_rank + 1) * per], cp, layout.name)
+    out = {}
+    for name, t in batch.items():
+        rows_t = t[dp_rank * per : (dp_rank + 1) * per]
+        if name in whole:
+            out[name] = DTensor.from_local(rows_t.contiguous(), mesh, whole_placements, run_check=False)
+        else:
+            local = shard_sequence_for_rank(rows_t, cp_rank, cp, seq_dim, layout)
+            out[name] = DTensor.from_local(local, mesh, placements, run_check=False)
+    return out
 
 
 def batch_rows(batch: Mapping[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
@@ -120,7 +139,7 @@ def batch_rows(batch: Mapping[str, torch.Tensor], start: int, stop: int) -> dict
 
 
 def unshard_sequence_output(
-    x: torch.Tensor, mesh: DeviceMesh, *, layout: str = "zigzag", seq_dim: int = 1
+    x: torch.Tensor, mesh: DeviceMesh, *, layout: LayoutLike = "zigzag", seq_dim: int = 1
 ) -> torch.Tensor:
     """Full tensor in natural sequence order from a CP-sharded DTensor or this rank's local shard.
 

@@ -140,20 +140,27 @@ def _forward_backward(
     local shards); the loss is computed on the local shards.
     """
     tokens, labels, positions = (batch[k] for k in ("tokens", "labels", "positions"))
+    document_ids = batch.get("document_ids")  # (B, S) whole sequences: the attention mask of packed data
+    rope_positions = batch.get("rope_positions")  # per-document rotary positions (data.reset_positions)
     labels = _local(labels)
     if pipeline is None:
         (model,) = model_parts
-        logits = _local(model(tokens, positions))  # (B, S_local, V)
+        logits = _local(model(tokens, positions, document_ids, rope_positions))  # (B, S_local, V)
         loss = token_loss_sum(logits, labels) / n_global
         loss.backward()
         return loss.detach()
     # torch.distributed.pipelining splits and sends plain tensors: stages get local shards.
     tokens, positions = _local(tokens), _local(positions)
+    extra = {
+        name: _local(t)
+        for name, t in (("document_ids", document_ids), ("rope_positions", rope_positions))
+        if t is not None
+    }
     pipeline.loss_fn.normalizer = n_global
     losses: list[torch.Tensor] = []
     args = (tokens,) if pipeline.has_first_stage else ()
     target = labels if pipeline.has_last_stage else None
-    pipeline.schedule.step(*args, positions=positions, target=target, losses=losses)
+    pipeline.schedule.step(*args, positions=positions, target=target, losses=losses, **extra)
     return (
         torch.stack(losses).sum().detach()
         if pipeline.has_last_stage
@@ -190,7 +197,8 @@ def train_step(
     Returns:
         The global mean loss, the gradient norm before clipping and the global token count.
     """
-    batch = {k: batch[k] for k in ("tokens", "labels", "positions")}
+    keys = ("tokens", "labels", "positions", "document_ids", "rope_positions")
+    batch = {k: batch[k] for k in keys if k in batch}
     rows = _local(batch["tokens"]).shape[0]
     if rows % accumulation_steps:
         raise ValueError(f"{rows} local rows cannot be split into {accumulation_steps} accumulation steps.")

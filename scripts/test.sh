@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-source scripts/install.sh test,torchtitan
+source scripts/install.sh test,torchtitan,hf
 exec "$PY" -m pytest "$@"

@@ -51,7 +51,7 @@ def test_defaults() -> None:
     assert config.training.lr == 3e-4 and config.training.lr_schedule == "cosine"
     assert config.training.on_nonfinite == "stop" and config.training.deterministic is False
     assert config.parallelism.data_parallel_degree == -1
-    assert config.parallelism.context_parallel_layout == "zigzag"
+    assert config.parallelism.context_parallel_layout == "auto" and config.cp_layout == "zigzag"
     assert config.parallelism.context_parallel_comm == "p2p"
     assert config.activation_checkpoint.mode == "none"
     assert config.data.dataset == "synthetic_recall" and config.data.paths == []

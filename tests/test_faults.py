@@ -133,6 +133,54 @@ def test_corrupt_checkpoint_is_detected_and_skipped(tmp_path: Path) -> None:
     assert "(step 2)" in proc.stdout
 
 
+def test_resuming_another_model_or_a_finished_run_is_one_line(tmp_path: Path) -> None:
+    proc, _ = _run(_args(tmp_path, "--checkpoint.enable", "--checkpoint.interval", "2", steps=2))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    # The resumes run on 1 rank: the fingerprint does not depend on the degrees (DCP reshards on load).
+    args = _args(tmp_path, "--checkpoint.enable", "--checkpoint.interval", "2", steps=2, cp=1)
+    # Another flavor: refused before DCP reads a tensor, in one line naming both models and a difference.
+    proc, _ = _run([*args, "--model.flavor", "debug_mha"])
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"error: checkpoint {tmp_path}/checkpoint/step-2 was saved for model llama3/debug, not llama3/debug_mha: "
+        "layers.0.attention.wk.weight has shape (32, 64) in the checkpoint, (64, 64) here (and 3 more "
+        "difference(s)); resume with --model.flavor debug, or set another checkpoint.folder (or job.dump_folder) "
+        "to start fresh"
+    ), proc.stderr[-2000:]
+    # training.steps already reached: one line, exit 0, nothing trained or saved.
+    proc, _ = _run(args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "checkpoint step 2 >= training.steps 2: nothing to train; raise training.steps to continue" in (
+        proc.stdout
+    )
+    assert not any(line.startswith("step") for line in proc.stdout.splitlines())
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-2"]
+    # A checkpoint without a fingerprint (saved before they existed): DCP's error, one line, no traceback.
+    manifest = tmp_path / "checkpoint" / "step-2" / "manifest.json"
+    manifest.write_text(
+        json.dumps({k: v for k, v in json.loads(manifest.read_text()).items() if k != "fingerprint"})
+    )
+    proc, _ = _run([*args, "--model.flavor", "debug_mha"])
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"error: no usable checkpoint in {tmp_path}/checkpoint (tried steps [2]); remove the folder to start fresh"
+    ), proc.stderr[-2000:]
+    assert (
+        "DCP could not read it: ValueError: Size mismatch between saved torch.Size([32, 64])" in proc.stdout
+    )
+
+
+def test_fingerprint_mismatch_names_the_first_difference() -> None:
+    from cp_dtensor.checkpoint import fingerprint_mismatch
+
+    saved = {"params": {"a": [2, 3], "b": [4], "c": [1]}}
+    assert fingerprint_mismatch(saved, {"params": {"a": [2, 3], "b": [4], "c": [1]}}) is None
+    assert fingerprint_mismatch(saved, {"params": {"a": [2, 3], "b": [5], "d": [1]}}) == (
+        "b has shape (4,) in the checkpoint, (5,) here; d is not in the checkpoint; the checkpoint has c, this "
+        "model does not"
+    )
+
+
 def test_keep_latest_k(tmp_path: Path) -> None:
     args = _args(
         tmp_path, "--checkpoint.enable", "--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "2"
@@ -175,6 +223,9 @@ def test_deterministic_runs_are_bit_identical(tmp_path: Path) -> None:
         (["--parallelism.pipeline_parallel_degree", "4", "--training.local_batch_size", "4",
           "--parallelism.context_parallel_degree", "1"], "needs 4 stages but flavor 'debug' has only 2 layers"),
         (["--training.seq_len", "130"], "training.seq_len=130 must be a multiple of 4"),
+        (["--training.seq_len", "1000000000"], "training.seq_len 1000000000 exceeds max_seq_len 131072 of model flavor 'debug'"),
+        (["--model.flavor", "8B", "--training.seq_len", "131072", "--training.local_batch_size", "64"],
+         "of activations per rank (local_batch_size 64 x seq_len 131072 / context_parallel_degree 2, flavor '8B'"),
         (["--data.dataset", "text", "--data.paths", "/no/such/file.txt"], "data.paths: /no/such/file.txt does not exist"),
         (["--training.steps", "0"], "training.steps: must be >= 1, got 0"),
         (["--training.stpes", "3"], "training.stpes"),
@@ -192,6 +243,29 @@ def test_bad_input_is_one_line_before_any_process_starts(
     err = capsys.readouterr().err.strip()
     assert err.splitlines() == [err] and message in err, err
     assert not (tmp_path / "train_log.jsonl").exists()
+
+
+def test_a_tight_memory_estimate_is_one_warning_line_before_any_process_starts(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import cp_dtensor.cli as cli
+    import cp_dtensor.trainer as trainer
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = cli.load_config(_args(tmp_path))
+    need = trainer.activation_bytes_per_rank(cfg, trainer.validate_job(cfg, 2), trainer.model_args_for(cfg))
+    monkeypatch.setattr(
+        trainer, "local_memory_budget", lambda world: trainer.MemoryBudget(1.25 * need, "a test GPU")
+    )
+    launched = []
+    monkeypatch.setattr(cli, "run_distributed", lambda *a, **k: launched.append(a[1]))
+    assert cli.main(_args(tmp_path)) == 0
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.splitlines() == [err] and err.startswith("warning: one step keeps ~") and "80% of the" in err
+    ), err
+    assert launched == [2]  # a warning, not a refusal: the job still starts
 
 
 def test_world_size_mismatch_under_a_launcher_is_one_line(tmp_path: Path) -> None:

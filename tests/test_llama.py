@@ -215,3 +215,22 @@ def test_build_llama_validates() -> None:
     with pytest.raises(ValueError, match="n_kv_heads=3"):
         ModelArgs(dim=64, n_heads=4, n_kv_heads=3)
     assert build_llama("debug", causal=False).layers["0"].attention.sdpa.causal is False
+
+
+def test_per_document_rotary_positions_change_nothing_under_the_document_mask() -> None:
+    """RoPE is relative and a document sees only itself: restarting positions per document (rope_positions)
+    gives the same logits up to rounding, while the tokens' places (positions) stay global."""
+    model = _model("debug")
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(3))
+    ids = torch.zeros(2, 40, dtype=torch.int64)
+    ids[0, 9:], ids[0, 25:], ids[1, 31:] = 1, 2, 1
+    positions = torch.arange(40).expand(2, 40)
+    starts = torch.zeros_like(ids)
+    for b in range(2):
+        for d in ids[b].unique():
+            sel = ids[b] == d
+            starts[b, sel] = int(torch.nonzero(sel)[0])
+    per_doc = positions - starts
+    a = model(tokens, positions, ids)
+    b = model(tokens, positions, ids, per_doc)
+    assert (a - b).abs().max().item() < 1e-5

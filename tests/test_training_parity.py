@@ -17,7 +17,8 @@ import pytest
 import torch
 from dist_harness import cached_parallel_dims
 
-from cp_dtensor.models.llama import build_llama
+from cp_dtensor.balance import BalancedLayoutRule
+from cp_dtensor.models.llama import LLAMA3_FLAVORS, build_llama
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.parallelize import build_parallel_model
 from cp_dtensor.sharding import shard_batch
@@ -40,6 +41,9 @@ class Run:
     pp_schedule: str = "1F1B"
     seq_len: int = 64
     batch: int = 4
+    docs: bool = False  # packed documents: "document_ids" in the batch (model.attention_mask document_causal)
+    window: int = 0  # sliding window of the local layers (0 = none)
+    window_layers: str = "all"
 
     @property
     def world(self) -> int:
@@ -54,7 +58,18 @@ def _global_batches(run: Run, vocab: int) -> list[dict[str, torch.Tensor]]:
         tokens = torch.randint(0, vocab, (run.batch, run.seq_len + 1), generator=g)
         labels = tokens[:, 1:].clone()
         labels[torch.rand(labels.shape, generator=g) < 0.3] = IGNORE_INDEX  # uneven token counts per shard
-        batches.append({"tokens": tokens[:, :-1].contiguous(), "labels": labels})
+        batch = {"tokens": tokens[:, :-1].contiguous(), "labels": labels}
+        if run.docs:  # 1-6 documents per row, of uneven lengths, boundaries anywhere (also inside shards)
+            ids = torch.zeros(run.batch, run.seq_len, dtype=torch.int64)
+            for b in range(run.batch):
+                cuts = (
+                    torch.randperm(run.seq_len - 1, generator=g)[: int(torch.randint(0, 6, (), generator=g))]
+                    + 1
+                )
+                for cut in cuts.tolist():
+                    ids[b, cut:] += 1
+            batch["document_ids"] = ids
+        batches.append(batch)
     return batches
 
 
@@ -66,8 +81,11 @@ def train_run(run: Run) -> dict:
     """Train ``run`` on this rank (or single-process when world is 1); losses and full weights."""
     dist_on = run.world > 1
     pd = cached_parallel_dims(**run.degrees) if dist_on else ParallelDims(world_size=1)
-    model = build_llama(run.flavor, causal=run.causal)
+    model = build_llama(
+        run.flavor, causal=run.causal, sliding_window=run.window, sliding_window_layers=run.window_layers
+    )
     model.init_weights(seed=0)
+    layout = BalancedLayoutRule(is_causal=run.causal) if run.layout == "balanced" else run.layout
     if dist_on:
         pm = build_parallel_model(
             model,
@@ -75,7 +93,7 @@ def train_run(run: Run) -> dict:
             device=torch.device("cpu"),
             pp_schedule=run.pp_schedule,
             ac_mode=run.ac,
-            cp_layout=run.layout,
+            cp_layout=layout,
             cp_comm=run.comm,
         )
         parts, pipeline, loss_mesh = pm.model_parts, pm.pipeline, pd.loss_mesh
@@ -85,7 +103,8 @@ def train_run(run: Run) -> dict:
     losses = []
     for gb in _global_batches(run, model.args.vocab_size):
         if dist_on:
-            batch = shard_batch(gb, pd.batch_mesh, layout=run.layout)
+            batch_layout = layout(gb["document_ids"], pd.cp) if callable(layout) else layout
+            batch = shard_batch(gb, pd.batch_mesh, layout=batch_layout)
         else:
             batch = {**gb, "positions": torch.arange(run.seq_len).expand(run.batch, run.seq_len)}
         res = train_step(parts, [opt], batch, loss_mesh=loss_mesh, pipeline=pipeline, max_norm=1.0)
@@ -98,11 +117,13 @@ def train_run(run: Run) -> dict:
     return {"losses": losses, "weights": weights}
 
 
+# Attention head layouts: "debug" (every run below that names no flavor) is GQA (4 query heads share 2 KV
+# heads), so "cp2" is the GQA case; "cp2_mqa" and "cp2_mha" cover 1 and 4 KV heads
+# (test_the_flavors_cover_gqa_mqa_and_mha keeps this comment true).
 RUNS = [
     Run("cp2", {"cp": 2}),
     Run("cp2_contiguous", {"cp": 2}, layout="contiguous"),
     Run("cp2_allgather", {"cp": 2}, comm="allgather"),
-    Run("cp2_gqa", {"cp": 2}, flavor="debug"),
     Run("cp2_mqa", {"cp": 2}, flavor="debug_mqa"),
     Run("cp2_mha", {"cp": 2}, flavor="debug_mha"),
     Run("cp2_bidirectional", {"cp": 2}, causal=False),
@@ -115,14 +136,52 @@ RUNS = [
     Run("pp2_cp2_gpipe", {"pp": 2, "cp": 2}, flavor="debug_deep", pp_schedule="GPipe"),
     Run("pp2_cp2_interleaved", {"pp": 2, "cp": 2}, flavor="debug_deep", pp_schedule="Interleaved1F1B"),
     Run("dp2_tp2_cp2", {"dp": 2, "cp": 2, "tp": 2}),
+    # Packed documents (document_causal) on the balanced layout, and sliding windows (8 tokens, shards
+    # of 16-32 tokens: windows cross rank boundaries), alone and mixed with documents on alternate layers.
+    Run("docs_cp2", {"cp": 2}, docs=True, layout="balanced"),
+    Run("docs_cp4", {"cp": 4}, docs=True, layout="balanced"),
+    Run("docs_tp2_cp2", {"cp": 2, "tp": 2}, docs=True, layout="balanced"),
+    Run("docs_dp2_cp2", {"dp": 2, "cp": 2}, docs=True, layout="balanced"),
+    Run("docs_pp2_cp2", {"pp": 2, "cp": 2}, flavor="debug_deep", docs=True, layout="balanced"),
+    Run("docs_cp2_zigzag_full_ac", {"cp": 2}, docs=True, ac="full"),
+    Run("window_cp2", {"cp": 2}, window=8),
+    Run(
+        "window_docs_alternate_cp4",
+        {"cp": 4},
+        window=8,
+        window_layers="alternate",
+        docs=True,
+        layout="balanced",
+    ),
+    Run("window_tp2_cp2", {"cp": 2, "tp": 2}, window=8),
+    Run("window_dp2_cp2", {"dp": 2, "cp": 2}, window=8, comm="allgather"),
+    Run("window_pp2_cp2", {"pp": 2, "cp": 2}, flavor="debug_deep", window=8),
 ]
 SLOW = {"dp2_tp2_cp2"}
 
 
+def test_the_flavors_cover_gqa_mqa_and_mha() -> None:
+    flavors = {name: LLAMA3_FLAVORS[name] for name in ("debug", "debug_mqa", "debug_mha")}
+    assert 1 < flavors["debug"].kv_heads < flavors["debug"].n_heads  # GQA
+    assert flavors["debug_mqa"].kv_heads == 1  # MQA
+    assert flavors["debug_mha"].kv_heads == flavors["debug_mha"].n_heads  # MHA
+    assert {r.flavor for r in RUNS if r.name in ("cp2", "cp2_mqa", "cp2_mha")} == set(flavors)
+
+
 def _reference(run: Run, cache: dict) -> dict:
-    key = (run.flavor, run.causal, run.seq_len, run.batch)
+    key = (run.flavor, run.causal, run.seq_len, run.batch, run.docs, run.window, run.window_layers)
     if key not in cache:
-        cache[key] = train_run(Run("single", {}, flavor=run.flavor, causal=run.causal))
+        cache[key] = train_run(
+            Run(
+                "single",
+                {},
+                flavor=run.flavor,
+                causal=run.causal,
+                docs=run.docs,
+                window=run.window,
+                window_layers=run.window_layers,
+            )
+        )
     return cache[key]
 
 

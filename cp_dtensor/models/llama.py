@@ -614,6 +614,7 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
+        rope_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the model (or this pipeline stage of it).
 
@@ -624,6 +625,9 @@ class Transformer(nn.Module):
             document_ids: (B, S_global) int ids of the packed documents of each row, for the whole sequence
                 in natural order (under CP: not sharded, the same on every CP rank); a token then attends
                 only within its document. None: one document per row.
+            rope_positions: Rotary positions when they differ from ``positions`` (e.g. restarting at each
+                packed document); same shape as ``positions``. ``positions`` then only says where each token
+                sits in the sequence (the masked attention and the CP layout check use it).
 
         Returns:
             Logits (B, S, vocab_size) in the dtype of `output` (fp32 for an fp32 model); the final hidden
@@ -642,7 +646,11 @@ class Transformer(nn.Module):
             )
         if positions.dim() == 1:
             positions = positions.unsqueeze(0)  # (1, S)
-        rope = self.rope(positions)  # (B or 1, S, head_dim // 2, 2)
+        if rope_positions is not None and rope_positions.dim() == 1:
+            rope_positions = rope_positions.unsqueeze(0)  # (1, S)
+        rope = self.rope(
+            positions if rope_positions is None else rope_positions
+        )  # (B or 1, S, head_dim // 2, 2)
         for layer in self.layers.values():
             h = layer(h, rope, document_ids, positions)  # (B, S, dim)
         if self.norm is not None:
