@@ -30,6 +30,7 @@ in increasing order (so again the causal mask inside a shard is a lower triangle
 from __future__ import annotations
 
 import hashlib
+import weakref
 from typing import Literal
 
 import torch
@@ -61,12 +62,30 @@ Layout = Literal["contiguous", "zigzag"]
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
 
 
+# Digests of live tensors, by id: every attention layer of a step asks for the digest of the same
+# document-ids tensor (the cross-rank check, the plan cache, the layout rule). A cache of facts: an entry is
+# used only while its tensor is alive and unmodified (same object, same version counter).
+_DIGESTS: dict[int, tuple[weakref.ref, int, str]] = {}
+
+
 def tensor_digest(t: torch.Tensor) -> str:
-    """A content hash of ``t`` that is the same in every process (unlike ``hash(bytes)``, which is salted)."""
+    """A content hash of ``t`` that is the same in every process (unlike ``hash(bytes)``, which is salted).
+
+    Memoized per live tensor (and its version counter), so asking again for the same tensor is free.
+    """
+    cached = _DIGESTS.get(id(t))
+    if cached is not None and cached[0]() is t and cached[1] == t._version:
+        return cached[2]
     data = t.detach().cpu().contiguous()
-    return hashlib.blake2b(
+    digest = hashlib.blake2b(
         data.numpy().tobytes() + str((tuple(data.shape), data.dtype)).encode(), digest_size=16
     ).hexdigest()
+    try:
+        key = id(t)
+        _DIGESTS[key] = (weakref.ref(t, lambda _, key=key: _DIGESTS.pop(key, None)), t._version, digest)
+    except TypeError:  # not weak-referenceable: do not cache
+        pass
+    return digest
 
 
 class SequenceLayout:
