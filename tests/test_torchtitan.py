@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import pytest
 import torch
 
 from cp_dtensor.config import JobConfig
+from cp_dtensor.data import TextDataset
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "train_configs" / "torchtitan" / "llama3_debug_cp2.toml"
@@ -296,6 +298,193 @@ def test_adapter_is_torchtitans_llama3() -> None:
     expected = reference(tokens[:, pos], positions=pos.expand(2, -1))
     torch.testing.assert_close(adapter(tokens[:, pos], pos.expand(2, -1)), expected, rtol=0, atol=0)
     assert adapter.layers["0"].attention.sdpa is adapter.layers["0"].attention.inner_attention
+
+
+# -- torchtitan's block_causal document mask (Note [block_causal with cp_dtensor]) ------------------------
+
+BLOCK_CAUSAL_CONFIG = ROOT / "train_configs" / "torchtitan" / "llama3_debug_block_causal_cp2.toml"
+BYTE_EOS = 257  # the "text" dataset's byte tokenizer: each document is [BOS 256] bytes [EOS 257]
+
+
+def _rows_with_eos(batch: int, seq: int, seed: int) -> torch.Tensor:
+    """(batch, seq) byte tokens with EOS at irregular places: several documents per row, one over the end."""
+    tokens = torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    for b, ends in enumerate(([9, 10, 40, seq // 2 + 3], [0, seq // 3, seq - 1])):
+        tokens[b % batch, ends] = BYTE_EOS
+    return tokens
+
+
+@needs_torchtitan
+def test_block_causal_document_ids_are_torchtitans() -> None:
+    """eos_document_ids numbers documents as torchtitan's mask builder: the same causal-and-same-document mask
+    (torchtitan's mask_mods evaluated densely by flex_attention.create_mask, exact)."""
+    from cp_dtensor.integrations import torchtitan as cpt  # first: it makes torchtitan importable on CPU
+
+    flex = importlib.import_module("torch.nn.attention.flex_attention")
+    tt_attention = importlib.import_module("torchtitan.models.attention")
+    seq = 64
+    tokens = _rows_with_eos(2, seq, seed=0)
+    mask_mod = flex.and_masks(
+        tt_attention.get_causal_mask_mod(), tt_attention.get_document_mask_mod(tokens, BYTE_EOS)
+    )
+    expected = flex.create_mask(mask_mod, 2, None, seq, seq, device="cpu")  # (B, 1, S, S) bool
+    ids = cpt.eos_document_ids(tokens, BYTE_EOS)  # (B, S)
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()  # (S, S)
+    ours = causal & (ids[:, None, :, None] == ids[:, None, None, :])  # (B, 1, S, S)
+    assert torch.equal(ours, expected)
+    assert ids[0, :12].tolist() == [0] * 10 + [1, 2]  # an EOS closes its own document
+    assert int(ids[1].max()) == 2  # an EOS at the last position opens no document
+
+
+@needs_torchtitan
+def test_block_causal_model_is_torchtitans_flex_model() -> None:
+    """A block_causal flavor served by cp_dtensor (document attention) computes the logits of torchtitan's own
+    FlexAttention model with its own masks, same weights; torchtitan's cannot train on CPU.
+
+    torchtitan's FlexAttention and mask builder are torch.compile'd; they run eagerly here (compiling the block
+    mask alone takes ~100 s on 2 CPU cores). Tolerance 1e-5 absolute on logits of magnitude ~5: the same fp32
+    math by two kernels (eager flex materializes the masked scores; cp_dtensor's masked op computes only the
+    visible blocks with the CPU flash kernel); measured 1.4e-6.
+    """
+    from types import SimpleNamespace
+
+    from cp_dtensor.integrations import torchtitan as cpt  # first: it makes torchtitan importable on CPU
+
+    seq = 128
+    args = cpt.model.llama3_args("debugmodel_flex_attn", max_seq_len=seq, init_seed=0)
+    ours = cpt.SeededLlama3(args)
+    ours.init_weights()
+    reference = importlib.import_module("torchtitan.models.llama3.model.model").Transformer(args)
+    reference.load_state_dict(ours.state_dict())
+    assert isinstance(ours.layers["0"].attention.inner_attention, cpt.DocumentCausalAttention)
+    tokenizer = SimpleNamespace(eos_id=BYTE_EOS)
+    tokens = _rows_with_eos(2, seq, seed=1)
+    with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+        expected = reference(tokens, attention_masks=reference.get_attention_masks(tokens, tokenizer))
+        got = ours(tokens, attention_masks=ours.get_attention_masks(tokens, tokenizer))
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    with (
+        torch.compiler.set_stance("force_eager"),
+        pytest.raises(NotImplementedError, match="backward on CPU"),
+    ):
+        reference(tokens, attention_masks=reference.get_attention_masks(tokens, tokenizer))
+    # The mask matters: one document per row (no EOS) gives other logits.
+    with torch.no_grad():
+        no_documents = ours(tokens, attention_masks=torch.zeros_like(tokens, dtype=torch.int32))
+    assert (no_documents - got).abs().max() > 1e-2
+
+
+@needs_torchtitan
+def test_block_causal_refusals() -> None:
+    """block_causal needs a tokenizer with an EOS id, data with documents, and cp_dtensor's attention under CP."""
+    from cp_dtensor.integrations import torchtitan as cpt  # first: it makes torchtitan importable on CPU
+
+    args = cpt.model.llama3_args("debugmodel_varlen_attn", max_seq_len=64, n_layers=1)
+    with pytest.raises(ValueError, match="has no eos_id"):
+        cpt.SeededLlama3(args).get_attention_masks(torch.zeros(1, 64, dtype=torch.long), None)
+    job = importlib.import_module("torchtitan.config").JobConfig()  # torchtitan's, not cp_dtensor's
+    job.model.flavor = "debugmodel_flex_attn"
+    job.training.dataset = "synthetic_recall"
+    with pytest.raises(ValueError, match='synthetic_recall" has no documents'):
+        cpt.build_tokenizer(job)
+    job.training.dataset = "text"
+    assert cpt.build_tokenizer(job).eos_id == BYTE_EOS
+    torchtitans_own = importlib.import_module("torchtitan.models.llama3.model.model").Transformer(args)
+    with pytest.raises(ValueError, match=r"attends with \['VarlenAttentionWrapper'\]"):
+        cpt.apply_cp_dtensor(torchtitans_own, None)  # checked before the mesh is used
+    job.parallelism.context_parallel_degree = 2  # torchtitan's varlen refuses CP; cp_dtensor serves it
+    args.update_from_config(job)
+    assert args.max_seq_len == job.training.seq_len
+
+
+def _write_corpus(folder: Path, seq_len: int) -> Path:
+    """A few kB of JSONL documents (3 to 30 words, fixed seed): packed rows of ``seq_len`` bytes hold several
+    documents each, and documents cross the edges of cp=2's zigzag chunks (on average one per row)."""
+    rng = random.Random(0)
+    words = ("the", "of", "and", "to", "in", "a", "is", "that", "for", "it", "as", "was", "with", "on", "at")
+    folder.mkdir()
+    with (folder / "documents.jsonl").open("w") as f:
+        for _ in range(100):
+            f.write(
+                json.dumps({"text": " ".join(rng.choice(words) for _ in range(rng.randint(3, 30)))}) + "\n"
+            )
+    dataset = TextDataset(folder, seq_len)
+    ids = torch.stack([dataset[i]["document_ids"] for i in range(len(dataset))])  # (N, S)
+    assert bool((ids.amax(dim=1) >= 2).all())  # >= 3 documents in every row
+    chunk = seq_len // 4  # the zigzag chunks of cp=2: a document over an edge spans two ranks
+    assert int((ids[:, chunk - 1 : -1 : chunk] == ids[:, chunk::chunk]).sum()) >= len(dataset)
+    return folder
+
+
+BLOCK_CAUSAL_ARGS = ("--training.seq_len=256", "--training.steps=3")
+
+
+@pytest.fixture(scope="module")
+def block_causal_cp1(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[Path, Callable[[], list[dict]]]]:
+    """The block_causal config at cp=1 (one process) on a written corpus, started once: (corpus, metrics).
+
+    cp=1 runs cp_dtensor's document attention too (the exact masked op on one process): torchtitan's own
+    FlexAttention has no CPU backward and its varlen no CPU kernel; test_block_causal_model_is_torchtitans_flex_model
+    checks that the forward is torchtitan's.
+    """
+    folder = tmp_path_factory.mktemp("block_causal")
+    corpus = _write_corpus(folder / "corpus", seq_len=256)
+    dump = folder / "cp1"
+    corpus_arg = f"--training.dataset_path={corpus}"
+    proc = _launch(
+        1,
+        dump,
+        *BLOCK_CAUSAL_ARGS,
+        corpus_arg,
+        "--parallelism.context_parallel_degree=1",
+        config=BLOCK_CAUSAL_CONFIG,
+    )
+
+    def metrics() -> list[dict]:
+        rc = proc.wait(timeout=300)
+        assert rc == 0, _log_path(dump).read_text()[-4000:]
+        return _metrics(dump)
+
+    yield corpus, metrics
+    if proc.poll() is None:
+        proc.kill()
+
+
+def _run_block_causal(dump: Path, corpus: Path, *overrides: str) -> tuple[list[dict], str]:
+    args = (*BLOCK_CAUSAL_ARGS, f"--training.dataset_path={corpus}", *overrides)
+    rc = _launch(2, dump, *args, config=BLOCK_CAUSAL_CONFIG).wait(timeout=300)
+    log = _log_path(dump).read_text()
+    assert rc == 0, log[-4000:]
+    assert "Applied cp_dtensor context parallelism (cp 2, layout zigzag, comm p2p)" in log
+    return _metrics(dump), log
+
+
+@needs_torchtitan
+def test_torchtitan_block_causal_cp2_matches_cp1(tmp_path: Path, block_causal_cp1) -> None:
+    """torchtitan's block_causal flavor (FlexAttention's, documents end at EOS) under CP through cp_dtensor: cp=2
+    (torchtitan's "headtail" balancer = zigzag, the masked ring) gives the losses of cp=1, step by step.
+
+    Tolerances as in the module docstring: losses within 1e-5 relative (the same fp32 math in another order:
+    the masked ring's log-sum-exp merge, FSDP's sum over the two CP ranks), gradient norms within 2e-4
+    (torchtitan's fp32 norm over whole tensors vs FSDP shards).
+    """
+    corpus, cp1 = block_causal_cp1
+    cp2, _ = _run_block_causal(tmp_path / "cp2", corpus)
+    _check_parity(cp1(), cp2, steps=3)
+
+
+@needs_torchtitan
+def test_stock_llama3_varlen_block_causal_cp2_matches_cp1(tmp_path: Path, block_causal_cp1) -> None:
+    """torchtitan's own model name "llama3" with its varlen block_causal flavor (which torchtitan refuses under
+    CP) through our entry point: served by the same document attention, cp=2 gives the same losses (tolerances
+    as above)."""
+    corpus, cp1 = block_causal_cp1
+    args = ("--model.name=llama3", "--model.flavor=debugmodel_varlen_attn")
+    cp2, log = _run_block_causal(tmp_path / "cp2_llama3_varlen", corpus, *args)
+    assert 'model.name "llama3" is served by cp_dtensor\'s train spec' in log
+    _check_parity(cp1(), cp2, steps=3)
 
 
 def run_our_trainer(cfg: dict) -> list[float]:

@@ -3,7 +3,8 @@
 ``training.dataset`` picks the data::
 
     "synthetic_recall"  SyntheticRecallDataset(seq_len, flavor vocab)  -> GlobalBatchDataLoader, no tokenizer
-    "text"              TextDataset(training.dataset_path, seq_len)    -> GlobalBatchDataLoader, no tokenizer
+    "text"              TextDataset(training.dataset_path, seq_len)    -> GlobalBatchDataLoader, byte tokenizer
+                                                                          (for its EOS id: block_causal)
     anything else       torchtitan's build_text_dataloader             + torchtitan's HF tokenizer
 
 Both local datasets build each global batch from (dataset, seed, batch index) alone, so runs with other
@@ -13,7 +14,7 @@ downloaded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -22,9 +23,21 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig as TorchtitanJobConfig
 from torchtitan.models import llama3 as tt_llama3
 
-from cp_dtensor.data import GlobalBatchLoader, SyntheticRecallDataset, TextDataset
+from cp_dtensor.data import (
+    RECALL_CUE_START_FRACTION,
+    ByteTokenizer,
+    GlobalBatchLoader,
+    SyntheticRecallDataset,
+    TextDataset,
+)
 
-__all__ = ["LOCAL_DATASETS", "GlobalBatchDataLoader", "build_dataloader", "build_tokenizer"]
+__all__ = [
+    "LOCAL_DATASETS",
+    "ByteTokenizerForTorchtitan",
+    "GlobalBatchDataLoader",
+    "build_dataloader",
+    "build_tokenizer",
+]
 
 LOCAL_DATASETS = ("synthetic_recall", "text")
 """``training.dataset`` names served by cp_dtensor's datasets (they tokenize themselves)."""
@@ -83,8 +96,9 @@ def build_dataloader(
 ) -> BaseDataLoader:
     """The train spec's data loader: ``training.dataset`` picks it.
 
-    * ``"synthetic_recall"``: cp_dtensor's long-range recall task (answers ~0.9 x seq_len after their cue,
-      so the loss drops below chance only if attention crosses CP shards), vocabulary of the model flavor.
+    * ``"synthetic_recall"``: cp_dtensor's long-range recall task with the cue region placed as cp_dtensor's
+      trainer places it (from S/4: on another CP rank than the queries for any cp >= 2, zigzag or not),
+      so the loss drops below chance only if attention crosses CP shards; vocabulary of the model flavor.
     * ``"text"``: the byte-tokenized ``.txt`` / ``.jsonl`` files at ``training.dataset_path``.
     * anything else: torchtitan's HuggingFace text loader (e.g. "c4", with ``model.hf_assets_path``).
 
@@ -96,7 +110,11 @@ def build_dataloader(
     vocab_size = _flavor_vocab_size(job_config)
     if training.dataset == "synthetic_recall":
         dataset: Any = SyntheticRecallDataset(
-            training.seq_len, vocab_size, seed=seed, cue_repeats=max(4, training.seq_len // 64)
+            training.seq_len,
+            vocab_size,
+            seed=seed,
+            cue_repeats=max(4, training.seq_len // 64),
+            cue_start_fraction=RECALL_CUE_START_FRACTION,
         )
     elif training.dataset == "text":
         if not training.dataset_path:
@@ -120,9 +138,51 @@ def build_dataloader(
     )
 
 
+class ByteTokenizerForTorchtitan(BaseTokenizer):
+    """cp_dtensor's :class:`~cp_dtensor.data.ByteTokenizer` (the ``"text"`` dataset's) as a torchtitan tokenizer.
+
+    The data loader tokenizes by itself; torchtitan's trainer needs the tokenizer for its ``eos_id``: the
+    ``block_causal`` mask finds documents by EOS tokens (each document of the ``"text"`` dataset is
+    ``[BOS] bytes [EOS]``, EOS = 257).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.byte_tokenizer = ByteTokenizer()
+        self.bos_id = self.byte_tokenizer.BOS
+        self.eos_id = self.byte_tokenizer.EOS
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """UTF-8 bytes, optionally wrapped in BOS / EOS."""
+        return self.byte_tokenizer.encode(text, bos=bos, eos=eos)
+
+    def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
+        """The text of ``ids`` (BOS / EOS dropped)."""
+        return self.byte_tokenizer.decode(ids)
+
+    def get_vocab_size(self) -> int:
+        """258: 256 bytes, BOS, EOS."""
+        return self.byte_tokenizer.vocab_size
+
+
 def build_tokenizer(job_config: TorchtitanJobConfig) -> BaseTokenizer | None:
-    """None for cp_dtensor's local datasets (they tokenize themselves), else torchtitan's HF tokenizer."""
-    if job_config.training.dataset in LOCAL_DATASETS:
+    """The byte tokenizer for ``"text"``, None for ``"synthetic_recall"``, else torchtitan's HF tokenizer.
+
+    Raises:
+        ValueError: ``"synthetic_recall"`` with a ``block_causal`` flavor (its rows hold no EOS tokens, so
+            there are no documents to mask).
+    """
+    dataset = job_config.training.dataset
+    if dataset == "text":
+        return ByteTokenizerForTorchtitan()
+    if dataset == "synthetic_recall":
+        flavor = job_config.model.flavor
+        if tt_llama3.llama3_args[flavor].attn_mask_type == "block_causal":
+            raise ValueError(
+                f"model.flavor {flavor!r} masks packed documents (block_causal, found by EOS tokens), but "
+                f'training.dataset = "synthetic_recall" has no documents: use training.dataset = "text" with '
+                f"training.dataset_path, or an SDPA flavor (e.g. debugmodel)."
+            )
         return None
     from torchtitan.components.tokenizer import build_hf_tokenizer
 

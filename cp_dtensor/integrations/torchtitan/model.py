@@ -33,10 +33,17 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig as TorchtitanJobConfig
 from torchtitan.models import llama3 as tt_llama3
 from torchtitan.models.llama3.model import model as tt_model
+from torchtitan.tools.logging import logger
 
+from cp_dtensor.integrations.torchtitan.documents import (
+    apply_document_attention,
+    eos_document_ids,
+    uses_document_ids,
+)
 from cp_dtensor.models.llama import ModelArgs
 
 __all__ = [
@@ -57,8 +64,18 @@ class Llama3Args(tt_llama3.TransformerModelArgs):
     """Seed of :meth:`SeededLlama3.init_weights`; None keeps torchtitan's own (global RNG) init."""
 
     def update_from_config(self, job_config: TorchtitanJobConfig, **kwargs: Any) -> None:
-        """torchtitan's update (max_seq_len from training.seq_len), then ``init_seed = debug.seed``."""
-        super().update_from_config(job_config, **kwargs)
+        """torchtitan's update (max_seq_len from training.seq_len), then ``init_seed = debug.seed``.
+
+        For ``block_causal`` flavors torchtitan's refusal of varlen under CP is skipped: cp_dtensor's
+        document attention replaces the varlen kernel (Note [block_causal with cp_dtensor]).
+        """
+        if uses_document_ids(self):  # torchtitan's update without that refusal
+            seq_len = job_config.training.seq_len
+            if seq_len > self.max_seq_len:
+                logger.warning(f"Sequence length {seq_len} exceeds original maximum {self.max_seq_len}.")
+            self.max_seq_len = seq_len
+        else:
+            super().update_from_config(job_config, **kwargs)
         self.init_seed = job_config.debug.seed
 
 
@@ -95,7 +112,44 @@ class SeededLlama3(tt_model.Transformer):
     With a seed, :meth:`init_weights` draws each parameter whole from a generator seeded by (seed,
     parameter name), with torchtitan's distributions, and keeps the local shard (Note [Seeded init of
     torchtitan's Llama 3]): the same seed gives the same full weights for any degrees and devices.
+
+    ``block_causal`` flavors (``debugmodel_flex_attn``, ``8B_varlen``, ...) attend with cp_dtensor's
+    document attention instead of FlexAttention / varlen; their attention masks are the document ids
+    (Note [block_causal with cp_dtensor]).
+
+    Args:
+        model_args: torchtitan ``TransformerModelArgs`` (or :class:`Llama3Args`).
     """
+
+    def __init__(self, model_args: tt_llama3.TransformerModelArgs) -> None:
+        super().__init__(model_args)
+        if uses_document_ids(model_args):
+            apply_document_attention(self)
+
+    def get_attention_masks(
+        self,
+        input_batch: torch.Tensor,
+        tokenizer: BaseTokenizer | None,
+        extra_inputs: dict[str, torch.Tensor] | None = None,
+    ) -> Any:
+        """torchtitan's masks; for ``block_causal`` the (B, S) int32 document ids of the whole rows.
+
+        The ids number the documents as torchtitan's mask builder does (:func:`eos_document_ids`, the
+        tokenizer's EOS id).
+
+        Raises:
+            ValueError: ``block_causal`` without a tokenizer that has an EOS id.
+        """
+        if not uses_document_ids(self.model_args):
+            return super().get_attention_masks(input_batch, tokenizer, extra_inputs)
+        eos_id = getattr(tokenizer, "eos_id", None)
+        if eos_id is None:
+            raise ValueError(
+                f"attn_mask_type 'block_causal' finds documents by EOS tokens, but the tokenizer "
+                f"({type(tokenizer).__name__}) has no eos_id; use a dataset with a tokenizer: "
+                f'training.dataset = "text" (bytes, EOS 257) or a HuggingFace dataset with model.hf_assets_path.'
+            )
+        return eos_document_ids(input_batch, eos_id)  # (B, S)
 
     @torch.no_grad()
     def init_weights(self, buffer_device: torch.device | None = None, seed: int | None = None) -> None:
@@ -137,14 +191,17 @@ class SeededLlama3(tt_model.Transformer):
 
 
 class _Attention(tt_model.Attention):
-    """torchtitan's ``Attention`` called as ``attention(x, rope)``; ``sdpa`` names its SDPA module."""
+    """torchtitan's ``Attention`` called as cp_dtensor's, ``attention(x, rope, document_ids, positions)``
+    (the last two always None here); ``sdpa`` names its SDPA module."""
 
     @property
     def sdpa(self) -> nn.Module:
         """The SDPA wrapper that cp_dtensor's CP style applies to (torchtitan's ``inner_attention``)."""
         return self.inner_attention
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, rope: torch.Tensor, document_ids: None = None, positions: None = None
+    ) -> torch.Tensor:
         """Self-attention; ``rope`` (S, head_dim / 2) complex holds the RoPE factors of x's positions."""
         return super().forward(x, rope, None)
 
@@ -154,7 +211,8 @@ class _Block(tt_model.TransformerBlock):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         """Pre-norm block: ``h = x + attention(norm(x))``, ``h + feed_forward(norm(h))``."""
-        h = x + self.attention(self.attention_norm(x), rope)  # (B, S, dim)
+        # cp_dtensor's TP plan prepares attention's four inputs (x, rope, document_ids, positions)
+        h = x + self.attention(self.attention_norm(x), rope, None, None)  # (B, S, dim)
         return h + self.feed_forward(self.ffn_norm(h))  # (B, S, dim)
 
 
@@ -180,7 +238,11 @@ class TorchtitanLlama3(SeededLlama3):
         self.args = _cp_dtensor_args(model_args)
 
     def forward(  # type: ignore[override]
-        self, tokens: torch.Tensor, positions: torch.Tensor | None = None
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+        rope_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the model (or a pipeline stage of it).
 
@@ -188,10 +250,23 @@ class TorchtitanLlama3(SeededLlama3):
             tokens: token ids (B, S) int64; hidden states (B, S, dim) when ``tok_embeddings`` is None.
             positions: global positions (B, S) or (S,) of the tokens (their CP layout order); the rows of a
                 batch must share their positions, as cp_dtensor's batches do. Defaults to ``arange(S)``.
+            document_ids: must be None (see Raises).
+            rope_positions: must be None (see Raises).
 
         Returns:
             Logits (B, S, vocab_size), or hidden states (B, S, dim) when ``output`` is None.
+
+        Raises:
+            ValueError: for ``document_ids`` or ``rope_positions`` (this adapter serves causal attention over
+                whole rows with one RoPE position table per batch; packed documents run with cp_dtensor's own
+                Llama or torchtitan's block_causal flavors in torchtitan's trainer).
         """
+        if document_ids is not None or rope_positions is not None:
+            given = "document_ids" if document_ids is not None else "rope_positions (data.reset_positions)"
+            raise ValueError(
+                f"TorchtitanLlama3 in cp_dtensor's trainer serves causal attention over whole rows and got "
+                f'{given}; for packed documents use model.name = "llama3".'
+            )
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, S, dim)
         if positions is None:
             rope = self.freqs_cis[: h.shape[1]]  # (S, head_dim / 2) complex64

@@ -27,6 +27,10 @@ ranks' keys and values. Under the :class:`~cp_dtensor.styles.ContextParallel` st
                   -> out local (B, H, S/cp, D)
     post-hook   leave the mode
 
+``block_causal`` flavors (Note [block_causal with cp_dtensor]) get the same style on their
+``inner_attention`` (a ``DocumentCausalAttention``): its ``cp_dtensor.document_attention(q, k, v,
+document_ids, positions)`` call becomes the masked ring, with the positions checked against the layout.
+
 PyTorch's experimental CP is never switched on and ``F.scaled_dot_product_attention`` is never patched.
 """
 
@@ -47,6 +51,7 @@ from cp_dtensor.attention.dispatch import ContextParallelAttention
 from cp_dtensor.attention.ring import COMM_MODES
 from cp_dtensor.integrations.torchtitan.config import cp_dtensor_config
 from cp_dtensor.integrations.torchtitan.cpu_shims import force_sum_reduction_on_gloo
+from cp_dtensor.integrations.torchtitan.documents import DocumentCausalAttention, uses_document_ids
 from cp_dtensor.parallel_dims import seq_len_problem
 from cp_dtensor.styles import ContextParallel
 
@@ -90,7 +95,8 @@ def apply_cp_dtensor(
     with ``parallelize_module`` (Note [cp_dtensor CP in torchtitan's parallelize]).
 
     Args:
-        model: torchtitan's Llama 3 ``Transformer`` (or a pipeline stage of it), with SDPA attention.
+        model: torchtitan's Llama 3 ``Transformer`` (or a pipeline stage of it), with SDPA attention or, for
+            ``block_causal`` flavors, cp_dtensor's document attention (:class:`SeededLlama3` builds it).
         cp_mesh: the 1-D mesh of the CP ranks, axis named "cp".
         layout: the layout the inputs were sharded with (:func:`cp_layout_for_load_balancer`).
         comm: ``"p2p"`` or ``"allgather"``.
@@ -102,16 +108,28 @@ def apply_cp_dtensor(
         shared by every attention module.
 
     Raises:
-        ValueError: unknown ``comm``, a non-SDPA model flavor, or a mesh that is not 1-D.
+        ValueError: unknown ``comm``, a flavor that is neither SDPA nor block_causal, a block_causal model
+            whose attention is not cp_dtensor's document attention, or a mesh that is not 1-D.
     """
     if comm not in COMM_MODES:
         raise ValueError(f"cp_dtensor.comm = {comm!r}; expected one of {COMM_MODES}.")
-    attn_type = getattr(getattr(model, "model_args", None), "attn_type", "sdpa")
-    if attn_type != "sdpa":
+    model_args = getattr(model, "model_args", None)
+    attn_type = getattr(model_args, "attn_type", "sdpa")
+    if attn_type != "sdpa" and not uses_document_ids(model_args):
         raise ValueError(
-            f"cp_dtensor context parallelism serves SDPA attention; the model flavor has attn_type "
-            f"{attn_type!r}. Pick an SDPA flavor (e.g. debugmodel, 8B, 70B)."
+            f"cp_dtensor context parallelism serves SDPA attention and torchtitan's block_causal flavors; the "
+            f"model flavor has attn_type {attn_type!r} with attn_mask_type "
+            f"{getattr(model_args, 'attn_mask_type', None)!r}. Pick an SDPA flavor (e.g. debugmodel, 8B, 70B) "
+            f"or a block_causal one (e.g. debugmodel_flex_attn, 8B_varlen)."
         )
+    if uses_document_ids(model_args):
+        inner = [block.attention.inner_attention for block in model.layers.values()]
+        if not all(isinstance(m, DocumentCausalAttention) for m in inner):
+            raise ValueError(
+                f"{type(model).__name__} has the block_causal mask but attends with "
+                f"{sorted({type(m).__name__ for m in inner})}, which cp_dtensor's CP cannot serve; build it as "
+                f"SeededLlama3 (the train spec's model) or call apply_document_attention(model) first."
+            )
     if cp_mesh.ndim != 1:
         raise ValueError(f"cp_mesh must be the 1-D mesh of the CP ranks, got axes {cp_mesh.mesh_dim_names}.")
     style = ContextParallel(layout=layout, comm=comm, backend=backend, stats=stats)
@@ -141,7 +159,7 @@ def parallelize_llama(
 
     Raises:
         ValueError: a sequence length the degrees cannot split, an unsupported load balancer or a
-            non-SDPA flavor under CP, or torch.compile of the model together with CP.
+            flavor that is neither SDPA nor block_causal under CP, or torch.compile of the model together with CP.
     """
     compile_enabled = job_config.compile.enable and "model" in job_config.compile.components
     balancer = job_config.parallelism.context_parallel_load_balancer

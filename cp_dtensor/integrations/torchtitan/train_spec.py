@@ -11,7 +11,7 @@ registered under two names::
     "llama3"              main() only (one log line)        a stock torchtitan Llama 3 config gets
                                                             cp_dtensor's CP through our entry point
 
-    torchtitan.train.Trainer(job_config)
+    cp_dtensor's Trainer(job_config)     torchtitan's, one method changed for block_causal under CP (trainer)
       get_train_spec(model.name) -> _extra_train_specs[name]   (torchtitan's own llama3 spec is never used)
 
 "llama3" is registered in :func:`main` and not at import, so that importing this package (e.g. for
@@ -73,6 +73,9 @@ def register_train_spec(name: str = TRAIN_SPEC_NAME) -> None:
 def main() -> None:
     """Run torchtitan's trainer (its command line) with cp_dtensor's train spec (Note [Train specs served]).
 
+    The trainer is :class:`~cp_dtensor.integrations.torchtitan.trainer.Trainer`: torchtitan's, except that
+    under CP a ``block_causal`` flavor's document ids reach the model whole.
+
     Serves ``[model] name`` ``"cp_dtensor.llama3"`` and torchtitan's own ``"llama3"``. Launch with torchrun,
     e.g. ``torchrun --nproc-per-node 2 -m cp_dtensor.integrations.torchtitan --job.config_file
     train_configs/torchtitan/llama3_debug_cp2.toml``; without torchrun it runs one process. Applies the CPU
@@ -91,7 +94,8 @@ def main() -> None:
         f'cp_dtensor: model.name "{STOCK_TRAIN_SPEC_NAME}" is served by cp_dtensor\'s train spec (as '
         f"\"{TRAIN_SPEC_NAME}\": torchtitan's Llama 3 with cp_dtensor's context parallelism)"
     )
-    from torchtitan.train import Trainer
     from torchtitan.train import main as torchtitan_main
+
+    from cp_dtensor.integrations.torchtitan.trainer import Trainer
 
     torchtitan_main(Trainer)
