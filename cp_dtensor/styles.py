@@ -111,11 +111,13 @@ class ContextParallel(ParallelStyle):
     Args:
         layout: the sequence layout of the shards (``"zigzag"`` or ``"contiguous"``), as given to
             :func:`cp_dtensor.shard_batch`.
-        comm: ``"p2p"`` (ring) or ``"allgather"``.
+        comm: ``"p2p"`` (ring), ``"allgather"``, ``"alltoall"`` (Ulysses) or ``"hybrid"`` (all-to-all
+            inside groups of ``a2a_size`` ranks, ring across them).
         window_size: ``(left, right)`` sliding window of every SDPA call inside (flash-attn convention,
             -1 = unbounded); one style per window (e.g. local and global layers get two styles).
         backend: kernel adapter name, or None to choose from device and dtype.
         stats: optional :class:`~cp_dtensor.RingStats` filled by every call.
+        a2a_size: ranks per all-to-all group, required by ``comm="hybrid"`` (a divisor of the CP degree).
     """
 
     def __init__(
@@ -126,10 +128,12 @@ class ContextParallel(ParallelStyle):
         window_size: tuple[int, int] = (-1, -1),
         backend: str | None = None,
         stats: RingStats | None = None,
+        a2a_size: int | None = None,
     ) -> None:
         super().__init__()
         self.layout = layout
         self.comm = comm
+        self.a2a_size = a2a_size
         self.window_size = tuple(window_size)
         self.backend = backend
         self.stats = stats
@@ -146,6 +150,7 @@ class ContextParallel(ParallelStyle):
                 window_size=self.window_size,
                 backend=self.backend,
                 stats=self.stats,
+                a2a_size=self.a2a_size,
             )
         elif device_mesh != self._mesh:
             raise ValueError(
@@ -172,4 +177,5 @@ class ContextParallel(ParallelStyle):
         return module
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(layout={self.layout!r}, comm={self.comm!r}, backend={self.backend!r})"
+        a2a = "" if self.a2a_size is None else f", a2a_size={self.a2a_size}"
+        return f"{type(self).__name__}(layout={self.layout!r}, comm={self.comm!r}{a2a}, backend={self.backend!r})"

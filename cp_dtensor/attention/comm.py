@@ -8,7 +8,29 @@ Two transports implement the same small interface:
   step through every rank's work of the very same ring code (see ``cp_dtensor.attention.simulate``).
 
 Both count the bytes they send (``bytes_sent``); for the collectives they count what a ring algorithm
-sends per rank, (size - 1) x the local shard.
+sends per rank, (size - 1) x the local shard, and for the all-to-all the (size - 1) slots that leave the
+rank (the slot a rank addresses to itself never travels).
+
+Both also split into the two sub-transports of the hybrid strategy (:meth:`Transport.split`, Note
+[Hybrid subgroups]).
+
+Note [Hybrid subgroups]
+~~~~~~~~~~~~~~~~~~~~~~~
+``split(k)`` cuts a group of size cp = k x m into groups of k consecutive ranks (the all-to-all groups) and
+rings of the ranks at the same position in every group (the rings across groups)::
+
+    cp = 6, k = 2:   a2a groups {0 1} {2 3} {4 5}      rings {0 2 4} {1 3 5}
+    rank 3: inner = {2 3} (its rank there: 1), outer = {1 3 5} (its rank there: 1 = its group)
+
+Process groups: each rank creates the two subgroups it belongs to, inner first and outer second, with
+``dist.new_group(ranks, use_local_synchronization=True)``, once per (CP group ranks, k), cached for the
+life of the process. Creation is collective among the members of each subgroup, so every rank of the CP
+group must make its first call with a given k at the same time (the cross-rank call check guarantees that
+the ranks agree on k); since every rank creates inner before outer, no two ranks wait on each other in a
+cycle. Local synchronization is what lets the CP group be one of several (dp x cp): ranks outside the CP
+group never have to join (plain ``new_group`` would need every rank of the world, in the same order).
+k = cp (the plain all-to-all) and k = 1 (the plain ring) create nothing: one side is the CP group itself,
+the other a one-rank transport. Threads: the hub keeps one sub-hub per subgroup, created on first use.
 """
 
 from __future__ import annotations
@@ -20,6 +42,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 __all__ = [
     "Pending",
@@ -29,6 +52,7 @@ __all__ = [
     "ThreadHub",
     "ThreadTransport",
     "Transport",
+    "single_rank_transport",
 ]
 
 # Tags keep the KV stream and the dK/dV stream apart on transports that match messages by tag.
@@ -101,7 +125,8 @@ class SendWindow:
 
 
 class Transport:
-    """Interface of the ring transports: rank, size and five operations."""
+    """Interface of the transports: rank, size, point-to-point ring operations, collectives (all-gather,
+    reduce-scatter, all-to-all) and the hybrid split into sub-transports."""
 
     rank: int
     size: int
@@ -148,6 +173,25 @@ class Transport:
     def reduce_scatter(self, tensor: torch.Tensor) -> torch.Tensor:
         """Given ``(size, *shape)`` on every rank, return the sum over ranks of entry ``rank``."""
         raise NotImplementedError
+
+    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Given ``(size, *shape)``, send entry j to rank j; return ``(size, *shape)``, entry i from rank i."""
+        raise NotImplementedError
+
+    def split(self, a2a_size: int) -> tuple[Transport, Transport]:
+        """``(inner, outer)``: fresh transports (``bytes_sent`` 0) over this rank's group of ``a2a_size``
+        consecutive ranks and over its ring across groups (Note [Hybrid subgroups])."""
+        raise NotImplementedError
+
+
+def single_rank_transport() -> Transport:
+    """A transport of one rank: collectives return the input, nothing is ever sent."""
+    return ThreadTransport(ThreadHub(1), 0)
+
+
+def _check_split(size: int, a2a_size: int) -> None:
+    if a2a_size < 1 or size % a2a_size:
+        raise ValueError(f"a2a_size={a2a_size} must be a positive divisor of the group size {size}.")
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -225,6 +269,49 @@ class ProcessGroupTransport(Transport):
         dist.reduce_scatter_single(out, tensor.view(-1, *tensor.shape[2:]), group=self.group)
         return out
 
+    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        out = torch.empty_like(tensor)
+        self.bytes_sent += (self.size - 1) * _nbytes(tensor[0])
+        dist.all_to_all_single(out, tensor, group=self.group)
+        return out
+
+    def split(self, a2a_size: int) -> tuple[Transport, Transport]:
+        _check_split(self.size, a2a_size)
+        if a2a_size == self.size:
+            return ProcessGroupTransport(self.group), single_rank_transport()
+        if a2a_size == 1:
+            return single_rank_transport(), ProcessGroupTransport(self.group)
+        inner, outer = _hybrid_subgroups(self.group, self.rank, a2a_size)
+        return ProcessGroupTransport(inner), ProcessGroupTransport(outer)
+
+
+# Subgroups per (global ranks of the CP group in group order, a2a_size), and every subgroup per its member
+# ranks (in group-rank order: two CP groups may need the same one, and a group of given members can be
+# created only once). Creating a group is collective and slow, so each is made once per process (Note
+# [Hybrid subgroups]). Caches of facts, never options.
+_SUBGROUPS: dict[tuple[tuple[int, ...], int], tuple[ProcessGroup, ProcessGroup]] = {}
+_GROUPS_BY_MEMBERS: dict[tuple[int, ...], ProcessGroup] = {}
+_SUBGROUPS_LOCK = threading.Lock()
+
+
+def _hybrid_subgroups(group: ProcessGroup, rank: int, a2a_size: int) -> tuple[ProcessGroup, ProcessGroup]:
+    """This rank's all-to-all group and ring across groups, created on first use (Note [Hybrid subgroups])."""
+    ranks = tuple(dist.get_process_group_ranks(group))  # global ranks, in group-rank order
+    key = (ranks, a2a_size)
+    with _SUBGROUPS_LOCK:
+        if key not in _SUBGROUPS:
+            index, position = divmod(rank, a2a_size)
+            made = []
+            for members in (ranks[index * a2a_size : (index + 1) * a2a_size], ranks[position::a2a_size]):
+                if members not in _GROUPS_BY_MEMBERS:
+                    sub = dist.new_group(list(members), use_local_synchronization=True, sort_ranks=False)
+                    assert isinstance(sub, ProcessGroup)
+                    _GROUPS_BY_MEMBERS[members] = sub
+                made.append(_GROUPS_BY_MEMBERS[members])
+            _SUBGROUPS[key] = (made[0], made[1])
+        return _SUBGROUPS[key]
+
 
 class ThreadHub:
     """Shared mailboxes and a barrier for :class:`ThreadTransport` ranks living in one process."""
@@ -236,6 +323,7 @@ class ThreadHub:
         self._lock = threading.Lock()
         self._barrier = threading.Barrier(size)
         self._slots: list[torch.Tensor | None] = [None] * size
+        self._subs: dict[tuple, ThreadHub] = {}
 
     def box(self, src: int, dst: int, tag: int) -> queue.Queue:
         """The FIFO mailbox of messages from ``src`` to ``dst`` with ``tag``."""
@@ -243,8 +331,22 @@ class ThreadHub:
             return self._boxes.setdefault((src, dst, tag), queue.Queue())
 
     def abort(self) -> None:
-        """Release every rank blocked on the barrier (after another rank failed)."""
+        """Release every rank blocked on the barrier (after another rank failed), sub-hubs included."""
         self._barrier.abort()
+        with self._lock:
+            subs = list(self._subs.values())
+        for sub in subs:
+            sub.abort()
+
+    def sub_hub(self, key: tuple, size: int) -> ThreadHub:
+        """The hub of the subgroup ``key`` (of ``size`` ranks), shared by the threads that ask for it."""
+        with self._lock:
+            sub = self._subs.get(key)
+            if sub is None:
+                sub = self._subs[key] = ThreadHub(size, self.timeout_s)
+                if self._barrier.broken:
+                    sub.abort()
+            return sub
 
     def gather(self, rank: int, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's ``tensor`` in rank order (a collective of all ranks of the hub)."""
@@ -306,3 +408,15 @@ class ThreadTransport(Transport):
         for p in parts[1:]:
             out += p[self.rank]
         return out
+
+    def all_to_all(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.bytes_sent += (self.size - 1) * _nbytes(tensor[0])
+        parts = self.hub.gather(self.rank, tensor.detach().clone())  # the sender may reuse its buffer
+        return torch.stack([p[self.rank] for p in parts])
+
+    def split(self, a2a_size: int) -> tuple[Transport, Transport]:
+        _check_split(self.size, a2a_size)
+        index, position = divmod(self.rank, a2a_size)
+        inner = self.hub.sub_hub(("a2a", a2a_size, index), a2a_size)
+        outer = self.hub.sub_hub(("ring", a2a_size, position), self.size // a2a_size)
+        return ThreadTransport(inner, position), ThreadTransport(outer, index)

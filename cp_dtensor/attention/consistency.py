@@ -7,8 +7,8 @@ shapes and dtype. A rank that differs computes garbage without an error (a diffe
 hangs the group (a different comm mode, a different sequence length). So the first time a rank sees a
 call signature it checks it with the group, and caches the verdict::
 
-    rank r:  sig = (layout, is_causal, comm, scale, shapes, dtype, device, backend, mask: window and a
-                    hash of the document ids), error = local check
+    rank r:  sig = (layout, is_causal, comm, a2a_size, scale, shapes, dtype, device, backend, mask:
+                    window and a hash of the document ids), error = local check
              sig in verified[group]?  -> yes: nothing to do (steady state: no communication)
                                       -> no:  all_gather_object((sig, error)) over the CP group
                                               any error?        raise the first failing rank's message
@@ -52,6 +52,7 @@ class CallSignature:
     device_type: str
     backend: str | None
     mask: tuple = ()
+    a2a_size: int | None = None
 
     @classmethod
     def of(
@@ -66,6 +67,7 @@ class CallSignature:
         scale: float | None,
         backend: str | None,
         mask: tuple = (),
+        a2a_size: int | None = None,
     ) -> CallSignature:
         """The signature of one call on this rank."""
         return cls(
@@ -80,6 +82,7 @@ class CallSignature:
             device_type=q.device.type,
             backend=backend,
             mask=mask,
+            a2a_size=a2a_size,
         )
 
 

@@ -81,6 +81,7 @@ def context_parallel_sdpa(
     window_size: tuple[int, int] = (-1, -1),
     backend: str | None = None,
     stats: RingStats | None = None,
+    a2a_size: int | None = None,
 ) -> DTensor:
     """Ring attention on DTensors sharded ``Shard(2)`` over mesh axis ``cp_axis``; returns a DTensor.
 
@@ -92,8 +93,9 @@ def context_parallel_sdpa(
         is_causal, scale: as for ``F.scaled_dot_product_attention`` (causal over global positions).
         enable_gqa: must be True when Hq != Hkv (as for SDPA).
         cp_axis: name of the CP mesh axis.
-        layout, comm, document_ids, window_size, backend, stats: as for :func:`cp_dtensor.ring_attention`
-            (``document_ids`` for the global sequence of this rank's batch rows).
+        layout, comm, document_ids, window_size, backend, stats, a2a_size: as for
+            :func:`cp_dtensor.ring_attention` (``document_ids`` for the global sequence of this rank's
+            batch rows).
 
     Returns:
         (B, Hq, S, D) DTensor with ``query``'s mesh and placements.
@@ -134,7 +136,7 @@ def context_parallel_sdpa(
     out = ring_attention(
         query.to_local(), key.to_local(), value.to_local(), group,
         is_causal=is_causal, scale=scale, layout=layout, comm=comm, document_ids=document_ids,
-        window_size=window_size, backend=backend, stats=stats,
+        window_size=window_size, backend=backend, stats=stats, a2a_size=a2a_size,
     )  # fmt: skip
     return DTensor.from_local(out, mesh, query.placements, run_check=False)
 
@@ -179,9 +181,10 @@ class ContextParallelAttention(TorchFunctionMode):
         document_ids: (B, S) ids of packed documents of the global sequence (natural order, the same on
             every CP rank; B = this rank's batch rows): a query sees only its own document.
         window_size: ``(left, right)`` sliding window (flash-attn convention, -1 = unbounded).
-        comm: ``"p2p"`` or ``"allgather"``.
+        comm: ``"p2p"``, ``"allgather"``, ``"alltoall"`` or ``"hybrid"`` (see :func:`cp_dtensor.ring_attention`).
         backend: kernel adapter name, or ``None`` to choose from device and dtype.
         stats: optional :class:`RingStats` accumulating bytes and work of every dispatched call.
+        a2a_size: ranks per all-to-all group, required by ``comm="hybrid"`` (a divisor of the CP degree).
 
     Example::
 
@@ -202,6 +205,7 @@ class ContextParallelAttention(TorchFunctionMode):
         window_size: tuple[int, int] = (-1, -1),
         backend: str | None = None,
         stats: RingStats | None = None,
+        a2a_size: int | None = None,
     ) -> None:
         super().__init__()
         if layout is not None and not callable(layout):
@@ -215,6 +219,12 @@ class ContextParallelAttention(TorchFunctionMode):
         self._rule_cache: dict[tuple, LayoutLike] = {}
         if comm not in COMM_MODES:
             raise ValueError(f"Unknown CP comm mode {comm!r}; expected one of {COMM_MODES}.")
+        if (comm == "hybrid" and a2a_size is None) or (a2a_size is not None and comm in ("p2p", "allgather")):
+            raise ValueError(
+                f"a2a_size={a2a_size!r} with comm={comm!r}: comm='hybrid' needs a2a_size (the ranks per "
+                f"all-to-all group, a divisor of the CP degree) and comm='p2p' / 'allgather' take none."
+            )
+        self.a2a_size = a2a_size
         self.group = _cp_group(mesh, cp_axis) if mesh is not None else None
         self.cp_axis = cp_axis
         self.layout = layout
@@ -247,7 +257,7 @@ class ContextParallelAttention(TorchFunctionMode):
                 is_causal=call["is_causal"], scale=call["scale"], enable_gqa=call["enable_gqa"],
                 cp_axis=self.cp_axis, layout=self.layout or "contiguous", comm=self.comm,
                 document_ids=self.document_ids, window_size=self.window_size, backend=self.backend,
-                stats=self.stats,
+                stats=self.stats, a2a_size=self.a2a_size,
             )  # fmt: skip
         if self.group is None:
             raise ValueError(
@@ -267,7 +277,7 @@ class ContextParallelAttention(TorchFunctionMode):
             q, k, call["value"], self.group,
             is_causal=call["is_causal"], scale=call["scale"], layout=self.layout or "zigzag",
             comm=self.comm, document_ids=self.document_ids, window_size=self.window_size,
-            backend=self.backend, stats=self.stats,
+            backend=self.backend, stats=self.stats, a2a_size=self.a2a_size,
         )  # fmt: skip
 
     def _layout_for(self, document_ids: torch.Tensor | None, cp: int) -> LayoutLike:
@@ -317,6 +327,7 @@ class ContextParallelAttention(TorchFunctionMode):
         return ring_attention(
             query, key, value, self.group, is_causal=is_causal, scale=scale, layout=layout, comm=self.comm,
             document_ids=document_ids, window_size=window_size, backend=self.backend, stats=self.stats,
+            a2a_size=self.a2a_size,
         )  # fmt: skip
 
     def _check_positions(self, positions: torch.Tensor, layout: LayoutLike, cp: int, s_local: int) -> None:
@@ -325,11 +336,20 @@ class ContextParallelAttention(TorchFunctionMode):
         expected = sequence_positions(s_local * cp, rank, cp, layout).to(positions.device)
         got = positions if positions.dim() == 2 else positions.unsqueeze(0)
         want = expected if expected.dim() == 2 else expected.unsqueeze(0)
-        if got.shape[-1] != want.shape[-1] or not bool((got == want).all()):
+        if got.shape[-1] != want.shape[-1]:
             raise ValueError(
-                f"CP rank {rank} holds tokens at positions {got[0, :6].tolist()}... but the CP attention's "
-                f"layout {layout_name(layout)} gives it {want[0, :6].tolist()}...: shard the batch with the "
-                f"same layout as the ContextParallel style (cp_dtensor.shard_batch(..., layout=...))."
+                f"CP rank {rank}: positions have {got.shape[-1]} entries per row, the CP layout gives "
+                f"{want.shape[-1]}; pass the positions of this rank's tokens."
+            )
+        diff = got != want  # broadcasts (1, S) against (B, S)
+        if bool(diff.any()):
+            b, i = (int(x) for x in torch.nonzero(diff)[0])
+            raise ValueError(
+                f"CP rank {rank}, row {b}: the token at local index {i} has position {int(got[min(b, got.shape[0] - 1), i])}"
+                f" but the CP attention's layout {layout_name(layout)} puts position "
+                f"{int(want[min(b, want.shape[0] - 1), i])} there: shard the batch with the same layout as the "
+                f"ContextParallel style (cp_dtensor.shard_batch(..., layout=...)), and give the model the tokens' "
+                f"global positions (rotary positions that restart per document go to rope_positions)."
             )
 
     @staticmethod

@@ -24,6 +24,10 @@ messages by order (NCCL) pair them correctly::
 All-gather variant (``comm="allgather"``, Llama 3 style): all-gather KV once, compute the local queries
 against the gathered sequence (Note [All-gather blocks]); backward gathers KV again instead of saving it
 and reduce-scatters dK/dV in fp32.
+
+All-to-all (``comm="alltoall"``, Ulysses) and hybrid (``comm="hybrid"``, all-to-all inside groups of
+``a2a_size`` ranks x this ring across them) variants live in ``alltoall.py`` (Notes [Ulysses all-to-all],
+[Hybrid all-to-all x ring]); ``select_variant`` picks them like the others.
 """
 
 from __future__ import annotations
@@ -39,6 +43,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
+from cp_dtensor.attention.alltoall import (
+    AllToAllPlan,
+    alltoall_backward,
+    alltoall_forward,
+    build_group_plan,
+    local_backward,
+    local_forward,
+    validate_head_split,
+)
 from cp_dtensor.attention.comm import (
     DKV_TAG,
     KV_TAG,
@@ -84,7 +97,7 @@ __all__ = [
     "validate_attention_inputs",
 ]
 
-COMM_MODES: tuple[str, ...] = ("p2p", "allgather")
+COMM_MODES: tuple[str, ...] = ("p2p", "allgather", "alltoall", "hybrid")
 
 
 def _wait(pending: Pending, stats: RingStats | None) -> torch.Tensor | None:
@@ -336,8 +349,24 @@ def select_variant(
     rank: int,
     cp: int,
     s_local: int,
+    a2a_size: int | None = None,
 ) -> _Variant:
-    """The unmasked zigzag/contiguous ring, or the masked ring (documents, windows, layout objects)."""
+    """The unmasked zigzag/contiguous ring, or the masked ring (documents, windows, layout objects); for
+    ``alltoall`` / ``hybrid``, the all-to-all inside groups of ``a2a_size`` ranks (cp for ``alltoall``)
+    around the ring variant of the cp / a2a_size super-shards (Note [Hybrid all-to-all x ring])."""
+    if comm in ("alltoall", "hybrid"):
+        size = cp if comm == "alltoall" else a2a_size
+        assert size is not None and cp % size == 0, "validate_attention_inputs checks a2a_size"
+        group = build_group_plan(layout, cp, size, rank, s_local * cp)
+        if group.n_groups == 1 and mask.is_plain:  # one group, no mask: the kernel on the whole sequence
+            options = {"is_causal": mask.is_causal, "scale": scale, "kernel": kernel}
+            ring = _Variant(local_forward, local_backward, options)
+        else:
+            ring = select_variant(
+                "p2p", group.ring_layout, mask, scale, kernel, group.index, group.n_groups, size * s_local
+            )
+        plan = AllToAllPlan(group, ring.forward, ring.backward, ring.options)
+        return _Variant(alltoall_forward, alltoall_backward, {"plan": plan})
     if mask.is_plain and isinstance(layout, str):
         options = {"is_causal": mask.is_causal, "scale": scale, "layout": layout, "kernel": kernel}
         return _Variant(_FORWARD[comm], _BACKWARD[comm], options)
@@ -386,11 +415,13 @@ def validate_attention_inputs(
     cp: int = 1,
     document_ids: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
+    a2a_size: int | None = None,
 ) -> None:
     """Check shapes, dtypes, layout, comm mode and mask of local shards; ``ValueError`` naming the problem."""
     validate_layout(layout)
     if comm not in COMM_MODES:
         raise ValueError(f"Unknown CP comm mode {comm!r}; expected one of {COMM_MODES}.")
+    _validate_a2a_size(comm, a2a_size, cp)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be 4-D (B, H, S_local, D), got shape {tuple(t.shape)}.")
@@ -412,6 +443,10 @@ def validate_attention_inputs(
             f"The number of query heads ({q.shape[1]}) must be a multiple of the number of key/value heads "
             f"({k.shape[1]}) for MHA/GQA/MQA."
         )
+    if comm in ("alltoall", "hybrid"):
+        size = cp if comm == "alltoall" else a2a_size
+        assert size is not None
+        validate_head_split(q.shape[1], k.shape[1], size, comm, cp)
     if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
         raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
     per_rank = chunks_per_rank(layout)
@@ -428,6 +463,27 @@ def validate_attention_inputs(
                 f"from this batch's document_ids."
             )
     validate_mask_inputs(document_ids, window_size, batch=q.shape[0], seq_len=q.shape[2] * cp)
+
+
+def _validate_a2a_size(comm: str, a2a_size: int | None, cp: int) -> None:
+    """``a2a_size`` is required by ``hybrid`` (a divisor of ``cp``) and meaningless for the other modes."""
+    if comm == "hybrid":
+        if a2a_size is None:
+            raise ValueError(
+                f"comm='hybrid' needs a2a_size=k, the number of consecutive CP ranks that share heads by "
+                f"all-to-all (cp / k groups then form rings); k must divide the CP degree {cp}, e.g. "
+                f"a2a_size=2 for CP 4 = 2 x 2."
+            )
+        if isinstance(a2a_size, bool) or not isinstance(a2a_size, int) or a2a_size < 1 or cp % a2a_size:
+            raise ValueError(
+                f"a2a_size={a2a_size!r} must be a positive divisor of the CP degree {cp} (comm='hybrid' "
+                f"splits the CP group into groups of a2a_size consecutive ranks)."
+            )
+    elif a2a_size is not None and not (comm == "alltoall" and a2a_size == cp):
+        raise ValueError(
+            f"a2a_size={a2a_size!r} is only used with comm='hybrid' (comm='alltoall' uses the whole CP group "
+            f"of {cp} ranks); got comm={comm!r}. Pass comm='hybrid' or leave a2a_size=None."
+        )
 
 
 def _process_group(mesh: DeviceMesh | dist.ProcessGroup | None) -> dist.ProcessGroup | None:
@@ -456,6 +512,7 @@ def ring_attention(
     window_size: tuple[int, int] = (-1, -1),
     backend: str | None = None,
     stats: RingStats | None = None,
+    a2a_size: int | None = None,
 ) -> torch.Tensor:
     """Context-parallel scaled dot-product attention on local sequence shards; differentiable.
 
@@ -471,7 +528,11 @@ def ring_attention(
         scale: softmax scale; default ``1 / sqrt(D)``.
         layout: ``"zigzag"`` (load-balanced causal), ``"contiguous"``, or a layout object from
             :func:`cp_dtensor.balanced_layout`.
-        comm: ``"p2p"`` (ring of isend/irecv, overlapped) or ``"allgather"`` (gather KV once).
+        comm: ``"p2p"`` (ring of isend/irecv, overlapped), ``"allgather"`` (gather KV once),
+            ``"alltoall"`` (Ulysses: all-to-all to head shards of the whole sequence and back; the local
+            query heads must be a multiple of cp and the KV heads divide cp or be a multiple of it), or
+            ``"hybrid"`` (all-to-all inside groups of ``a2a_size`` consecutive ranks, the ring across
+            groups; the same head rule with ``a2a_size`` in place of cp).
         document_ids: (B, S) integer ids of packed documents for the *global* sequence in natural order,
             identical on every rank; a query sees only keys of its own document. Documents are contiguous.
         window_size: ``(left, right)``: key j is visible from query i only if ``i - left <= j <= i + right``
@@ -479,6 +540,8 @@ def ring_attention(
         backend: kernel adapter name (``cpu_flash``, ``flash``, ``cudnn``, ``efficient``, ``math``);
             default from device and dtype.
         stats: optional :class:`RingStats` to accumulate bytes sent and work done on this rank.
+        a2a_size: ranks per all-to-all group for ``comm="hybrid"`` (required there; must divide the CP
+            degree); None otherwise.
 
     With documents or a window, only visible pairs are computed and only KV rows some query needs are
     sent (Note [Masked ring]). Without them and with a named layout on one process this is one
@@ -496,6 +559,7 @@ def ring_attention(
         "cp": cp,
         "document_ids": document_ids,
         "window_size": window_size,
+        "a2a_size": a2a_size,
     }
     if cp == 1:
         validate_attention_inputs(q, k, v, **options)
@@ -513,7 +577,7 @@ def ring_attention(
             error = e
         signature = CallSignature.of(
             q, k, v, layout=layout_name(layout), is_causal=is_causal, comm=comm, scale=scale, backend=backend,
-            mask=mask.fingerprint(),
+            mask=mask.fingerprint(), a2a_size=a2a_size,
         )  # fmt: skip
         verify_call_across_ranks(group, signature, error)
         transport = ProcessGroupTransport(group)
@@ -521,5 +585,5 @@ def ring_attention(
         return q * 0.0 + (k.sum() + v.sum()) * 0.0  # (B, Hq, 0, D), differentiable
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     kernel = select_kernel(q.device, q.dtype, backend)
-    variant = select_variant(comm, layout, mask, scale, kernel, transport.rank, cp, q.shape[2])
+    variant = select_variant(comm, layout, mask, scale, kernel, transport.rank, cp, q.shape[2], a2a_size)
     return _ContextParallelAttention.apply(q, k, v, transport, variant, stats)

@@ -1,7 +1,7 @@
 """Run the context-parallel attention of every CP rank inside one process, without a process group.
 
-Each simulated rank is a thread running the very same ``ring_forward``/``ring_backward`` (or all-gather)
-code as the distributed op, with :class:`~cp_dtensor.attention.comm.ThreadTransport` mailboxes in place of
+Each simulated rank is a thread running the very same ``ring_forward``/``ring_backward`` (or all-gather,
+all-to-all, hybrid) code as the distributed op, with :class:`~cp_dtensor.attention.comm.ThreadTransport` mailboxes in place of
 ``torch.distributed``. This is how one GPU checks the CUDA kernels inside the full ring algorithm, and how
 the CPU tests cover many CP sizes cheaply.
 """
@@ -72,6 +72,7 @@ def simulate_context_parallel_attention(
     window_size: tuple[int, int] = (-1, -1),
     backend: str | None = None,
     timeout_s: float = 300.0,
+    a2a_size: int | None = None,
 ) -> SimulationResult:
     """Shard full ``q, k, v`` (B, H, S, D) over ``cp`` simulated ranks, run CP attention, unshard results.
 
@@ -79,8 +80,9 @@ def simulate_context_parallel_attention(
         q, k, v: full-sequence tensors in natural order.
         cp: number of simulated CP ranks.
         grad_out: if given, also run the backward with this output gradient.
-        is_causal, scale, layout, comm, document_ids, window_size, backend: as for
-            :func:`cp_dtensor.ring_attention`.
+        is_causal, scale, layout, comm, document_ids, window_size, backend, a2a_size: as for
+            :func:`cp_dtensor.ring_attention` (``comm="hybrid"`` needs ``a2a_size``; its subgroups are
+            sub-hubs of the simulation's hub).
         timeout_s: how long a simulated rank waits for a message before failing.
 
     Returns:
@@ -100,10 +102,11 @@ def simulate_context_parallel_attention(
         try:
             shard = [shard_sequence_for_rank(t, rank, cp, 2, layout) for t in (q, k, v)]
             validate_attention_inputs(
-                *shard, layout=layout, comm=comm, cp=cp, document_ids=document_ids, window_size=window_size
-            )
+                *shard, layout=layout, comm=comm, cp=cp, document_ids=document_ids, window_size=window_size,
+                a2a_size=a2a_size,
+            )  # fmt: skip
             transport = ThreadTransport(hub, rank)
-            variant = select_variant(comm, layout, mask, scale, kernel, rank, cp, s_local)
+            variant = select_variant(comm, layout, mask, scale, kernel, rank, cp, s_local, a2a_size)
             opts = dict(stats=stats[rank], **variant.options)
             out, lse = variant.forward(*shard, transport, **opts)
             stats[rank].bytes_sent_forward = transport.bytes_sent
