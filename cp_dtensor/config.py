@@ -260,6 +260,17 @@ class ActivationCheckpoint:
 
 
 @dataclass
+class Compile:
+    """torch.compile of the transformer blocks (one graph per block, CP attention inside it as custom ops)."""
+
+    enable: bool = False
+    """Compile every transformer block with torch.compile(fullgraph=True), after TP, CP and activation checkpointing and before FSDP2. On CPU inductor needs a C++ compiler (g++ or $CXX)."""
+
+    backend: Literal["inductor", "aot_eager"] = "inductor"
+    """torch.compile backend: "inductor" (generated kernels; fuses norms, rotary and SwiGLU) or "aot_eager" (traces and runs the same ops eagerly: a quick check that a model compiles)."""
+
+
+@dataclass
 class Data:
     """Training data."""
 
@@ -348,6 +359,9 @@ class JobConfig:
 
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     """[activation_checkpoint] section."""
+
+    compile: Compile = field(default_factory=Compile)
+    """[compile] section."""
 
     data: Data = field(default_factory=Data)
     """[data] section."""

@@ -43,6 +43,7 @@ __all__ = [
     "Layout",
     "LayoutLike",
     "SequenceLayout",
+    "check_rank_positions",
     "checked_dim",
     "chunks_per_rank",
     "layout_chunk_ids",
@@ -271,6 +272,25 @@ def rank_segments(
     stops = [*breaks.tolist(), pos.numel()]
     first = pos[starts].tolist()
     return [(f, f + (b - a)) for f, a, b in zip(first, starts, stops)]
+
+
+def check_rank_positions(positions: torch.Tensor, layout: LayoutLike, rank: int, cp: int) -> None:
+    """Raise unless ``positions`` ((B, S_local) or (S_local,)) are the global positions ``layout`` gives
+    ``rank``: a batch sharded with another layout must never be attended as if it were this one."""
+    s_local = positions.shape[-1]
+    expected = sequence_positions(s_local * cp, rank, cp, layout).to(positions.device)
+    got = positions if positions.dim() == 2 else positions.unsqueeze(0)
+    want = expected if expected.dim() == 2 else expected.unsqueeze(0)
+    diff = got != want  # broadcasts (1, S) against (B, S)
+    if bool(diff.any()):
+        b, i = (int(x) for x in torch.nonzero(diff)[0])
+        raise ValueError(
+            f"CP rank {rank}, row {b}: the token at local index {i} has position "
+            f"{int(got[min(b, got.shape[0] - 1), i])} but the CP attention's layout {layout_name(layout)} puts "
+            f"position {int(want[min(b, want.shape[0] - 1), i])} there: shard the batch with the same layout as "
+            f"the ContextParallel style (cp_dtensor.shard_batch(..., layout=...)), and give the model the tokens' "
+            f"global positions (rotary positions that restart per document go to rope_positions)."
+        )
 
 
 def _rank_and_size(mesh: DeviceMesh | dist.ProcessGroup) -> tuple[int, int, dist.ProcessGroup]:

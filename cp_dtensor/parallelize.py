@@ -10,6 +10,7 @@ Note [Parallelize order]
           DTensors around the TP styles (prepended input hooks, appended output hooks) and run SDPA
           inside attention as the ring op.
     AC    then: checkpoint wrappers re-run the block forward - hooks included - during backward.
+    compile  then (optional): each block, wrappers and hooks included, becomes one graph.
     FSDP  last: it shards whatever parameters (plain or TP DTensors) the model ends up with over the
           flattened dp x cp axis: CP ranks hold the same weights, so they shard them like DP ranks.
 """
@@ -41,7 +42,15 @@ from cp_dtensor.pipeline import build_pipeline_schedule, split_llama_into_stages
 from cp_dtensor.styles import PrepareSequenceShards
 from cp_dtensor.train_step import PipelineState, TokenMeanLoss
 
-__all__ = ["ParallelModel", "apply_ac", "apply_fsdp", "apply_tp", "build_parallel_model", "parallelize_llama"]
+__all__ = [
+    "ParallelModel",
+    "apply_ac",
+    "apply_compile",
+    "apply_fsdp",
+    "apply_tp",
+    "build_parallel_model",
+    "parallelize_llama",
+]
 
 ACMode = Literal["none", "selective", "full"]
 
@@ -104,6 +113,17 @@ def apply_ac(model: Transformer, mode: ACMode, selective_every: int = 2) -> None
             model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
 
 
+def apply_compile(model: Transformer, backend: str = "inductor") -> None:
+    """``torch.compile`` every transformer block in place (``fullgraph=True``: a graph break is an error).
+
+    Runs after TP, CP and activation checkpointing (their hooks and wrappers are traced into the block's
+    graph; CP attention is a pair of custom ops, Note [Compiled CP attention]) and before FSDP2, as
+    torchtitan does. Blocks of one model share their code, so they share one compiled graph.
+    """
+    for block in model.layers.values():
+        block.compile(fullgraph=True, backend=backend)
+
+
 def apply_fsdp(
     model: nn.Module, parallel_dims: ParallelDims, *, param_dtype: torch.dtype | None = None
 ) -> None:
@@ -137,6 +157,7 @@ def parallelize_llama(
     param_dtype: torch.dtype | None = None,
     cp_backend: str | None = None,
     ring_stats: RingStats | None = None,
+    compile_backend: str | None = None,
 ) -> ContextParallelAttention | None:
     """Parallelize ``model`` in place: TP -> CP -> AC -> FSDP2 (see Note [Parallelize order]).
 
@@ -150,6 +171,8 @@ def parallelize_llama(
         cp_backend: kernel adapter name for the ring op (``flash``, ``cudnn``, ``efficient``,
             ``cpu_flash``, ``math``), or None to choose from device and dtype.
         ring_stats: optional :class:`RingStats` filled by every CP attention call.
+        compile_backend: ``torch.compile`` backend of the blocks (``"inductor"``, ``"aot_eager"``), or None
+            to run eagerly.
 
     Returns:
         The :class:`ContextParallelAttention` object when CP is on, else None.
@@ -161,7 +184,13 @@ def parallelize_llama(
         cp_attention = apply_context_parallel(
             model,
             parallel_dims.activation_mesh,
-            attention="layers.*.attention",
+            # the narrowest module that calls SDPA: our Llama's `sdpa`; torchtitan's adapter names only
+            # `attention` (its `sdpa` is a property). Narrow keeps the mode off rotary & projections.
+            attention=(
+                "layers.*.attention.sdpa"
+                if any(name.endswith("attention.sdpa") for name, _ in model.named_modules())
+                else "layers.*.attention"
+            ),
             blocks="layers.*",
             final="norm" if model.norm is not None else (),
             layout=cp_layout,
@@ -173,6 +202,8 @@ def parallelize_llama(
     else:  # the model still takes shard_batch's DTensors (cp = 1: whole sequences) as local tensors
         parallelize_module(model, parallel_dims.activation_mesh, PrepareSequenceShards(output_dtensor=False))
     apply_ac(model, ac_mode, selective_ac_every)
+    if compile_backend is not None:
+        apply_compile(model, compile_backend)
     if parallel_dims.fsdp_enabled:
         apply_fsdp(model, parallel_dims, param_dtype=param_dtype)
     return cp_attention

@@ -45,6 +45,29 @@ def _to_local(x: Any) -> Any:
     return x.to_local() if isinstance(x, DTensor) else x
 
 
+class _BoundaryHooks:
+    """The hooks of :class:`PrepareSequenceShards` (methods, not closures: torch.compile guards them cleanly)."""
+
+    def __init__(self, mesh: DeviceMesh, placements: list) -> None:
+        self.mesh = mesh
+        self.placements = placements
+
+    def inputs_to_local(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Pre-hook: every DTensor input becomes its local shard."""
+        return tree_map(_to_local, args), tree_map(_to_local, kwargs)
+
+    def output_to_dtensor(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        """Forward hook: the local output becomes a sequence-sharded DTensor on the style's mesh."""
+        if not isinstance(output, torch.Tensor):
+            return output
+        # A TP style may hand back a DTensor on the tp mesh; its local shard is what we wrap.
+        return DTensor.from_local(_to_local(output), self.mesh, self.placements, run_check=False)
+
+    def output_to_local(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        """Forward hook: DTensor outputs become local."""
+        return tree_map(_to_local, output)
+
+
 class PrepareSequenceShards(ParallelStyle):
     """Convert between sequence-sharded DTensors and local shards at a module's boundary.
 
@@ -72,21 +95,11 @@ class PrepareSequenceShards(ParallelStyle):
         placements = activation_placements(
             device_mesh, self.seq_dim, sequence_parallel=self.sequence_parallel
         )
-
-        def inputs_to_local(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-            return tree_map(_to_local, args), tree_map(_to_local, kwargs)
-
-        def output_to_dtensor(_: nn.Module, args: tuple, output: Any) -> Any:
-            if not isinstance(output, torch.Tensor):
-                return output
-            # A TP style may hand back a DTensor on the tp mesh; its local shard is what we wrap.
-            return DTensor.from_local(_to_local(output), device_mesh, placements, run_check=False)
-
-        def output_to_local(_: nn.Module, args: tuple, output: Any) -> Any:
-            return tree_map(_to_local, output)
-
-        module.register_forward_pre_hook(inputs_to_local, with_kwargs=True, prepend=True)
-        module.register_forward_hook(output_to_dtensor if self.output_dtensor else output_to_local)
+        hooks = _BoundaryHooks(device_mesh, placements)
+        module.register_forward_pre_hook(hooks.inputs_to_local, with_kwargs=True, prepend=True)
+        module.register_forward_hook(
+            hooks.output_to_dtensor if self.output_dtensor else hooks.output_to_local
+        )
         return module
 
     def __repr__(self) -> str:
@@ -94,6 +107,26 @@ class PrepareSequenceShards(ParallelStyle):
             f"{type(self).__name__}(output_dtensor={self.output_dtensor}, seq_dim={self.seq_dim}, "
             f"sequence_parallel={self.sequence_parallel})"
         )
+
+
+class _ModeHooks:
+    """The hooks of :class:`ContextParallel`: enter the mode before the forward, leave it after (methods,
+    not closures: torch.compile guards them cleanly)."""
+
+    def __init__(self, mode: ContextParallelAttention) -> None:
+        self.mode = mode
+        self.depth = 0
+
+    def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook: enter the mode."""
+        self.mode.__enter__()
+        self.depth += 1
+
+    def leave(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """Forward hook (always called, also when the forward raised): leave the mode."""
+        if self.depth:
+            self.depth -= 1
+            self.mode.__exit__(None, None, None)
 
 
 class ContextParallel(ParallelStyle):
@@ -160,20 +193,9 @@ class ContextParallel(ParallelStyle):
         return self.attention
 
     def _apply(self, module: nn.Module, device_mesh: DeviceMesh) -> nn.Module:
-        mode = self._mode_for(device_mesh)
-        depth = [0]
-
-        def enter(_: nn.Module, args: tuple, kwargs: dict) -> None:
-            mode.__enter__()
-            depth[0] += 1
-
-        def leave(_: nn.Module, args: tuple, output: Any) -> None:
-            if depth[0]:  # always_call: also runs when the forward raised
-                depth[0] -= 1
-                mode.__exit__(None, None, None)
-
-        module.register_forward_pre_hook(enter, with_kwargs=True)
-        module.register_forward_hook(leave, always_call=True)
+        hooks = _ModeHooks(self._mode_for(device_mesh))
+        module.register_forward_pre_hook(hooks.enter, with_kwargs=True)
+        module.register_forward_hook(hooks.leave, always_call=True)
         return module
 
     def __repr__(self) -> str:

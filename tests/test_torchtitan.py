@@ -87,21 +87,21 @@ def test_headtail_load_balancer_is_zigzag() -> None:
 
 
 @needs_torchtitan
-def test_parallelize_checks_seq_len_and_refuses_compile_with_cp() -> None:
+def test_parallelize_checks_seq_len_and_refuses_compile_with_tp_and_cp() -> None:
     """The train spec's parallelize function validates before touching the model."""
     from types import SimpleNamespace
 
     from cp_dtensor.integrations.torchtitan import parallelize_llama  # first: torchtitan imports on CPU
 
-    dims = SimpleNamespace(cp=2, tp=1, cp_enabled=True)
+    dims = SimpleNamespace(cp=2, tp=2, cp_enabled=True, tp_enabled=True)
     job = importlib.import_module("torchtitan.config").JobConfig()  # torchtitan's, not cp_dtensor's
     job.parallelism.context_parallel_load_balancer = "headtail"
-    job.training.seq_len = 250  # zigzag over cp=2: a multiple of 4
-    with pytest.raises(ValueError, match=r"training.seq_len=250 must be a multiple of 4 .*use 248 or 252"):
+    job.training.seq_len = 250  # zigzag over cp=2 and tp=2: a multiple of 8
+    with pytest.raises(ValueError, match=r"training.seq_len=250 must be a multiple of 8 .*use 248 or 256"):
         parallelize_llama(torch.nn.Module(), dims, job)
     job.training.seq_len = 256
     job.compile.enable = True
-    with pytest.raises(ValueError, match=r"torch\.compile of the model is not supported"):
+    with pytest.raises(ValueError, match=r"torch\.compile together with tensor and context parallelism"):
         parallelize_llama(torch.nn.Module(), dims, job)
 
 

@@ -40,10 +40,10 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.overrides import TorchFunctionMode
 
 from cp_dtensor.attention.comm import RingStats
-from cp_dtensor.attention.functional import document_attention
-from cp_dtensor.attention.mask import validate_mask_inputs
+from cp_dtensor.attention.custom_ops import compiled_ring_attention, register_stats
+from cp_dtensor.attention.mask import AttentionMask, validate_mask_inputs
 from cp_dtensor.attention.ring import COMM_MODES, ring_attention
-from cp_dtensor.layout import LayoutLike, layout_name, sequence_positions, tensor_digest, validate_layout
+from cp_dtensor.layout import LayoutLike, check_rank_positions, tensor_digest, validate_layout
 
 __all__ = ["ContextParallelAttention", "context_parallel_sdpa"]
 
@@ -217,6 +217,8 @@ class ContextParallelAttention(TorchFunctionMode):
         self.document_ids = document_ids
         self.window_size = tuple(window_size)
         self._rule_cache: dict[tuple, LayoutLike] = {}
+        if stats is not None:
+            register_stats(stats)  # reachable from the compiled path's custom ops
         if comm not in COMM_MODES:
             raise ValueError(f"Unknown CP comm mode {comm!r}; expected one of {COMM_MODES}.")
         if (comm == "hybrid" and a2a_size is None) or (a2a_size is not None and comm in ("p2p", "allgather")):
@@ -238,10 +240,10 @@ class ContextParallelAttention(TorchFunctionMode):
         axis = _cp_axis_index(x, self.cp_axis)
         return axis is not None and _is_seq_shard(x.placements[axis]) and x.device_mesh.size(axis) > 1
 
+    serves_document_attention = True  # cp_dtensor.document_attention hands its calls to this mode
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is document_attention:
-            return self._document_attention(*args, **kwargs)
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         call = dict(_SDPA_DEFAULTS)
@@ -251,7 +253,7 @@ class ContextParallelAttention(TorchFunctionMode):
         if any(isinstance(t, DTensor) for t in tensors):
             if not any(self._is_cp_sharded(t) for t in tensors):
                 return func(*args, **kwargs)  # not sequence-sharded on cp: DTensor's own SDPA
-            self._check_supported(call)
+            _check_supported(call)
             return context_parallel_sdpa(
                 call["query"], call["key"], call["value"],
                 is_causal=call["is_causal"], scale=call["scale"], enable_gqa=call["enable_gqa"],
@@ -267,7 +269,7 @@ class ContextParallelAttention(TorchFunctionMode):
                 "cp_dtensor.ContextParallel style, which treat plain q, k, v as this rank's shards), or "
                 "give SDPA DTensors sharded Shard(2) on the 'cp' mesh axis."
             )
-        self._check_supported(call)
+        _check_supported(call)
         q, k = call["query"], call["key"]
         if q.dim() == 4 and k.dim() == 4 and q.shape[1] != k.shape[1] and not call["enable_gqa"]:
             raise ValueError(
@@ -320,49 +322,35 @@ class ContextParallelAttention(TorchFunctionMode):
                 "document_attention inside a ContextParallelAttention that holds no mesh: pass the CP mesh "
                 "(or apply the cp_dtensor.ContextParallel style) so the local shards can be attended as such."
             )
+        if torch.compiler.is_compiling():  # the layout rule and the positions check run inside the op
+            return compiled_ring_attention(
+                query, key, value, self.group, mask=AttentionMask(is_causal, tuple(window_size), document_ids),
+                layout=self.layout if self.layout is not None else "zigzag", comm=self.comm,
+                scale=scale if scale is not None else query.shape[-1] ** -0.5, backend=self.backend,
+                a2a_size=self.a2a_size, stats=self.stats, token_positions=positions,
+            )  # fmt: skip
         cp = dist.get_world_size(self.group)
         layout = self._layout_for(document_ids, cp)
         if positions is not None:
-            self._check_positions(positions, layout, cp, query.shape[2])
+            check_rank_positions(positions, layout, dist.get_rank(self.group), cp)
         return ring_attention(
             query, key, value, self.group, is_causal=is_causal, scale=scale, layout=layout, comm=self.comm,
             document_ids=document_ids, window_size=window_size, backend=self.backend, stats=self.stats,
             a2a_size=self.a2a_size,
         )  # fmt: skip
 
-    def _check_positions(self, positions: torch.Tensor, layout: LayoutLike, cp: int, s_local: int) -> None:
-        """The tokens' positions must be those the layout gives this rank: never attend a mis-sharded batch."""
-        rank = dist.get_rank(self.group)
-        expected = sequence_positions(s_local * cp, rank, cp, layout).to(positions.device)
-        got = positions if positions.dim() == 2 else positions.unsqueeze(0)
-        want = expected if expected.dim() == 2 else expected.unsqueeze(0)
-        if got.shape[-1] != want.shape[-1]:
-            raise ValueError(
-                f"CP rank {rank}: positions have {got.shape[-1]} entries per row, the CP layout gives "
-                f"{want.shape[-1]}; pass the positions of this rank's tokens."
-            )
-        diff = got != want  # broadcasts (1, S) against (B, S)
-        if bool(diff.any()):
-            b, i = (int(x) for x in torch.nonzero(diff)[0])
-            raise ValueError(
-                f"CP rank {rank}, row {b}: the token at local index {i} has position {int(got[min(b, got.shape[0] - 1), i])}"
-                f" but the CP attention's layout {layout_name(layout)} puts position "
-                f"{int(want[min(b, want.shape[0] - 1), i])} there: shard the batch with the same layout as the "
-                f"ContextParallel style (cp_dtensor.shard_batch(..., layout=...)), and give the model the tokens' "
-                f"global positions (rotary positions that restart per document go to rope_positions)."
-            )
 
-    @staticmethod
-    def _check_supported(call: dict[str, Any]) -> None:
-        if call["attn_mask"] is not None:
-            raise ValueError(
-                "Context-parallel SDPA does not take an explicit attn_mask (it would need the full S x S mask "
-                "on every rank). Describe the mask instead: is_causal=True, and for packed documents or a "
-                "sliding window pass document_ids=... / window_size=(left, right) to ContextParallelAttention "
-                "(or to cp_dtensor.ring_attention)."
-            )
-        if call["dropout_p"] != 0.0:
-            raise ValueError(
-                f"Context-parallel SDPA does not support attention dropout (dropout_p={call['dropout_p']}); "
-                f"set it to 0.0."
-            )
+def _check_supported(call: dict[str, Any]) -> None:
+    """Refuse what CP cannot serve exactly: an explicit attn_mask, dropout."""
+    if call["attn_mask"] is not None:
+        raise ValueError(
+            "Context-parallel SDPA does not take an explicit attn_mask (it would need the full S x S mask "
+            "on every rank). Describe the mask instead: is_causal=True, and for packed documents or a "
+            "sliding window pass document_ids=... / window_size=(left, right) to ContextParallelAttention "
+            "(or to cp_dtensor.ring_attention)."
+        )
+    if call["dropout_p"] != 0.0:
+        raise ValueError(
+            f"Context-parallel SDPA does not support attention dropout (dropout_p={call['dropout_p']}); "
+            f"set it to 0.0."
+        )

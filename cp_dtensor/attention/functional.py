@@ -4,7 +4,7 @@ Note [Document attention]
 ~~~~~~~~~~~~~~~~~~~~~~~~~
 ``F.scaled_dot_product_attention`` has no way to say "packed documents" or "sliding window" other than a
 dense S x S mask, which CP cannot take. Models that need those masks call :func:`document_attention`
-instead; it is overridable by ``TorchFunctionMode``s (``torch.overrides.handle_torch_function``)::
+instead; it looks for an active CP mode on the torch-function mode stack (which torch.compile traces)::
 
     document_attention(q, k, v, document_ids=..., window_size=..., positions=...)
       no CP mode active   -> the exact masked op on one process (only visible pairs computed)
@@ -19,7 +19,7 @@ recomputes with the same mask and pipeline schedules split them per microbatch l
 from __future__ import annotations
 
 import torch
-from torch.overrides import handle_torch_function, has_torch_function
+from torch.overrides import _get_current_function_mode_stack
 
 from cp_dtensor.attention.ring import ring_attention
 
@@ -54,11 +54,12 @@ def document_attention(
     Returns:
         (B, Hq, S, D) the attention output (this rank's shard under CP).
     """
-    if has_torch_function((query, key, value)):
-        return handle_torch_function(
-            document_attention, (query, key, value), query, key, value, document_ids=document_ids,
-            window_size=window_size, is_causal=is_causal, scale=scale, positions=positions,
-        )  # fmt: skip
+    for mode in reversed(_get_current_function_mode_stack()):  # innermost first; dynamo traces this
+        if getattr(mode, "serves_document_attention", False):  # a ContextParallelAttention
+            return mode._document_attention(
+                query, key, value, document_ids=document_ids, window_size=window_size, is_causal=is_causal,
+                scale=scale, positions=positions,
+            )  # fmt: skip
     if positions is not None:
         natural = torch.arange(query.shape[2], device=positions.device)
         if not bool((positions == natural).all()):

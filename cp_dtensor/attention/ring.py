@@ -64,6 +64,7 @@ from cp_dtensor.attention.comm import (
     Transport,
 )
 from cp_dtensor.attention.consistency import CallSignature, verify_call_across_ranks
+from cp_dtensor.attention.custom_ops import compiled_ring_attention
 from cp_dtensor.attention.kernels import AttentionKernel, select_kernel
 from cp_dtensor.attention.mask import AttentionMask, validate_mask_inputs
 from cp_dtensor.attention.mask_schedule import build_masked_plan
@@ -553,6 +554,14 @@ def ring_attention(
     group = _process_group(mesh)
     cp = 1 if group is None else dist.get_world_size(group)
     mask = AttentionMask(is_causal, tuple(window_size), document_ids)  # type: ignore[arg-type]
+    if torch.compiler.is_compiling() and not (cp == 1 and mask.is_plain and isinstance(layout, str)):
+        # Under torch.compile the attention is an opaque custom op; its eager body validates, checks
+        # across ranks and runs the same variants (Note [Compiled CP attention]).
+        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+        return compiled_ring_attention(
+            q, k, v, group, mask=mask, layout=layout, comm=comm, scale=scale, backend=backend,
+            a2a_size=a2a_size, stats=stats,
+        )  # fmt: skip
     options = {
         "layout": layout,
         "comm": comm,
