@@ -4,6 +4,7 @@
     python scripts/bench_train.py                                   # small Llama, S=4096, world 4 on CPU
     python scripts/bench_train.py --plans tp4+full tp2cp2 cp4 --seq-len 4096 --json train.json --plot train.png
     python scripts/plan.py --hw cpu --calibrate-from train.json      # the cost model's predicted vs measured
+    python scripts/plan.py --calibrate --out calib.json && python scripts/bench_train.py --hw calib.json
 
 Reproduces the shape of the seed's Figure 2 at CPU scale: TP-only with full recompute (the seed's "TP8CP1
 full recompute" baseline, here tp4 + full) against TP x CP mixes without recompute (tp2 x cp2, cp4). Each
@@ -13,7 +14,8 @@ time (max over ranks), global tokens/s, total CPU seconds of all ranks per step 
 outnumber cores), the bytes saved for backward on the largest rank (activations: distinct storages,
 parameters excluded) and the peak RSS. The JSON output is the planner's calibration format
 (Note [Calibration file] in cp_dtensor/tools/planner/calibration.py), so plan.py can state the cost model's
-error.
+error. After the table the script prints the planner's prediction for every plan with ``--hw`` (the
+``cpu`` preset, or a preset calibrated on this machine by ``scripts/plan.py --calibrate``).
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ from cp_dtensor.sharding import shard_batch
 from cp_dtensor.tools.planner import (
     CostOptions,
     ParallelPlan,
-    build_hardware,
     build_model_shape,
     compare_measurements,
     load_calibration,
+    load_hardware,
 )
 from cp_dtensor.train_step import train_step
 
@@ -110,8 +112,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--json", default="", help="write the results (planner calibration format)")
     p.add_argument("--plot", default="", help="write a PNG bar chart of step time and activation memory")
+    p.add_argument(
+        "--hw",
+        default="cpu",
+        help="the planner's hardware for the predictions: a preset name or a file of plan.py --calibrate",
+    )
     args = p.parse_args(argv)
+    try:
+        load_hardware(args.hw)  # fail before the runs, not after them
+    except ValueError as e:
+        p.error(f"--hw: {e}")
     plans = [ParallelPlan.parse(text, world_size=None) for text in args.plans]
+    load_start = os.getloadavg()[0]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for text, plan in zip(args.plans, plans):
@@ -124,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {datetime.now(UTC):%Y-%m-%d %H:%M} UTC | {platform.machine()} {os.cpu_count()} cores | "
         f"torch {torch.__version__} | flavor {args.flavor} | seq_len {args.seq_len} | batch/dp-rank {args.batch} | "
-        f"{args.steps} timed steps after {args.warmup} warm-up | 1 thread per rank"
+        f"{args.steps} timed steps after {args.warmup} warm-up | 1 thread per rank | load average (1 min) "
+        f"{load_start:.2f} -> {os.getloadavg()[0]:.2f}"
     )
     print(
         "| layout | world | step s (median) | min / max | tokens/s | CPU s/step (all ranks) | "
@@ -164,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_prediction_error(args: argparse.Namespace, calibration: dict) -> None:
-    """The cost model's (uncalibrated CPU preset) predictions for these plans vs the measurements."""
+    """The cost model's predictions (hardware ``args.hw``) for these plans against the measurements."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         rows = [
             {k: v for k, v in row.items() if k != "cpu_seconds_per_step"}
@@ -173,19 +186,27 @@ def _print_prediction_error(args: argparse.Namespace, calibration: dict) -> None
         json.dump({**calibration, "measurements": rows}, f)
     cal = load_calibration(f.name)
     os.unlink(f.name)
-    comparisons = compare_measurements(
-        build_model_shape(args.flavor),
-        cal.measurements,
-        build_hardware("cpu"),
-        CostOptions.cp_dtensor(dtype_bytes=4),
+    hw, hw_file = load_hardware(args.hw)
+    options = CostOptions.cp_dtensor(dtype_bytes=4)
+    if hw_file is not None:
+        options = options.with_overrides(hw_file.options_overrides)
+    comparisons = compare_measurements(build_model_shape(args.flavor), cal.measurements, hw, options)
+    print(f"\nPredicted with hardware {hw.name!r} (--hw {args.hw}):\n")
+    measured = (hw_file.machine.get("spec") or {}).get("flavor") if hw_file is not None else None
+    if measured is not None and measured != args.flavor:
+        print(f"(the preset was calibrated on the shapes of flavor {measured!r}, not {args.flavor!r})\n")
+    print(
+        "| layout | predicted step s | measured | error | compute s (matmul / attention / overhead) | "
+        "exposed comm s (TP / CP / FSDP) | predicted activations MiB | measured | error |"
     )
-    print("\n| layout | predicted step s | measured | error | predicted activations MiB | measured | error |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for c in comparisons:
-        m = c.measurement
+        m, e = c.measurement, c.estimate
         print(
-            f"| {m.plan.label} | {c.estimate.step_time_s:.3f} | {m.step_time_s:.3f} | {c.step_time_error:+.0%} | "
-            f"{c.estimate.activation_bytes / 2**20:.1f} | {m.activation_bytes / 2**20:.1f} | {c.activation_error:+.0%} |"
+            f"| {m.plan.label} | {e.step_time_s:.3f} | {m.step_time_s:.3f} | {c.step_time_error:+.0%} | "
+            f"{e.matmul_s:.2f} / {e.attention_s:.2f} / {e.overhead_s:.2f} | "
+            f"{e.tp_exposed_s:.2f} / {e.cp_exposed_s:.2f} / {e.fsdp_exposed_s:.2f} | "
+            f"{e.activation_bytes / 2**20:.1f} | {m.activation_bytes / 2**20:.1f} | {c.activation_error:+.0%} |"
         )
 
 

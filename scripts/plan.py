@@ -9,10 +9,15 @@
     python scripts/plan.py --model small --hw cpu --gpus 4 --seq 4096 --plans tp4+full tp2cp2 cp4
     python scripts/plan.py --hw cpu --gpus 4 --plans tp4+full tp2cp2 cp4 --calibrate-from results.json
 
+    # measure this machine (4 local gloo ranks, < 60 s) into a calibrated preset, then plan with it
+    python scripts/plan.py --calibrate --out calib.json
+    python scripts/plan.py --model small --hw calib.json --gpus 4 --seq 4096 --plans tp4+full tp2cp2 cp4
+
 Prints markdown: per GPU count a "TP x CP" table (rows: mixes, columns: sequence lengths; each cell the
 speedup over the baseline of the mix's best plan that fits, with its AC mode and pp when > 1; ** marks
 the best plan of the column), then per (seq, GPUs) the top plans with their step-time breakdown and
-memory. The calibration file format is Note [Calibration file] in ``cp_dtensor/tools/planner/calibration.py``.
+memory. The calibration file format is Note [Calibration file] in ``cp_dtensor/tools/planner/calibration.py``;
+``--hw`` takes a preset name or such a file (Note [Machine calibration] in ``.../planner/measure.py``).
 ``--layouts`` is the older name of ``--plans``.
 """
 
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -31,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cp_dtensor.tools.planner import (
     GIB,
     HARDWARE_PRESETS,
+    Calibration,
     Comparison,
     CostOptions,
     Estimate,
@@ -38,10 +45,10 @@ from cp_dtensor.tools.planner import (
     ModelShape,
     ParallelPlan,
     Recommendation,
-    build_hardware,
     build_model_shape,
     compare_measurements,
     load_calibration,
+    load_hardware,
     recommend,
 )
 
@@ -254,7 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="numbers of devices (default 64, or the world sizes of the calibration measurements)",
     )
-    p.add_argument("--hw", default="h100", choices=sorted(HARDWARE_PRESETS))
+    p.add_argument(
+        "--hw",
+        default="h100",
+        help=f"hardware preset ({', '.join(sorted(HARDWARE_PRESETS))}) or a calibrated preset file written "
+        "by --calibrate",
+    )
     p.add_argument("--hw-set", nargs="*", default=[], metavar="KEY=VALUE", help="override Hardware fields")
     p.add_argument("--opt-set", nargs="*", default=[], metavar="KEY=VALUE", help="override CostOptions")
     p.add_argument(
@@ -295,7 +307,84 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-cross-node-tp", action="store_true")
     p.add_argument("--calibrate-from", default=None, help="JSON with hardware overrides and measurements")
     p.add_argument("--json", default=None, help="also write every estimate to this JSON file")
+    cal = p.add_argument_group("machine calibration (--calibrate)")
+    cal.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure this machine (matmul, attention kernel, gloo p2p and collectives) and write a "
+        "calibrated preset to --out; --model picks the shapes (default small)",
+    )
+    cal.add_argument("--out", default="calib.json", help="where --calibrate writes the preset")
+    cal.add_argument("--ranks", type=int, default=4, help="local processes measured at once (a device = one)")
+    cal.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a calibration")
     return p
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    """``--calibrate``: measure, write the preset, print what was fitted."""
+    from cp_dtensor.tools.planner.measure import ProbeSpec, calibrate_machine, flavor_of
+
+    try:
+        if args.quick:
+            spec = ProbeSpec.quick(ranks=min(args.ranks, 2))
+        else:
+            spec = ProbeSpec(ranks=args.ranks, flavor=flavor_of(args.model or "small"))
+    except ValueError as e:
+        raise SystemExit(f"--calibrate: {e}") from None
+    result = calibrate_machine(spec)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    hw = Calibration(model="", hardware_overrides=result["hardware"], options_overrides={}, measurements=[])
+    hw = hw.build_hardware(result["preset"])
+    machine = result["machine"]
+    fits = machine["fits"]
+    print(f"# python scripts/plan.py {' '.join(args.argv)}")
+    print(
+        f"# {machine['date_utc']} | {machine['cpu_model']} | {machine['cpu_count']} cores | torch {machine['torch']} | "
+        f"{spec.ranks} ranks x 1 thread, flavor {spec.flavor} | load average {machine['load_average_at_start'][0]:.2f}"
+        f" -> {machine['load_average_at_end'][0]:.2f} | {machine['calibration_seconds']:.0f} s"
+    )
+    mm = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in fits["matmul_flops_per_cpu_second"].items())
+    att = {k: v * 1e9 for k, v in fits["attention_cpu_s_per_element"].items()}
+    call = {k: v * 1e3 for k, v in fits["attention_cpu_s_per_call"].items()}
+    layer = fits.get("layer_cpu_s", {})
+    rows = [
+        ("core share per rank (CPU s / wall s while all ranks compute)", f"{fits['core_share']:.3f}"),
+        ("matmul GFLOP per CPU second", mm),
+        (
+            "attention CPU ns per visible score element, fwd / bwd (unmasked; causal)",
+            f"{att['fwd full']:.2f} / {att['bwd full']:.2f}; {att['fwd causal']:.2f} / {att['bwd causal']:.2f}",
+        ),
+        ("attention CPU ms per kernel call (mean)", f"{statistics.mean(call.values()):.3f}"),
+        (
+            "block beyond matmuls + kernel: CPU ms per pass, us per token (fwd)",
+            f"{layer.get('fixed_per_pass', 0) * 1e3:.3f}, {layer.get('per_token_forward', 0) * 1e6:.2f}",
+        ),
+        (
+            "p2p ring exchange (all ranks at once) GB/s, latency ms",
+            f"{hw.intra_node_bandwidth / 1e9:.3f}, {hw.intra_node_latency_s * 1e3:.3f}",
+        ),
+        (
+            "p2p between 2 ranks GB/s, latency ms",
+            f"{fits['p2p_pair']['bandwidth'] / 1e9:.3f}, {fits['p2p_pair']['latency_s'] * 1e3:.3f}",
+        ),
+        (
+            "collectives (all-gather, reduce-scatter) GB/s, latency ms per step",
+            f"{(hw.collective_bandwidth or 0) / 1e9:.3f}, {(hw.collective_latency_s or 0) * 1e3:.3f}",
+        ),
+        (
+            "preset (wall: CPU rates x core share)",
+            f"peak {hw.peak_flops / 1e9:.2f} GFLOP/s, efficiency matmul {hw.matmul_efficiency:.2f} / attention "
+            f"{hw.attention_efficiency:.2f} fwd, {hw.attention_backward_efficiency or 0:.2f} bwd, causal x"
+            f"{hw.causal_attention_factor:.2f}, kernel call {hw.kernel_call_overhead_s * 1e3:.3f} ms, layer "
+            f"{hw.layer_overhead_s * 1e3:.2f} ms, elementwise {(hw.elementwise_bandwidth or 0) / 1e9:.2f} GB/s",
+        ),
+    ]
+    print("| measured | value |")
+    print("|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+    print(f"\nwrote {args.out}: use it as --hw {args.out} (plan.py, bench_train.py)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -303,17 +392,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    if args.calibrate:
+        return calibrate(args)
+    try:
+        hw_base, hw_file = load_hardware(args.hw)
+    except ValueError as e:
+        raise SystemExit(f"--hw: {e}") from None
     calibration = load_calibration(args.calibrate_from) if args.calibrate_from else None
 
     model_name = args.model or (calibration.model if calibration and calibration.model else "gpt175b")
     model = build_model_shape(model_name)
-    is_cpu = args.hw == "cpu"
+    is_cpu = (hw_file.preset or "cpu") == "cpu" if hw_file is not None else args.hw.lower() == "cpu"
     impl = args.impl or ("cp_dtensor" if is_cpu else "megatron")
     hw_overrides = {**(calibration.hardware_overrides if calibration else {})}
     hw_overrides.update(_parse_assignments(args.hw_set, "hw-set"))
-    hw = build_hardware(args.hw, hw_overrides)
+    hw = hw_base.with_overrides(hw_overrides)
     base_options = CostOptions.cp_dtensor() if impl == "cp_dtensor" else CostOptions.megatron()
     opt_overrides: dict[str, Any] = {"dtype_bytes": args.dtype_bytes or (4 if is_cpu else 2)}
+    opt_overrides.update(hw_file.options_overrides if hw_file else {})
     opt_overrides.update(calibration.options_overrides if calibration else {})
     if args.dtype_bytes:
         opt_overrides["dtype_bytes"] = args.dtype_bytes

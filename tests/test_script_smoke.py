@@ -20,9 +20,10 @@ def test_bench_train_smoke(tmp_path: Path) -> None:
     out, png = tmp_path / "train.json", tmp_path / "train.png"
     proc = _run(
         "scripts/bench_train.py", "--flavor", "debug", "--seq-len", "256", "--steps", "1", "--warmup", "0",
-        "--layouts", "tp2+full", "cp2", "--json", str(out), "--plot", str(png),
+        "--layouts", "tp2+full", "cp2", "--json", str(out), "--plot", str(png), "--hw", "cpu",
     )  # fmt: skip
     assert "| tp2+full | 2 |" in proc.stdout and "| cp2 | 2 |" in proc.stdout
+    assert "Predicted with hardware 'cpu' (--hw cpu)" in proc.stdout  # the planner's prediction per plan
     rows = json.loads(out.read_text())["measurements"]
     assert [r["layout"]["tp"] for r in rows] == [2, 1] and all(r["activation_bytes"] > 0 for r in rows)
     assert png.read_bytes()[:4] == b"\x89PNG"

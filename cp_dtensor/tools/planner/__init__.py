@@ -12,7 +12,9 @@ aid for ``scripts/plan.py`` and ``scripts/bench_train.py``; training never impor
 * ``formulas``: FLOPs, bytes, bubble and collective times of one layer (Note [Cost model]).
 * ``step_estimate``: :class:`Estimate` and :func:`estimate`, one plan's step (Note [Cost model]).
 * ``recommendation``: :func:`enumerate_plans`, :func:`recommend` and :class:`Recommendation`.
-* ``calibration``: predicted vs measured (Note [Calibration file]).
+* ``calibration``: predicted vs measured, calibrated presets (Note [Calibration file]).
+* ``measure``: measure this machine into a calibrated preset (Note [Machine calibration]); imported on
+  demand (``from cp_dtensor.tools.planner.measure import calibrate_machine``), it spawns processes.
 """
 
 from cp_dtensor.tools.planner.calibration import (
@@ -21,6 +23,7 @@ from cp_dtensor.tools.planner.calibration import (
     Measurement,
     compare_measurements,
     load_calibration,
+    load_hardware,
 )
 from cp_dtensor.tools.planner.formulas import (
     activation_bytes_per_token_layer,
@@ -58,6 +61,7 @@ __all__ = [
     "enumerate_plans",
     "estimate",
     "load_calibration",
+    "load_hardware",
     "model_flops_per_token",
     "plan_problem",
     "pp_bubble_fraction",

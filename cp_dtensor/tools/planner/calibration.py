@@ -1,7 +1,9 @@
 """Predicted against measured: read a calibration file (Note [Calibration file]) and state the model's error.
 
 ``scripts/bench_train.py`` writes such files from real CPU runs; ``scripts/plan.py --calibrate-from``
-reads them and prints :func:`compare_measurements`.
+reads them and prints :func:`compare_measurements`. ``scripts/plan.py --calibrate`` writes one with no
+measurements, a calibrated hardware preset (``measure.py``, Note [Machine calibration]); :func:`load_hardware`
+turns a preset name or such a file into a :class:`~.hardware.Hardware` (``--hw calib.json``).
 
 Note [Calibration file]
 ~~~~~~~~~~~~~~~~~~~~~~~
@@ -10,14 +12,19 @@ A JSON object; every key but ``measurements`` is optional::
     {
       "model": "small",                         # ModelShape name (see build_model_shape)
       "seq_len": 4096, "micro_batch": 1,        # defaults for the rows
+      "preset": "cpu",                          # the HARDWARE_PRESETS entry "hardware" overrides
       "hardware": {"peak_flops": 4e10, ...},    # overrides of Hardware fields
+      "machine": {...},                         # free-form: how the hardware fields were measured
       "options": {"dtype_bytes": 4, ...},       # overrides of CostOptions fields
-      "measurements": [
+      "measurements": [                         # optional (none in a calibrated preset)
         {"layout": {"tp": 4, "cp": 1, "pp": 1, "dp": 1, "ac": "full"},   # or "tp4+full"
          "step_time_s": 1.25, "activation_bytes": 123456789,   # either may be null / missing
          "seq_len": 4096, "micro_batch": 1, "microbatches": 1}  # optional per-row overrides
       ]
     }
+
+``preset`` names the base of the ``hardware`` overrides when the file is used as ``--hw FILE`` (default
+``cpu``); with ``--hw NAME --calibrate-from FILE`` the overrides apply to ``NAME``.
 
 A row's ``"layout"`` is a :class:`~.parallel_plan.ParallelPlan` (its degrees and AC mode; the key keeps
 its first name so that existing result files stay readable).
@@ -33,17 +40,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cp_dtensor.tools.planner.hardware import Hardware
+from cp_dtensor.tools.planner.hardware import HARDWARE_PRESETS, Hardware, build_hardware
 from cp_dtensor.tools.planner.options import CostOptions
 from cp_dtensor.tools.planner.parallel_plan import ParallelPlan
 from cp_dtensor.tools.planner.shapes import ModelShape
 from cp_dtensor.tools.planner.step_estimate import Estimate, estimate
 
-__all__ = ["Calibration", "Comparison", "Measurement", "compare_measurements", "load_calibration"]
+__all__ = [
+    "Calibration",
+    "Comparison",
+    "Measurement",
+    "compare_measurements",
+    "load_calibration",
+    "load_hardware",
+]
 
 
 @dataclass(frozen=True)
@@ -76,12 +90,20 @@ class Calibration:
         hardware_overrides: ``Hardware`` field overrides.
         options_overrides: ``CostOptions`` field overrides.
         measurements: Measured rows.
+        preset: Base preset of ``hardware_overrides`` ("" if absent).
+        machine: How the hardware fields were measured (free-form; empty if absent).
     """
 
     model: str
     hardware_overrides: dict[str, Any]
     options_overrides: dict[str, Any]
     measurements: list[Measurement]
+    preset: str = ""
+    machine: dict[str, Any] = field(default_factory=dict)
+
+    def build_hardware(self, default_preset: str = "cpu") -> Hardware:
+        """The file's preset (or ``default_preset``) with the file's overrides."""
+        return build_hardware(self.preset or default_preset, self.hardware_overrides)
 
 
 def load_calibration(path: str | Path) -> Calibration:
@@ -96,7 +118,7 @@ def load_calibration(path: str | Path) -> Calibration:
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level")
-    known = {"model", "seq_len", "micro_batch", "hardware", "options", "measurements"}
+    known = {"model", "seq_len", "micro_batch", "preset", "hardware", "options", "machine", "measurements"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"{path}: unknown top-level keys {unknown}; expected {sorted(known)}")
@@ -123,7 +145,33 @@ def load_calibration(path: str | Path) -> Calibration:
         hardware_overrides=dict(data.get("hardware", {})),
         options_overrides=dict(data.get("options", {})),
         measurements=rows,
+        preset=str(data.get("preset", "")),
+        machine=dict(data.get("machine", {})),
     )
+
+
+def load_hardware(spec: str | Path) -> tuple[Hardware, Calibration | None]:
+    """A hardware preset by name (``h100``, ``cpu``, ...) or from a calibration file (``calib.json``).
+
+    Args:
+        spec: A :data:`~.hardware.HARDWARE_PRESETS` name, or the path of a JSON calibration file (Note
+            [Calibration file]) whose ``preset`` (default ``cpu``) and ``hardware`` overrides give the device.
+
+    Returns:
+        ``(hardware, calibration)``; ``calibration`` is None for a preset name (the caller applies its
+        ``options`` overrides).
+    """
+    text = str(spec)
+    if text.lower() in HARDWARE_PRESETS:
+        return build_hardware(text), None
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(
+            f"Unknown hardware {text!r}: not a preset ({sorted(HARDWARE_PRESETS)}) and no such calibration "
+            f"file; write one with `scripts/plan.py --calibrate --out {text}`"
+        )
+    calibration = load_calibration(path)
+    return calibration.build_hardware(), calibration
 
 
 @dataclass(frozen=True)

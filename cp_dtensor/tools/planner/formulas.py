@@ -14,6 +14,7 @@ __all__ = [
     "activation_bytes_per_token_layer",
     "attention_flops",
     "attention_pairs",
+    "causal_fraction",
     "collective_time",
     "cp_comm_bytes",
     "head_activation_bytes_per_token",
@@ -21,6 +22,7 @@ __all__ = [
     "model_flops_per_token",
     "norm_bytes_per_token",
     "pp_bubble_fraction",
+    "ring_transient_bytes",
 ]
 
 
@@ -43,6 +45,28 @@ def attention_pairs(seq_len: int, cp: int = 1, *, causal: bool = True, cp_layout
     if cp_layout == "zigzag" or cp == 1:
         return s2 / (2 * cp)
     return s2 * (2 * cp - 1) / (2 * cp * cp)
+
+
+def causal_fraction(cp: int = 1, *, causal: bool = True, cp_layout: str = "zigzag") -> float:
+    """Part of the busiest rank's visible pairs (:func:`attention_pairs`) computed by causal kernel calls.
+
+    The ring's diagonal step (a rank's own K/V, ``(S/c)^2 / 2`` pairs) is the only masked call; every other
+    step is an unmasked block. Zigzag: ``1/c`` of the rank's ``S^2/(2c)``; contiguous, last rank:
+    ``1/(2c-1)``; one rank: all of it; bidirectional: none.
+
+    Args:
+        cp: CP degree.
+        causal: Causal attention.
+        cp_layout: ``"zigzag"`` or ``"contiguous"``.
+
+    Returns:
+        The fraction in [0, 1].
+    """
+    if not causal:
+        return 0.0
+    if cp == 1:
+        return 1.0
+    return 1.0 / cp if cp_layout == "zigzag" else 1.0 / (2 * cp - 1)
 
 
 def attention_flops(
@@ -125,6 +149,52 @@ def cp_comm_bytes(
         return 0.0, 0.0
     elems = 2.0 * micro_batch * seq_len / cp * kv_heads_per_rank(model, tp) * model.head_dim
     return (cp - 1) * elems * dtype_bytes, (cp - 1) * elems * (dtype_bytes + grad_bytes)
+
+
+# Peak bytes the ring allocates inside one attention call per rank, in units of the local K+V bytes
+# (Note [Ring transient memory]): (forward, backward) at cp = 2 and at cp >= 3.
+RING_TRANSIENT_KV_MULTIPLES: dict[str, tuple[float, float]] = {"cp2": (3.0, 7.3), "cp3+": (4.0, 9.5)}
+
+
+def ring_transient_bytes(
+    model: ModelShape, seq_len: int, cp: int, *, tp: int = 1, micro_batch: int = 1, dtype_bytes: int = 2
+) -> tuple[float, float]:
+    """Transient bytes of one attention layer's ring on one rank: ``(forward peak, backward peak)``.
+
+    Note [Ring transient memory]
+    ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+    Besides what autograd saves, the ring allocates buffers while one attention call runs: the K/V blocks
+    in flight (received and being sent), the partial outputs and lse of the merge, in backward the dK/dV
+    accumulators travelling the ring and the local dQ, dK, dV. They are freed when the call returns, so
+    only one layer's ring is live at a time::
+
+        kv_local  = 2 * b * S/c * (g/t) * hd * B            local K + V bytes of one rank
+        forward   = m_f(c) * kv_local,  m_f = 3.0 (c = 2), 4.0 (c >= 3)
+        backward  = m_b(c) * kv_local,  m_b = 7.3 (c = 2), 9.5 (c >= 3);  0 for c = 1 (no ring)
+
+    The multiples are peaks of live bytes allocated inside the call (inputs excluded) measured by
+    ``scripts/ring_memory.py`` (the live-bytes tracker; unmasked zigzag ring, p2p, fp32 K/V, B=1, H=8,
+    S_local=256, D=64): flat in c from c = 4 on since the dK/dV send window fix (c = 3 is priced as 4).
+    The unit hides query-sized buffers (output, dQ, partial outputs), which were measured with as many
+    query as KV heads and in fp32 only: with GQA (``g < a``) or bf16 K/V with fp32 accumulators those
+    buffers are larger relative to ``kv_local``, so there the multiples are a lower bound (not measured).
+
+    Args:
+        model: Model shape.
+        seq_len: Global sequence length.
+        cp: CP degree.
+        tp: TP degree (splits the KV heads).
+        micro_batch: Sequences per micro-batch.
+        dtype_bytes: ``B``, bytes of K and V.
+
+    Returns:
+        ``(forward, backward)`` peak bytes of one layer's ring.
+    """
+    if cp == 1:
+        return 0.0, 0.0
+    kv_local = 2.0 * micro_batch * seq_len / cp * kv_heads_per_rank(model, tp) * model.head_dim * dtype_bytes
+    m_f, m_b = RING_TRANSIENT_KV_MULTIPLES["cp2" if cp == 2 else "cp3+"]
+    return m_f * kv_local, m_b * kv_local
 
 
 def pp_bubble_fraction(pp: int, microbatches: int, stages_per_rank: int = 1) -> float:

@@ -45,7 +45,26 @@ class Hardware:
         inter_node_latency_s: Latency of one inter-node message.
         memory_usable_fraction: Part of ``memory_bytes`` available to tensors (allocator, runtime, buffers).
         layer_overhead_s: Fixed time per block per pass (forward, backward, recompute): launch and Python
-            overhead; 0 on GPUs, the dominant term for tiny models on CPU.
+            overhead; 0 on GPUs. A calibrated CPU preset measures it beside the per-token part
+            (``elementwise_bandwidth``).
+        attention_backward_efficiency: Achievable fraction of ``peak_flops`` for the attention backward
+            kernel, counting ``CostOptions.attention_backward_factor`` forwards of FLOPs (None: as
+            ``attention_efficiency``).
+        causal_attention_factor: Time per visible score element of a causal kernel call over that of an
+            unmasked one (>= 1: the diagonal blocks compute masked elements too); the efficiencies above
+            are those of unmasked calls.
+        kernel_call_overhead_s: Fixed time of one attention kernel call, a forward or a backward (set-up of
+            the CPU flash kernel; the ring calls it once per step, so CP pays it ``cp`` times per pass).
+        elementwise_bandwidth: Bytes/s at which a block's elementwise work (norms, RoPE, SwiGLU, residuals,
+            autograd bookkeeping) streams its activations: a forward costs its saved bytes over this, a
+            backward twice that (None: free, as on GPUs where it hides behind the matmuls).
+        comm_compute_bandwidth: Bytes/s (sent + received) at which a rank's own transfers take its compute
+            time: gloo over loopback copies every byte through the kernel on the cores that compute, so a
+            transfer "overlapped" with compute (CP ring, FSDP prefetch) still delays it; None: transfers
+            use no compute (NCCL, RDMA).
+        collective_bandwidth: Bytes/s of the ring all-gather / reduce-scatter formula (TP, FSDP) when it
+            differs from the point-to-point ``*_node_bandwidth`` (gloo on CPU); None: the link's.
+        collective_latency_s: Latency per ring step of a collective; None: the link's.
     """
 
     name: str
@@ -60,6 +79,13 @@ class Hardware:
     inter_node_latency_s: float = 1e-5
     memory_usable_fraction: float = 0.9
     layer_overhead_s: float = 0.0
+    attention_backward_efficiency: float | None = None
+    causal_attention_factor: float = 1.0
+    kernel_call_overhead_s: float = 0.0
+    elementwise_bandwidth: float | None = None
+    comm_compute_bandwidth: float | None = None
+    collective_bandwidth: float | None = None
+    collective_latency_s: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("memory_bytes", "peak_flops", "intra_node_bandwidth", "inter_node_bandwidth"):
@@ -70,9 +96,39 @@ class Hardware:
                 raise ValueError(f"Hardware.{name} must be in (0, 1], got {getattr(self, name)!r}")
         if not isinstance(self.devices_per_node, int) or self.devices_per_node < 1:
             raise ValueError(f"Hardware.devices_per_node must be an int >= 1, got {self.devices_per_node!r}")
-        for name in ("intra_node_latency_s", "inter_node_latency_s", "layer_overhead_s"):
+        for name in (
+            "intra_node_latency_s",
+            "inter_node_latency_s",
+            "layer_overhead_s",
+            "kernel_call_overhead_s",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"Hardware.{name} must be >= 0, got {getattr(self, name)!r}")
+        e_bwd = self.attention_backward_efficiency
+        if e_bwd is not None and not 0 < e_bwd <= 1:
+            raise ValueError(
+                f"Hardware.attention_backward_efficiency must be in (0, 1] or None, got {e_bwd!r}"
+            )
+        if self.causal_attention_factor < 1:
+            raise ValueError(
+                f"Hardware.causal_attention_factor must be >= 1, got {self.causal_attention_factor!r}"
+            )
+        if self.elementwise_bandwidth is not None and not self.elementwise_bandwidth > 0:
+            raise ValueError(
+                f"Hardware.elementwise_bandwidth must be > 0 or None, got {self.elementwise_bandwidth!r}"
+            )
+        if self.comm_compute_bandwidth is not None and not self.comm_compute_bandwidth > 0:
+            raise ValueError(
+                f"Hardware.comm_compute_bandwidth must be > 0 or None, got {self.comm_compute_bandwidth!r}"
+            )
+        if self.collective_bandwidth is not None and not self.collective_bandwidth > 0:
+            raise ValueError(
+                f"Hardware.collective_bandwidth must be > 0 or None, got {self.collective_bandwidth!r}"
+            )
+        if self.collective_latency_s is not None and self.collective_latency_s < 0:
+            raise ValueError(
+                f"Hardware.collective_latency_s must be >= 0 or None, got {self.collective_latency_s!r}"
+            )
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Hardware:
         """A copy with some fields replaced; unknown keys raise ``ValueError`` naming the valid ones."""
@@ -83,6 +139,31 @@ class Hardware:
         if span <= self.devices_per_node:
             return self.intra_node_bandwidth, self.intra_node_latency_s
         return self.inter_node_bandwidth, self.inter_node_latency_s
+
+    def collective_link(self, span: int) -> tuple[float, float]:
+        """``(bandwidth, latency)`` of the ring collective formula within ``span`` devices.
+
+        Within a node ``collective_bandwidth`` / ``collective_latency_s`` replace the link's when set (a
+        calibrated CPU preset: gloo's collectives run slower than its point-to-point messages).
+        """
+        bw, lat = self.link(span)
+        if span > self.devices_per_node:
+            return bw, lat
+        if self.collective_bandwidth is not None:
+            bw = self.collective_bandwidth
+        if self.collective_latency_s is not None:
+            lat = self.collective_latency_s
+        return bw, lat
+
+    @property
+    def attention_backward_rate(self) -> float:
+        """FLOP/s of the attention backward kernel."""
+        e = (
+            self.attention_efficiency
+            if self.attention_backward_efficiency is None
+            else self.attention_backward_efficiency
+        )
+        return self.peak_flops * e
 
 
 HARDWARE_PRESETS: dict[str, Hardware] = {
@@ -112,7 +193,8 @@ HARDWARE_PRESETS: dict[str, Hardware] = {
     ),
     # A CPU "device" is one gloo rank of a local run. Measured here (torch 2.13 CPU, one thread): fp32
     # matmul ~80 GFLOP/s, SDPA flash forward ~47 GFLOP/s. The preset is a rank of 4 ranks sharing 2 cores
-    # (half a core each: 50 GFLOP/s "peak"); loopback gloo. Rough; calibrate with --calibrate-from.
+    # (half a core each: 50 GFLOP/s "peak"); loopback gloo. Rough guesses: `scripts/plan.py --calibrate`
+    # measures a machine into a preset file that replaces them (--hw calib.json).
     "cpu": Hardware(
         name="cpu",
         memory_bytes=8 * GIB,

@@ -22,15 +22,30 @@ Compute, per micro-batch, per device (the slowest pipeline stage, the one holdin
              = S^2 / c      bidirectional
     at_fwd   = 4 * b * hd * (a/t) * pairs             QK^T and PV of one layer (causal = half of bidirectional)
     matmul   = 3 * mm_fwd + R * 2*T*W/t               backward = 2 forwards; R recomputed layers add one forward
-    attn     = Ls * at_fwd * (1 + k_bwd) + R * at_fwd  flash backward k_bwd = 2.5 forwards (recomputes P)
-    time     = matmul / (P e_mm) + attn / (P e_at) + (2 Ls + R) * layer_overhead
+    at_f     = at_fwd / (P e_at) * (1 + (k_c - 1) f_c)  f_c: part of the pairs in causal (diagonal) calls,
+                                                     1/c zigzag, 1/(2c-1) contiguous, 1 without CP;
+                                                     k_c = causal_attention_factor (masked blocks cost more)
+    at_b     = k_bwd * at_f * e_at / e_at_bwd         flash backward k_bwd = 2.5 forwards (recomputes P)
+    attn     = Ls (at_f + at_b) + R at_f + (2 Ls + R) * c * t_call     one kernel call per ring step and pass
+    elem     = T * A(t) / bw_elem                     per block forward (A: saved bytes per token, below);
+                                                     backward 2 elem (elementwise work streams activations)
+    time     = matmul / (P e_mm) + attn + (2 Ls + R) * layer_overhead + (3 Ls + R) * elem
 
 ``R = Ls`` with full recompute (the "1/3 extra forward" of the matmuls), ``v * ceil(Ls / (v N))`` with
 selective (layer-selective every N-th block of each stage, as ``cp_dtensor.parallelize.apply_ac``), 0 without.
 
+GPU presets leave ``e_at_bwd = e_at``, ``k_c = 1``, ``t_call = 0``, ``bw_elem = None`` (elem = 0); a preset
+calibrated on a CPU (``scripts/plan.py --calibrate``, Note [Machine calibration] in ``measure.py``) measures
+all of them, with ``layer_overhead`` the fixed (Python, dispatch) part of a block pass.
+
 Collectives: a ring collective of a tensor of ``size`` bytes over ``n`` ranks costs
 ``(n-1)/n * size / bw + (n-1) * latency``; a link is intra-node when the axis and every axis inside it
-(mesh order pp, dp, cp, tp with tp innermost) fit in one node, inter-node otherwise.
+(mesh order pp, dp, cp, tp with tp innermost) fit in one node, inter-node otherwise. TP and FSDP use the
+collective link (``Hardware.collective_link``: calibrated gloo collectives are slower than its p2p), the CP
+ring and PP the point-to-point link. Where the transport copies on the CPU (``comm_compute_bandwidth``,
+loopback gloo), every byte a rank sends or receives in the CP ring and in FSDP also costs it
+``bytes / comm_compute_bandwidth`` of exposed time: the copy runs on the cores the overlap assumes free
+(the serial TP collectives' measured wall time already contains it).
 
 * TP with sequence parallelism, per layer: forward all-gather before attention and MLP, reduce-scatter
   after them (4 collectives of ``T*h*B`` bytes), the same 4 in backward, 2 more in backward when the
@@ -86,13 +101,18 @@ the first stage holds ``min(p, m)`` micro-batches in flight (1F1B's count, used 
 keeps all ``m``, interleaving a little more). With ``CostOptions.cp_dtensor()`` and fp32, this matches
 the bytes autograd saves for this project's Llama (none, full, selective) to 12 bytes.
 
+Transient: while one attention layer runs, its CP ring holds buffers not saved for backward (K/V blocks
+in flight, partial outputs, dK/dV accumulators): ``ring_transient_bytes`` (Note [Ring transient memory]
+in ``formulas.py``), 9.5 x the local K+V bytes in backward at c >= 4, 7.3 x at c = 2. Only one layer's
+ring is live at a time, so it is added once to the peak, on top of the activations saved by all layers.
+
 State: FSDP2 with fp32 master weights: ``16`` bytes per parameter (4 param + 4 grad + 8 Adam) of the
 stage's tp shard, divided by ``d*c``; while a layer runs, its unsharded bf16 parameters and gradients
 (``B + 4`` bytes each, two layers with prefetch). A plan fits when
-``state + transient + activations + recompute working set <= memory * usable_fraction``.
+``state + transient + activations + recompute working set + ring transient <= memory * usable_fraction``.
 
-Assumptions and simplifications: matmul efficiency does not depend on the shape; norms, RoPE and other
-elementwise kernels cost no time (``layer_overhead_s`` absorbs fixed costs); collectives of different axes
+Assumptions and simplifications: matmul efficiency does not depend on the shape; elementwise kernels cost
+no time unless the preset prices them (``elementwise_bandwidth``); collectives of different axes
 do not contend for links; the CP ring and FSDP run on separate streams; every GPU has its own inter-node
 NIC; Megatron's attention-only selective recompute is not modelled because flash attention already stores
 no ``s^2`` tensors (recomputing it would save only the lse), so "selective" is layer-selective.
@@ -106,10 +126,12 @@ from dataclasses import dataclass
 from cp_dtensor.tools.planner.formulas import (
     activation_bytes_per_token_layer,
     attention_flops,
+    causal_fraction,
     collective_time,
     cp_comm_bytes,
     head_activation_bytes_per_token,
     model_flops_per_token,
+    ring_transient_bytes,
 )
 from cp_dtensor.tools.planner.hardware import GIB, Hardware
 from cp_dtensor.tools.planner.options import CostOptions
@@ -136,7 +158,8 @@ class Estimate:
         matmul_s: Matmul compute incl. recompute.
         attention_s: Attention compute incl. recompute.
         recompute_s: The part of ``matmul_s + attention_s`` spent on recomputation.
-        overhead_s: Fixed per-layer costs.
+        overhead_s: Per-layer costs besides the matmuls and the attention kernel: fixed (launch, Python)
+            and elementwise (norms, RoPE, SwiGLU; ``Hardware.elementwise_bandwidth``).
         tp_comm_s: TP collectives (total).
         tp_exposed_s: Their exposed part.
         cp_comm_s: CP ring transfers (total).
@@ -149,7 +172,9 @@ class Estimate:
         working_bytes: Extra activations live during backward (one recomputed block).
         state_bytes: Sharded parameters, gradients and optimizer state.
         transient_bytes: Unsharded parameters/gradients of the blocks in flight (FSDP).
-        peak_bytes: ``activation + working + state + transient``.
+        ring_transient_bytes: Buffers of one attention layer's CP ring while it runs (Note [Ring transient
+            memory] in ``formulas.py``); 0 without CP.
+        peak_bytes: ``activation + working + ring_transient + state + transient``.
         memory_limit_bytes: ``memory_bytes * memory_usable_fraction``.
         fits: ``peak_bytes <= memory_limit_bytes`` and the plan is valid.
         reason: Why the plan is invalid or does not fit ("" when it fits).
@@ -180,6 +205,7 @@ class Estimate:
     working_bytes: float = 0.0
     state_bytes: float = 0.0
     transient_bytes: float = 0.0
+    ring_transient_bytes: float = 0.0
     peak_bytes: float = 0.0
     memory_limit_bytes: float = 0.0
     fits: bool = False
@@ -233,6 +259,7 @@ def estimate(
     recomputed = split.recomputed_layers(plan)
     flops_rate_mm = hardware.peak_flops * hardware.matmul_efficiency
     flops_rate_at = hardware.peak_flops * hardware.attention_efficiency
+    flops_rate_at_bwd = hardware.attention_backward_rate
 
     # ---- compute (per micro-batch, last stage: layers + head) -------------------------------------------
     mm_layer_fwd = 2.0 * tokens * model.layer_matmul_params / t / flops_rate_mm
@@ -240,14 +267,24 @@ def estimate(
     at_layer_fwd = (
         attention_flops(model, seq_len, cp=c, tp=t, micro_batch=b, cp_layout=opt.cp_layout) / flops_rate_at
     )
+    # causal kernel calls (the ring's diagonal step) cost more per visible pair than unmasked blocks
+    masked = causal_fraction(c, causal=model.causal, cp_layout=opt.cp_layout)
+    at_layer_fwd *= 1.0 + (hardware.causal_attention_factor - 1.0) * masked
     k_bwd = opt.attention_backward_factor
+    at_layer_bwd = k_bwd * at_layer_fwd * flops_rate_at / flops_rate_at_bwd
+    calls = c * hardware.kernel_call_overhead_s  # one kernel call per ring step and pass
     matmul = 3 * (ls * mm_layer_fwd + mm_head_fwd) + recomputed * mm_layer_fwd
-    attention = ls * at_layer_fwd * (1 + k_bwd) + recomputed * at_layer_fwd
-    recompute = recomputed * (mm_layer_fwd + at_layer_fwd)
-    overhead = (2 * ls + recomputed) * hardware.layer_overhead_s
+    attention = ls * (at_layer_fwd + at_layer_bwd + 2 * calls) + recomputed * (at_layer_fwd + calls)
+    # elementwise work streams the block's activations: a forward its saved bytes, a backward twice that
+    per_layer_full = activation_bytes_per_token_layer(model, t, opt)
+    elementwise = 0.0
+    if hardware.elementwise_bandwidth is not None:
+        elementwise = tokens * per_layer_full / hardware.elementwise_bandwidth
+    recompute = recomputed * (mm_layer_fwd + at_layer_fwd + calls + elementwise)
+    overhead = (2 * ls + recomputed) * hardware.layer_overhead_s + (3 * ls + recomputed) * elementwise
 
     # ---- TP (sequence parallel) ---------------------------------------------------------------------
-    tp_bw, tp_lat = hardware.link(t)
+    tp_bw, tp_lat = hardware.collective_link(t)
     act_msg = tokens * h * B
     one = collective_time(act_msg, t, tp_bw, tp_lat)
     regather = 0 if opt.saves_gathered_input else 2
@@ -259,6 +296,8 @@ def estimate(
     tp_exposed = (1.0 - opt.tp_overlap) * tp_comm
 
     # ---- CP ring -------------------------------------------------------------------------------------
+    # seconds of this rank's compute per byte it sends or receives (0: the transport does not use the CPU)
+    copy_cost = 1.0 / hardware.comm_compute_bandwidth if hardware.comm_compute_bandwidth else 0.0
     cp_comm = cp_exposed = 0.0
     if c > 1:
         cp_bw, cp_lat = hardware.link(t * c)
@@ -269,11 +308,13 @@ def estimate(
         step_b = bwd_bytes / (c - 1) / cp_bw + cp_lat
         if opt.cp_overlap:
             exp_f = (c - 1) * max(0.0, step_f - at_layer_fwd / c)
-            exp_b = (c - 1) * max(0.0, step_b - k_bwd * at_layer_fwd / c)
+            exp_b = (c - 1) * max(0.0, step_b - at_layer_bwd / c)
         else:
             exp_f, exp_b = (c - 1) * step_f, (c - 1) * step_b
         cp_comm = (ls + recomputed) * (c - 1) * step_f + ls * (c - 1) * step_b
         cp_exposed = (ls + recomputed) * exp_f + ls * exp_b
+        # moving the bytes takes this rank's cores where the transport copies on the CPU (loopback gloo)
+        cp_exposed += 2 * ((ls + recomputed) * fwd_bytes + ls * bwd_bytes) * copy_cost
 
     # ---- PP ------------------------------------------------------------------------------------------
     pp_comm = 0.0
@@ -294,7 +335,7 @@ def estimate(
     stage_params = ls * layer_local + (head_local + embed_local if p == 1 else max(head_local, embed_local))
     fsdp_comm = fsdp_exposed = 0.0
     if n_f > 1:
-        f_bw, f_lat = hardware.link(t * c * d)
+        f_bw, f_lat = hardware.collective_link(t * c * d)
         ag = collective_time(stage_params * B, n_f, f_bw, 0.0) + (ls + 1) * (n_f - 1) * f_lat
         rs = collective_time(stage_params * Bg, n_f, f_bw, 0.0) + (ls + 1) * (n_f - 1) * f_lat
         ag_count = m * (2 if opt.fsdp_reshard_after_forward else 1)
@@ -304,9 +345,10 @@ def estimate(
         # the first gather and the last reduce-scatter have nothing to hide behind
         edge = (ag + rs) / (ls + 1)
         fsdp_exposed = max(0.0, fsdp_comm - compute_total) + edge
+        moved = 2 * (n_f - 1) / n_f * stage_params * (ag_count * B + rs_count * Bg)  # sent + received
+        fsdp_exposed += moved * copy_cost
 
     # ---- memory --------------------------------------------------------------------------------------
-    per_layer_full = activation_bytes_per_token_layer(model, t, opt)
     per_layer_input = h * B / t
     kept = (ls - recomputed) * per_layer_full + recomputed * per_layer_input
     head_tokens = head_activation_bytes_per_token(model, t, opt)
@@ -318,6 +360,8 @@ def estimate(
     working = tokens * per_layer_full if recomputed else 0.0
     state = stage_params * opt.state_bytes_per_param / n_f
     transient = 2 * max(layer_local, head_local) * (B + Bg) if n_f > 1 else 0.0
+    # one attention layer's ring at a time (Note [Ring transient memory]); the backward's is the larger
+    ring = max(ring_transient_bytes(model, seq_len, c, tp=t, micro_batch=b, dtype_bytes=B))
 
     est.tokens_per_step = d * m * b * seq_len
     est.step_time_s = pipelined + fsdp_exposed
@@ -332,7 +376,8 @@ def estimate(
     est.fsdp_comm_s, est.fsdp_exposed_s = fsdp_comm, fsdp_exposed
     est.activation_bytes, est.working_bytes = activation, working
     est.state_bytes, est.transient_bytes = state, transient
-    est.peak_bytes = activation + working + state + transient
+    est.ring_transient_bytes = ring
+    est.peak_bytes = activation + working + ring + state + transient
     est.fits = est.peak_bytes <= est.memory_limit_bytes
     if not est.fits:
         est.reason = (
