@@ -739,6 +739,7 @@ class Trainer:
         now = self.ring_stats
         if now is None or before is None:
             return {}
+        now.settle()  # CUDA: the waits timed by events (the step already synchronized)
         sent = now.bytes_sent_forward + now.bytes_sent_backward
         return {
             "cp_bytes_sent": sent - before.bytes_sent_forward - before.bytes_sent_backward,

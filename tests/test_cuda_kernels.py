@@ -175,3 +175,16 @@ def test_masked_ring_with_cuda_kernel_matches_fp64(backend: str, mask: str) -> N
         assert e_cp <= max(3.0 * e_single, FLOOR[dtype]), (
             f"{mask} {backend} {name}: {e_cp:.2e} vs single {e_single:.2e}"
         )
+
+
+def test_comm_wait_on_cuda_is_timed_by_events() -> None:
+    """A CUDA wait is timed by events on the stream (host wall time would miss it); settle() adds it."""
+    from cp_dtensor.attention.comm import Pending, timed_wait
+
+    stats = cp_dtensor.RingStats()
+    dev = torch.device("cuda")
+    # The "wait" enqueues ~50 ms of GPU sleep on the current stream: the host returns at once.
+    timed_wait(Pending(lambda: torch.cuda._sleep(50_000_000), dev), stats)
+    assert stats.comm_wait_seconds == 0.0
+    stats.settle()
+    assert stats.comm_wait_seconds > 0.005

@@ -426,3 +426,23 @@ def test_merge_is_stable_for_rows_without_keys() -> None:
     torch.testing.assert_close(out, blk_out)
     torch.testing.assert_close(lse[..., :2], blk_lse[..., :2])
     assert lse[0, 0, 2] == -math.inf
+
+
+def test_timed_wait_accounts_blocked_time_and_kernel_calls() -> None:
+    """A wait that blocks 20 ms is accounted as >= 20 ms of comm wait; counts go to the right phase."""
+    import time
+
+    from cp_dtensor.attention.comm import Pending, timed_wait
+
+    stats = cpd.RingStats()
+    got = timed_wait(Pending(lambda: time.sleep(0.02) or torch.ones(1)), stats)
+    assert torch.equal(got, torch.ones(1))
+    assert stats.comm_wait_seconds >= 0.02
+    assert timed_wait(None, stats) is None
+    stats.count("forward", 10)
+    stats.count("backward", 7)
+    stats.count("backward", 3)
+    assert (stats.score_elements_forward, stats.kernel_calls_forward) == (10, 1)
+    assert (stats.score_elements_backward, stats.kernel_calls_backward) == (10, 2)
+    stats.settle()  # no CUDA waits recorded: nothing changes
+    assert stats.comm_wait_seconds >= 0.02

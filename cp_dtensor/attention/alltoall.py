@@ -78,8 +78,8 @@ The same runs, reversed, cut the super-shard's out / dq / dk / dv back into per-
 
 from __future__ import annotations
 
+import contextlib
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -313,16 +313,9 @@ def _build_group_plan(layout: LayoutLike, cp: int, a2a_size: int, group: int, se
 
 
 def _count_local(stats: RingStats | None, phase: str, q: torch.Tensor, is_causal: bool) -> None:
-    if stats is None:
-        return
-    s = q.shape[2]
-    n = q.shape[0] * q.shape[1] * (s * (s + 1) // 2 if is_causal else s * s)  # B x heads x visible pairs
-    if phase == "forward":
-        stats.score_elements_forward += n
-        stats.kernel_calls_forward += 1
-    else:
-        stats.score_elements_backward += n
-        stats.kernel_calls_backward += 1
+    if stats is not None:
+        s = q.shape[2]
+        stats.count(phase, q.shape[0] * q.shape[1] * (s * (s + 1) // 2 if is_causal else s * s))
 
 
 def local_forward(
@@ -387,10 +380,8 @@ def _all_to_all(
     for dtype in dict.fromkeys(t.dtype for t in slots):
         idx = [i for i, t in enumerate(slots) if t.dtype == dtype]
         send = slots[idx[0]] if len(idx) == 1 else torch.cat([slots[i] for i in idx], dim=2)
-        t0 = time.perf_counter()
-        recv = transport.all_to_all(send)  # (k, B, sum h_i, S_local, D), slot i from member i
-        if stats is not None:
-            stats.comm_wait_seconds += time.perf_counter() - t0
+        with stats.waiting(send.device) if stats is not None else contextlib.nullcontext():
+            recv = transport.all_to_all(send)  # (k, B, sum h_i, S_local, D), slot i from member i
         del send
         for i, part in zip(idx, recv.split([slots[i].shape[2] for i in idx], dim=2)):
             received[i] = part

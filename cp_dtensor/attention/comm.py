@@ -35,10 +35,12 @@ the other a one-rank transport. Threads: the hub keeps one sub-hub per subgroup,
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -52,7 +54,9 @@ __all__ = [
     "ThreadHub",
     "ThreadTransport",
     "Transport",
+    "pack_kv",
     "single_rank_transport",
+    "timed_wait",
 ]
 
 # Tags keep the KV stream and the dK/dV stream apart on transports that match messages by tag.
@@ -72,7 +76,10 @@ class RingStats:
         score_elements_backward: the same for the backward kernel calls.
         kernel_calls_forward: number of forward kernel calls.
         kernel_calls_backward: number of backward kernel calls.
-        comm_wait_seconds: wall time spent blocked waiting for communication (fwd + bwd).
+        comm_wait_seconds: time spent blocked waiting for communication (fwd + bwd): wall time on CPU; on
+            CUDA the time the compute stream waited for the communication streams, from CUDA events
+            around each wait (NCCL's host-side ``wait()`` returns at once, so wall time would read ~0);
+            those are added by :meth:`settle` once the events have completed.
     """
 
     bytes_sent_forward: int = 0
@@ -82,14 +89,52 @@ class RingStats:
     kernel_calls_forward: int = 0
     kernel_calls_backward: int = 0
     comm_wait_seconds: float = 0.0
+    _cuda_waits: list = field(default_factory=list, repr=False, compare=False)
+
+    def count(self, phase: str, score_elements: int) -> None:
+        """Account one kernel call of ``phase`` ("forward" or "backward") computing ``score_elements``."""
+        if phase == "forward":
+            self.score_elements_forward += score_elements
+            self.kernel_calls_forward += 1
+        else:
+            self.score_elements_backward += score_elements
+            self.kernel_calls_backward += 1
+
+    @contextlib.contextmanager
+    def waiting(self, device: torch.device | None) -> Iterator[None]:
+        """Time the block as communication wait: CUDA events on the current stream for a CUDA ``device``
+        (resolved by :meth:`settle`), wall clock otherwise."""
+        if device is not None and device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._cuda_waits.append((start, end))
+            return
+        t0 = time.perf_counter()
+        yield
+        self.comm_wait_seconds += time.perf_counter() - t0
+
+    def settle(self) -> None:
+        """Add the recorded CUDA waits to ``comm_wait_seconds`` (synchronizes with those events)."""
+        for start, end in self._cuda_waits:
+            end.synchronize()
+            self.comm_wait_seconds += start.elapsed_time(end) / 1000.0
+        self._cuda_waits.clear()
 
 
 class Pending:
-    """A started transfer; :meth:`wait` completes it and returns the received tensor (or ``None``)."""
+    """A started transfer; :meth:`wait` completes it and returns the received tensor (or ``None``).
 
-    def __init__(self, wait_fn: Callable[[], torch.Tensor | None]) -> None:
+    ``device`` is where its tensors live (None: unknown / CPU), so waits can be timed the right way.
+    """
+
+    def __init__(
+        self, wait_fn: Callable[[], torch.Tensor | None], device: torch.device | None = None
+    ) -> None:
         self._wait_fn: Callable[[], torch.Tensor | None] | None = wait_fn
         self._result: torch.Tensor | None = None
+        self.device = device
 
     def wait(self) -> torch.Tensor | None:
         """Block until the transfer is complete; return the received tensor, if any (idempotent)."""
@@ -97,6 +142,21 @@ class Pending:
             self._result = self._wait_fn()
             self._wait_fn = None
         return self._result
+
+
+def pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """K and V in one contiguous (2, B, Hkv, S_local, D) buffer: one message per ring step."""
+    return torch.stack([k, v])
+
+
+def timed_wait(pending: Pending | None, stats: RingStats | None) -> torch.Tensor | None:
+    """Complete ``pending`` (None: nothing to wait for), accounting the wait in ``stats`` if given."""
+    if pending is None:
+        return None
+    if stats is None:
+        return pending.wait()
+    with stats.waiting(pending.device):
+        return pending.wait()
 
 
 class SendWindow:
@@ -215,7 +275,7 @@ class ProcessGroupTransport(Transport):
                 w.wait()
             return result
 
-        return Pending(wait)
+        return Pending(wait, ops[0].tensor.device)
 
     def exchange(self, send: torch.Tensor, tag: int) -> Pending:
         send = send.contiguous()

@@ -24,11 +24,18 @@ Only local q, k, v, out and lse are saved for backward; the plan is rebuilt from
 
 from __future__ import annotations
 
-import time
-
 import torch
 
-from cp_dtensor.attention.comm import DKV_TAG, KV_TAG, Pending, RingStats, SendWindow, Transport
+from cp_dtensor.attention.comm import (
+    DKV_TAG,
+    KV_TAG,
+    Pending,
+    RingStats,
+    SendWindow,
+    Transport,
+    pack_kv,
+    timed_wait,
+)
 from cp_dtensor.attention.kernels import AttentionKernel
 from cp_dtensor.attention.mask_schedule import MaskedPlan, Piece, PieceKind, buffer_slice
 from cp_dtensor.attention.merge import accumulation_dtype, merge_block_
@@ -42,26 +49,11 @@ __all__ = [
 
 
 def _count(stats: RingStats | None, phase: str, q: torch.Tensor, piece: Piece) -> None:
-    if stats is None:
-        return
-    n = piece.score_elements(q.shape[0]) * q.shape[1]  # batch rows x heads x visible pairs
-    if phase == "forward":
-        stats.score_elements_forward += n
-        stats.kernel_calls_forward += 1
-    else:
-        stats.score_elements_backward += n
-        stats.kernel_calls_backward += 1
+    if stats is not None:
+        stats.count(phase, piece.score_elements(q.shape[0]) * q.shape[1])  # rows x heads x visible pairs
 
 
-def _wait(pending: Pending | None, stats: RingStats | None) -> torch.Tensor | None:
-    if pending is None:
-        return None
-    if stats is None:
-        return pending.wait()
-    t0 = time.perf_counter()
-    result = pending.wait()
-    stats.comm_wait_seconds += time.perf_counter() - t0
-    return result
+_wait = timed_wait
 
 
 def _piece_forward(
@@ -95,10 +87,6 @@ def _piece_backward(
     return kernel.backward(*args, lse[b, :, r], is_causal=piece.kind is PieceKind.LOWER, scale=scale)
 
 
-def _pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.stack([k, v])  # (2, B, Hkv, S_local, D)
-
-
 def _kv_exchange(transport: Transport, plan: MaskedPlan, kv: torch.Tensor, step: int) -> Pending | None:
     """Post step ``step``'s KV message: forward what later ranks need, receive the next held buffer."""
     if step >= plan.cp - 1:
@@ -125,7 +113,7 @@ def masked_ring_forward(
     acc_dtype = accumulation_dtype(q.dtype)
     out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # (B, Hq, S_local, D)
     lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)  # (B, Hq, S_local)
-    kv: torch.Tensor | None = _pack_kv(k, v)
+    kv: torch.Tensor | None = pack_kv(k, v)
     for step in range(plan.cp):
         pending = (
             _kv_exchange(transport, plan, kv, step)
@@ -171,7 +159,7 @@ def masked_ring_backward(
     """Masked ring backward: KV rotate again, fp32 dK/dV accumulators of the needed rows travel home."""
     acc_dtype = accumulation_dtype(q.dtype)
     dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # (B, Hq, S_local, D)
-    kv: torch.Tensor | None = _pack_kv(k, v)
+    kv: torch.Tensor | None = pack_kv(k, v)
     dkv_own = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)  # (2, B, Hkv, S_local, D)
     acc_shape = (2, *k.shape[:2])
     sends = SendWindow(lambda p: _wait(p, stats))
@@ -229,7 +217,7 @@ def _gather_shared(
 ) -> list[torch.Tensor]:
     """Every rank's shared rows (those another rank needs), as (2, B, Hkv, n_src, D) per source rank."""
     width = max(rows.numel() for rows in plan.shared_rows)
-    kv = _pack_kv(k, v)
+    kv = pack_kv(k, v)
     mine = plan.shared_rows[plan.rank]
     padded = kv.new_zeros((*kv.shape[:3], width, kv.shape[4]))
     padded[:, :, :, : mine.numel()] = kv.index_select(3, mine)
@@ -257,7 +245,7 @@ def masked_allgather_forward(
     out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
     shared = _gather_shared(k, v, transport, plan)
-    own = _pack_kv(k, v)
+    own = pack_kv(k, v)
     for step, src in enumerate(_sources(plan)):
         kv, rows = (own, None) if step == 0 else (shared[src], plan.shared_rows[src])
         for piece in plan.pieces[step]:
@@ -286,7 +274,7 @@ def masked_allgather_backward(
     acc_dtype = accumulation_dtype(q.dtype)
     dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     shared = _gather_shared(k, v, transport, plan)
-    own = _pack_kv(k, v)
+    own = pack_kv(k, v)
     dkv_own = torch.zeros(own.shape, dtype=acc_dtype, device=q.device)  # (2, B, Hkv, S_local, D)
     width = max(rows.numel() for rows in plan.shared_rows)
     contrib = torch.zeros((plan.cp, *own.shape[:3], width, own.shape[4]), dtype=acc_dtype, device=q.device)

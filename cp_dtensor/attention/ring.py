@@ -33,7 +33,6 @@ All-to-all (``comm="alltoall"``, Ulysses) and hybrid (``comm="hybrid"``, all-to-
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -55,13 +54,14 @@ from cp_dtensor.attention.alltoall import (
 from cp_dtensor.attention.comm import (
     DKV_TAG,
     KV_TAG,
-    Pending,
     ProcessGroupTransport,
     RingStats,
     SendWindow,
     ThreadHub,
     ThreadTransport,
     Transport,
+    pack_kv,
+    timed_wait,
 )
 from cp_dtensor.attention.consistency import CallSignature, verify_call_across_ranks
 from cp_dtensor.attention.custom_ops import compiled_ring_attention
@@ -101,29 +101,12 @@ __all__ = [
 COMM_MODES: tuple[str, ...] = ("p2p", "allgather", "alltoall", "hybrid")
 
 
-def _wait(pending: Pending, stats: RingStats | None) -> torch.Tensor | None:
-    if stats is None:
-        return pending.wait()
-    t0 = time.perf_counter()
-    result = pending.wait()
-    stats.comm_wait_seconds += time.perf_counter() - t0
-    return result
+_wait = timed_wait
 
 
 def _count_work(stats: RingStats | None, phase: str, q: torch.Tensor, elements_per_head: int) -> None:
-    if stats is None:
-        return
-    n = q.shape[0] * q.shape[1] * elements_per_head  # B x Hq x visible pairs
-    if phase == "forward":
-        stats.score_elements_forward += n
-        stats.kernel_calls_forward += 1
-    else:
-        stats.score_elements_backward += n
-        stats.kernel_calls_backward += 1
-
-
-def _pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.stack([k, v])  # (2, B, Hkv, S_local, D), contiguous: one message per step
+    if stats is not None:
+        stats.count(phase, q.shape[0] * q.shape[1] * elements_per_head)  # B x Hq x visible pairs
 
 
 def ring_forward(
@@ -144,7 +127,7 @@ def ring_forward(
     schedule = build_ring_schedule(transport.rank, cp, layout, is_causal)
     acc_dtype = accumulation_dtype(q.dtype)
     out_acc = lse_acc = None
-    kv = _pack_kv(k, v)  # (2, B, Hkv, S_local, D)
+    kv = pack_kv(k, v)  # (2, B, Hkv, S_local, D)
     for step, block in enumerate(schedule):
         pending = transport.exchange(kv, KV_TAG) if step < cp - 1 else None
         if block is not None:
@@ -189,7 +172,7 @@ def ring_backward(
     cp = transport.size
     schedule = build_ring_schedule(transport.rank, cp, layout, is_causal)
     acc_dtype = accumulation_dtype(q.dtype)
-    kv = _pack_kv(k, v)  # (2, B, Hkv, S_local, D)
+    kv = pack_kv(k, v)  # (2, B, Hkv, S_local, D)
     dq_acc: torch.Tensor | None = None  # (B, Hq, S_local, D), from step 0's block
     dkv_own: torch.Tensor | None = None  # (2, B, Hkv, S_local, D), this rank's own dK/dV, fp32
     sends = SendWindow(lambda p: _wait(p, stats))
@@ -255,7 +238,7 @@ def _new_dkv_accumulator(
 
 
 def _gather_kv_natural(k: torch.Tensor, v: torch.Tensor, transport: Transport, layout: str) -> torch.Tensor:
-    gathered = transport.all_gather(_pack_kv(k, v))  # (CP, 2, B, Hkv, S_local, D), rank order
+    gathered = transport.all_gather(pack_kv(k, v))  # (CP, 2, B, Hkv, S_local, D), rank order
     return unshard_sequence_from_shards(
         list(gathered.unbind(0)), seq_dim=3, layout=layout
     )  # (2, B, Hkv, S, D)
