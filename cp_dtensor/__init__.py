@@ -5,7 +5,9 @@ Public API (stable names)::
     shard_sequence(x, mesh, seq_dim, layout="zigzag")          this rank's shard of a full tensor
     unshard_sequence(x_local, mesh, seq_dim, layout="zigzag")  the full tensor, natural order
     ring_attention(q, k, v, mesh, *, is_causal, scale, layout, comm, document_ids, window_size)
-                                                               CP attention on local shards (masks exact)
+                                                               CP attention on local shards (masks exact);
+                                                               comm p2p / allgather / alltoall / hybrid / auto
+    choose_comm(comm, heads=..., kv_heads=..., seq_len=..., cp=...)  the cost model's CP strategy, and why
     balanced_layout(document_ids, cp, *, is_causal, window_size)  a layout object balancing packed documents
     document_attention(q, k, v, *, document_ids, window_size)  SDPA with document / window masks (CP-aware)
     ParallelDims(dp=-1, pp=1, cp=1, tp=1, world_size=...)      degrees -> .build_mesh() 4-D mesh
@@ -19,6 +21,7 @@ Public API (stable names)::
 """
 
 from cp_dtensor.attention import RingStats, ring_attention, simulate_context_parallel_attention
+from cp_dtensor.attention.comm_choice import CommChoice, choose_comm
 from cp_dtensor.attention.dispatch import ContextParallelAttention, context_parallel_sdpa
 from cp_dtensor.attention.functional import document_attention
 from cp_dtensor.balance import BalancedLayoutRule, balanced_layout, layout_work
@@ -32,6 +35,7 @@ from cp_dtensor.styles import ContextParallel, PrepareSequenceShards
 __all__ = [
     "LAYOUTS",
     "BalancedLayoutRule",
+    "CommChoice",
     "ContextParallel",
     "ContextParallelAttention",
     "ParallelDims",
@@ -41,6 +45,7 @@ __all__ = [
     "apply_context_parallel",
     "balanced_layout",
     "build_context_parallel_plan",
+    "choose_comm",
     "context_parallel_sdpa",
     "document_attention",
     "format_sharding_table",

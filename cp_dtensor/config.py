@@ -228,8 +228,14 @@ class Parallelism:
     context_parallel_layout: Literal["auto", "zigzag", "contiguous", "balanced"] = "auto"
     """How tokens map to CP ranks: "zigzag" balances causal work over one sequence, "contiguous" cuts it in cp pieces, "balanced" plans each batch from its documents (equal attention work, documents kept whole where possible); "auto" = "balanced" for document_causal, else "zigzag"."""
 
-    context_parallel_comm: Literal["p2p", "allgather"] = "p2p"
-    """How CP ranks exchange keys/values: "p2p" ring passes, or one "allgather" of all keys/values."""
+    context_parallel_comm: Literal["p2p", "allgather", "alltoall", "hybrid", "auto"] = "p2p"
+    """How CP ranks exchange attention inputs: "p2p" ring passes of keys/values (overlapped with compute), one "allgather" of all keys/values, "alltoall" (Ulysses: heads sharded over the whole sequence; query heads per tp rank must divide by cp), "hybrid" (all-to-all inside groups of context_parallel_a2a_degree consecutive ranks, the ring across groups), or "auto": the cost model picks one (and the group size) from heads, KV heads, head dim, seq_len, cp, tp, dtype and the hardware; the log shows the choice and every alternative's predicted time."""
+
+    context_parallel_a2a_degree: int = _bounded(0, ge=0)
+    """Ranks per all-to-all group of comm "hybrid" (a divisor of context_parallel_degree, 1 < k < cp); 0: the cost model picks it. Only with comm "hybrid"."""
+
+    context_parallel_cost_hardware: str = "auto"
+    """Hardware the cost model of comm "auto" / "hybrid" prices: "auto" (by device: cpu, or h200 / h100 / a100 by GPU name), a preset name, or a calibration JSON from scripts/plan.py --calibrate."""
 
     context_parallel_backend: Literal["auto", "flash", "cudnn", "efficient", "cpu_flash", "math"] = "auto"
     """Attention kernel of the CP ring: "auto" picks from device and dtype (CPU: cpu_flash; CUDA bf16/fp16:
@@ -460,6 +466,24 @@ class JobConfig:
         )
         if problem is not None:
             raise ConfigError(problem)
+
+        a2a, cp, comm = (
+            parallel.context_parallel_a2a_degree,
+            parallel.context_parallel_degree,
+            parallel.context_parallel_comm,
+        )
+        if a2a and comm != "hybrid":
+            raise ConfigError(
+                f'parallelism.context_parallel_a2a_degree={a2a} applies only to context_parallel_comm = "hybrid" '
+                f'(got "{comm}"); set it to 0 or use comm "hybrid"'
+            )
+        if a2a and (a2a < 2 or a2a >= cp or cp % a2a):
+            divisors = [k for k in range(2, cp) if cp % k == 0]
+            raise ConfigError(
+                f"parallelism.context_parallel_a2a_degree={a2a} must divide context_parallel_degree={cp} with "
+                f"1 < k < {cp} ({'use one of ' + str(divisors) if divisors else 'none exists: use comm p2p or alltoall'}"
+                f'; k = {cp} is comm "alltoall"), or 0 to let the cost model pick'
+            )
 
         if parallel.pipeline_parallel_degree > 1:
             microbatches = parallel.pipeline_parallel_microbatches

@@ -64,12 +64,15 @@ def build_context_parallel_plan(
     backend: str | None = None,
     stats: RingStats | None = None,
     sequence_parallel: bool = False,
+    a2a_size: int | None = None,
 ) -> tuple[dict[str, ParallelStyle], ContextParallel]:
     """The ``parallelize_module`` plan of Note [Context-parallel model], and its attention style.
 
     Args and patterns as for :func:`apply_context_parallel`.
     """
-    attention_style = ContextParallel(layout=layout, comm=comm, backend=backend, stats=stats)
+    attention_style = ContextParallel(
+        layout=layout, comm=comm, backend=backend, stats=stats, a2a_size=a2a_size
+    )
     plan: dict[str, ParallelStyle] = {"": PrepareSequenceShards(output_dtensor=False)}
     for pattern in _patterns(blocks):
         plan[pattern] = PrepareSequenceShards(sequence_parallel=sequence_parallel)
@@ -92,6 +95,7 @@ def apply_context_parallel(
     backend: str | None = None,
     stats: RingStats | None = None,
     sequence_parallel: bool = False,
+    a2a_size: int | None = None,
 ) -> ContextParallelAttention:
     """Install context parallelism on ``model`` (Note [Context-parallel model]).
 
@@ -104,7 +108,8 @@ def apply_context_parallel(
         blocks: pattern(s) of the repeated blocks whose output becomes a sequence-sharded DTensor.
         final: pattern(s) of modules after the blocks that take the hidden state (e.g. ``"norm"``).
         layout: the sequence layout of the shards, as given to :func:`cp_dtensor.shard_batch`.
-        comm, backend, stats: settings of the ring op (see :func:`cp_dtensor.ring_attention`).
+        comm, backend, stats, a2a_size: settings of the ring op (see :func:`cp_dtensor.ring_attention`;
+            ``comm="auto"`` lets the cost model choose per call shape).
         sequence_parallel: True when TP runs with sequence parallelism (hidden states also Shard(1) on tp).
 
     Returns:
@@ -119,7 +124,7 @@ def apply_context_parallel(
     cp_axis_of(mesh)  # validates the mesh
     plan, attention_style = build_context_parallel_plan(
         attention=attention, blocks=blocks, final=final, layout=layout, comm=comm, backend=backend,
-        stats=stats, sequence_parallel=sequence_parallel,
+        stats=stats, sequence_parallel=sequence_parallel, a2a_size=a2a_size,
     )  # fmt: skip
     parallelize_module(model, mesh, plan)
     assert attention_style.attention is not None

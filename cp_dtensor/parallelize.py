@@ -154,6 +154,7 @@ def parallelize_llama(
     selective_ac_every: int = 2,
     cp_layout: str = "zigzag",
     cp_comm: str = "p2p",
+    cp_a2a_size: int | None = None,
     param_dtype: torch.dtype | None = None,
     cp_backend: str | None = None,
     ring_stats: RingStats | None = None,
@@ -166,7 +167,8 @@ def parallelize_llama(
         parallel_dims: degrees with a built mesh (:meth:`ParallelDims.build_mesh`).
         ac_mode: ``"none"``, ``"selective"`` or ``"full"`` activation checkpointing.
         selective_ac_every: with ``"selective"``, checkpoint every N-th block.
-        cp_layout, cp_comm: CP sequence layout and ring comm mode.
+        cp_layout, cp_comm, cp_a2a_size: CP sequence layout, comm mode and all-to-all group size
+            (``comm="hybrid"``).
         param_dtype: FSDP mixed-precision parameter dtype (e.g. ``torch.bfloat16``); None keeps fp32.
         cp_backend: kernel adapter name for the ring op (``flash``, ``cudnn``, ``efficient``,
             ``cpu_flash``, ``math``), or None to choose from device and dtype.
@@ -195,6 +197,7 @@ def parallelize_llama(
             final="norm" if model.norm is not None else (),
             layout=cp_layout,
             comm=cp_comm,
+            a2a_size=cp_a2a_size,
             backend=cp_backend,
             stats=ring_stats,
             sequence_parallel=parallel_dims.tp_enabled,

@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cp_dtensor.attention.comm import RingStats
+from cp_dtensor.attention.comm_choice import CommChoice, choose_comm
 from cp_dtensor.attention.mask import AttentionMask
 from cp_dtensor.balance import BalancedLayoutRule, layout_work, to_sequence_layout
 from cp_dtensor.checkpoint import (
@@ -139,6 +140,17 @@ def validate_job(
             f"parallelism.tensor_parallel_degree {pd.tp} must divide n_heads {args.n_heads} and n_kv_heads "
             f"{kv_heads} of flavor {cfg.model.flavor!r}."
         )
+    comm, a2a = par.context_parallel_comm, par.context_parallel_a2a_degree
+    if pd.cp_enabled and (comm == "alltoall" or (comm == "hybrid" and a2a)):
+        size = pd.cp if comm == "alltoall" else a2a
+        heads, kv = args.n_heads // pd.tp, kv_heads // pd.tp
+        if heads % size or (kv % size and size % kv):
+            raise ValueError(
+                f'parallelism.context_parallel_comm "{comm}" shares heads over {size} ranks, but flavor '
+                f"{cfg.model.flavor!r} has {heads} query / {kv} KV heads per tp rank (n_heads {args.n_heads}, "
+                f"n_kv_heads {kv_heads}, tp {pd.tp}): the query heads must divide by {size} and the KV heads "
+                f'divide it or divide by it; use comm "p2p", "auto", or another degree.'
+            )
     stages = pd.pp * stages_per_rank(par.pipeline_parallel_schedule)
     if stages > args.n_layers:
         raise ValueError(
@@ -367,6 +379,30 @@ def build_model(cfg: JobConfig) -> nn.Module:
     return Transformer(args)
 
 
+def job_comm_choice(cfg: JobConfig, pd: ParallelDims, args: ModelArgs, device: torch.device) -> CommChoice:
+    """The CP strategy of this job: ``parallelism.context_parallel_comm`` as named, or for ``"auto"`` (and
+    ``"hybrid"`` without an a2a degree) the cost model's choice for one attention call of this job."""
+    par, t = cfg.parallelism, cfg.training
+    kv_heads = args.n_kv_heads or args.n_heads
+    microbatches = par.pipeline_parallel_microbatches if par.pipeline_parallel_microbatches > 0 else pd.pp
+    rows = t.local_batch_size // (microbatches if pd.pp_enabled else 1)
+    return choose_comm(
+        par.context_parallel_comm,
+        heads=args.n_heads // pd.tp,
+        kv_heads=max(1, kv_heads // pd.tp),
+        head_dim=args.dim // args.n_heads,
+        seq_len=t.seq_len,
+        cp=pd.cp,
+        tp=pd.tp,
+        micro_batch=max(1, rows),
+        dtype=torch.bfloat16 if t.mixed_precision_param == "bfloat16" else torch.float32,
+        causal=cfg.model.attention_mask != "bidirectional",
+        device=device,
+        hardware=par.context_parallel_cost_hardware,
+        a2a_size=par.context_parallel_a2a_degree or None,
+    )
+
+
 def _global_batch_size(cfg: JobConfig, pd: ParallelDims) -> int:
     gbs = cfg.training.global_batch_size
     return cfg.training.local_batch_size * pd.dp if gbs == -1 else gbs
@@ -562,6 +598,8 @@ class Trainer:
             {"model.name": cfg.model.name, "model.flavor": cfg.model.flavor},
         )  # the whole model's parameter shapes, before PP splits it
         param_dtype = torch.bfloat16 if cfg.training.mixed_precision_param == "bfloat16" else None
+        comm = job_comm_choice(cfg, pd, model.args, self.device) if pd.cp_enabled else CommChoice("p2p", None)
+        self.cp_comm = comm
         pm = build_parallel_model(
             model,
             pd,
@@ -571,7 +609,8 @@ class Trainer:
             ac_mode=cfg.activation_checkpoint.mode,
             selective_ac_every=int(cfg.activation_checkpoint.selective_ac_option),
             cp_layout=self.cp_layout,
-            cp_comm=cfg.parallelism.context_parallel_comm,
+            cp_comm=comm.comm,
+            cp_a2a_size=comm.a2a_size,
             cp_backend=None
             if cfg.parallelism.context_parallel_backend == "auto"
             else cfg.parallelism.context_parallel_backend,
@@ -586,12 +625,20 @@ class Trainer:
         self.metrics.info(
             f"model {cfg.model.name}/{cfg.model.flavor} ({n_params / 1e6:.2f}M params, "
             f"{self._attention_summary()}) | world {pd.world_size}: pp {pd.pp} dp {pd.dp} cp {pd.cp} "
-            f"tp {pd.tp} | cp layout {cfg.cp_layout}, comm "
-            f"{cfg.parallelism.context_parallel_comm}, backend {cfg.parallelism.context_parallel_backend} | ac {cfg.activation_checkpoint.mode}"
+            f"tp {pd.tp} | cp layout {cfg.cp_layout}, comm {self._comm_summary()}, backend {cfg.parallelism.context_parallel_backend} | ac {cfg.activation_checkpoint.mode}"
             f"{f' | compile {cfg.compile.backend}' if cfg.compile.enable else ''} | seq_len "
             f"{cfg.training.seq_len} | device {self.device.type}"
         )
+        if comm.reason:  # the cost model chose: say why, with every alternative's predicted time
+            self.metrics.info(f"cp comm {cfg.parallelism.context_parallel_comm}: {comm.reason}")
+            for line in comm.table:
+                self.metrics.info(f"  predicted per attention layer (fwd+bwd): {line}")
         return model.args, pm
+
+    def _comm_summary(self) -> str:
+        named, comm = self.cfg.parallelism.context_parallel_comm, self.cp_comm
+        text = comm.comm + (f" (a2a {comm.a2a_size})" if comm.a2a_size else "")
+        return text if named == comm.comm and not comm.reason else f"{named} -> {text}"
 
     def _attention_summary(self) -> str:
         model = self.cfg.model

@@ -9,6 +9,9 @@
     python scripts/plan.py --model small --hw cpu --gpus 4 --seq 4096 --plans tp4+full tp2cp2 cp4
     python scripts/plan.py --hw cpu --gpus 4 --plans tp4+full tp2cp2 cp4 --calibrate-from results.json
 
+    # the CP communication strategy (p2p / allgather / alltoall / hybrid) per sequence length and tp x cp
+    python scripts/plan.py --strategies --model llama3_8b --hw h100 --seq 32768 131072 1048576 --cp 8 32
+
     # measure this machine (4 local gloo ranks, < 60 s) into a calibrated preset, then plan with it
     python scripts/plan.py --calibrate --out calib.json
     python scripts/plan.py --model small --hw calib.json --gpus 4 --seq 4096 --plans tp4+full tp2cp2 cp4
@@ -46,9 +49,11 @@ from cp_dtensor.tools.planner import (
     ParallelPlan,
     Recommendation,
     build_model_shape,
+    choose_strategy,
     compare_measurements,
     load_calibration,
     load_hardware,
+    model_attention_problem,
     recommend,
 )
 
@@ -249,6 +254,46 @@ def comparison_table(comparisons: Sequence[Comparison]) -> list[str]:
     return lines
 
 
+def strategy_table(
+    model: ModelShape,
+    seqs: Sequence[int],
+    tps: Sequence[int],
+    cps: Sequence[int],
+    hw: Hardware,
+    dtype_bytes: int,
+) -> list[str]:
+    """Markdown: per (seq, tp, cp) the CP strategy the cost model picks (Note [CP strategy cost]), the
+    predicted fwd+bwd time per attention layer of each strategy, and the reason."""
+    lines = [
+        "| seq | tp x cp | choice | p2p ms | allgather ms | alltoall ms | best hybrid ms | why |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for seq in seqs:
+        for tp in tps:
+            for cp in cps:
+                if cp < 2 or model.n_heads % tp:
+                    continue
+                problem = model_attention_problem(model, seq, cp, tp, dtype_bytes=dtype_bytes)
+                best, rows = choose_strategy(problem, hw)
+                by = {r.comm: r for r in rows if r.comm != "hybrid"}
+                hybrids = [r for r in rows if r.comm == "hybrid" and r.valid]
+                hyb = min(hybrids, key=lambda r: r.time_s) if hybrids else None
+
+                def cell(r) -> str:
+                    if r is None or not r.valid:
+                        return "-"
+                    ms = r.time_s * 1e3
+                    return f"{ms:.3g}" if ms < 1000 else f"{ms:,.0f}"
+
+                hyb_cell = "-" if hyb is None else f"{cell(hyb)} (k={hyb.a2a_size})"
+                why = best.reason.split(": ", 1)[1]
+                lines.append(
+                    f"| {_fmt_seq(seq)} | {tp} x {cp} | **{best.label}** | {cell(by['p2p'])} | "
+                    f"{cell(by['allgather'])} | {cell(by.get('alltoall'))} | {hyb_cell} | {why} |"
+                )
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-cross-node-tp", action="store_true")
     p.add_argument("--calibrate-from", default=None, help="JSON with hardware overrides and measurements")
     p.add_argument("--json", default=None, help="also write every estimate to this JSON file")
+    st = p.add_argument_group("CP communication strategy (--strategies)")
+    st.add_argument(
+        "--strategies",
+        action="store_true",
+        help="print the CP strategy the cost model picks per --seq, --tp and --cp (Note [CP strategy cost])",
+    )
+    st.add_argument("--cp", type=int, nargs="+", default=[8, 32], help="CP degrees for --strategies")
+    st.add_argument("--tp", type=int, nargs="+", default=[1], help="TP degrees for --strategies")
     cal = p.add_argument_group("machine calibration (--calibrate)")
     cal.add_argument(
         "--calibrate",
@@ -418,6 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.global_batch_tokens is None and not is_cpu:
         args.global_batch_tokens = DEFAULT_GLOBAL_BATCH_TOKENS
     seqs = args.seq or sorted({m.seq_len for m in calibration.measurements} if calibration else {8192})
+    if args.strategies:
+        print(
+            f"# CP strategy per attention layer: {model.name} on {hw.name} ({hw.devices_per_node} devices/node)"
+        )
+        print()
+        print("\n".join(strategy_table(model, seqs, args.tp, args.cp, hw, options.dtype_bytes)))
+        return 0
     measured = calibration.measurements if calibration else []
     gpus = args.gpus or sorted({m.plan.world_size for m in measured} or {64})
 
@@ -485,6 +545,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"{_speedup(rec, best)} vs {baseline_label}"
                     + ("" if rec.baseline is None or rec.baseline.fits else " (baseline does not fit)")
                 )
+                if best.plan.cp > 1:
+                    problem = model_attention_problem(
+                        model, seq, best.plan.cp, best.plan.tp, micro_batch=best.micro_batch,
+                        dtype_bytes=options.dtype_bytes,
+                    )  # fmt: skip
+                    print(f"CP strategy (comm=auto): {choose_strategy(problem, hw)[0].reason}")
             for e in [*rec.rows, *rec.rejected]:
                 dump.append({"n_gpus": n_gpus, **asdict(e)})
 

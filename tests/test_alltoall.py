@@ -31,9 +31,11 @@ from torch.distributed.tensor.parallel import parallelize_module
 
 import cp_dtensor as cpd
 from cp_dtensor.attention.alltoall import HeadSplit, build_group_plan
+from cp_dtensor.attention.comm_choice import resolve_comm
 from cp_dtensor.attention.dispatch import ContextParallelAttention
 from cp_dtensor.attention.mask import AttentionMask
 from cp_dtensor.layout import SequenceLayout, sequence_positions, shard_sequence_for_rank
+from cp_dtensor.tools.planner import HARDWARE_PRESETS, AttentionProblem, strategy_estimates
 
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 4e-3}
 CEILING = {torch.float32: 1e-5, torch.bfloat16: 8e-2, torch.float64: 1e-12}
@@ -342,6 +344,17 @@ def _wiring(mesh) -> dict[str, object]:
     with ContextParallelAttention(comm="alltoall"):
         dt_out = F.scaled_dot_product_attention(dq, dk, dv, is_causal=True, enable_gqa=True)
     found["dtensor"] = isinstance(dt_out, DTensor)
+    # comm="auto": the op resolves the cost model's choice per shape, the same on every rank
+    resolved = resolve_comm("auto", None, local[0], local[1], cp, True)
+    stats_auto, stats_named = cpd.RingStats(), cpd.RingStats()
+    with ContextParallelAttention(mesh, layout="zigzag", comm="auto", stats=stats_auto):
+        auto_out = F.scaled_dot_product_attention(*local, is_causal=True, enable_gqa=True)
+    named = cpd.ring_attention(
+        *local, mesh, is_causal=True, comm=resolved[0], a2a_size=resolved[1], stats=stats_named
+    )
+    traffic = lambda st: (st.bytes_sent_forward, st.score_elements_forward, st.kernel_calls_forward)  # noqa: E731
+    found["auto_equal"] = torch.equal(auto_out, named) and traffic(stats_auto) == traffic(stats_named)
+    found["auto_resolved"] = resolved
     found["dtensor_err"] = _max_err(
         dt_out.full_tensor(), _reference(q, k, v, torch.zeros_like(q), AttentionMask(True), torch.float64)[0]
     )
@@ -432,6 +445,11 @@ def test_bytes_sent_per_rank_equal_the_formula(cp: int, world) -> None:
             size = cp if comm == "alltoall" else a2a
             want = expected_bytes(cp, size, hq, hkv, b, s_local, d)
             assert (r["fwd"], r["bwd"]) == want, (comm, a2a, hkv, (r["fwd"], r["bwd"]), want)
+            # the planner's cost model (comm="auto") prices exactly these bytes (a2a_size 1: the p2p ring)
+            problem = AttentionProblem(hq, hkv, d, s_local * cp, cp, micro_batch=b, dtype_bytes=4)
+            rows = strategy_estimates(problem, HARDWARE_PRESETS["h100"])
+            priced = next(e for e in rows if e.a2a_size == size or (size == 1 and e.comm == "p2p"))
+            assert (priced.forward_bytes, priced.backward_bytes) == want, (comm, a2a, hkv, priced)
 
 
 @pytest.mark.parametrize("cp", CP_SIZES)
@@ -460,6 +478,7 @@ def test_mode_style_and_dtensor_dispatch_pass_comm_and_a2a_size_through(world) -
         assert found["mode_equal"] and found["style_equal"], found
         assert "a2a_size=2" in found["style_repr"], found
         assert found["dtensor"] and found["dtensor_err"] <= CEILING[torch.float32], found
+        assert found["auto_equal"] and found["auto_resolved"][0] in ("p2p", "allgather", "alltoall"), found
 
 
 def test_ranks_that_disagree_on_a2a_size_or_cannot_split_heads_raise_on_every_rank(world) -> None:
@@ -543,4 +562,7 @@ def test_mode_refuses_hybrid_without_a2a_size() -> None:
         ContextParallelAttention(comm="hybrid")
     with pytest.raises(ValueError, match="Unknown CP comm mode"):
         ContextParallelAttention(comm="ulysses")
+    with pytest.raises(ValueError, match="'auto' take none"):
+        ContextParallelAttention(comm="auto", a2a_size=2)
+    assert ContextParallelAttention(comm="auto").comm == "auto"
     assert ContextParallelAttention(comm="hybrid", a2a_size=2).a2a_size == 2

@@ -259,7 +259,10 @@ def test_wrong_type_cli(argv: list[str], key: str) -> None:
         ("--training.mixed_precision_param=float16", ['"float32"', '"bfloat16"']),
         ("--training.on_nonfinite=ignore", ['"stop"', '"skip"']),
         ("--parallelism.context_parallel_layout=striped", ['"zigzag"', '"contiguous"']),
-        ("--parallelism.context_parallel_comm=a2a", ['"p2p"', '"allgather"']),
+        (
+            "--parallelism.context_parallel_comm=a2a",
+            ['"p2p"', '"allgather"', '"alltoall"', '"hybrid"', '"auto"'],
+        ),
         ("--parallelism.pipeline_parallel_schedule=zb", ['"1F1B"', '"GPipe"', '"Interleaved1F1B"']),
         ("--activation_checkpoint.mode=some", ['"none"', '"selective"', '"full"']),
         ("--data.dataset=c4", ['"synthetic_recall"', '"text"']),
@@ -374,6 +377,25 @@ def test_global_batch_size_multiple() -> None:
     assert "multiple of 4" in message and "data_parallel_degree=2" in message
     config = load_config([dp, "--training.local_batch_size=2", "--training.global_batch_size=8"])
     assert config.training.global_batch_size == 8
+
+
+def test_a2a_degree_only_with_hybrid_and_a_proper_divisor_of_cp() -> None:
+    cp4 = "--parallelism.context_parallel_degree=4"
+    message = _error([cp4, "--parallelism.context_parallel_a2a_degree=2"])
+    assert (
+        message.startswith("parallelism.context_parallel_a2a_degree=2 applies only to") and '"p2p"' in message
+    )
+    hybrid = "--parallelism.context_parallel_comm=hybrid"
+    for bad in ("3", "4", "1"):
+        message = _error([cp4, hybrid, f"--parallelism.context_parallel_a2a_degree={bad}"])
+        assert "must divide context_parallel_degree=4" in message and "use one of [2]" in message
+    message = _error(
+        ["--parallelism.context_parallel_degree=2", hybrid, "--parallelism.context_parallel_a2a_degree=2"]
+    )
+    assert "none exists" in message and "alltoall" in message
+    ok = load_config([cp4, hybrid, "--parallelism.context_parallel_a2a_degree=2"])
+    assert ok.parallelism.context_parallel_a2a_degree == 2
+    assert load_config([cp4, hybrid]).parallelism.context_parallel_a2a_degree == 0  # the cost model picks
 
 
 def test_pipeline_microbatches_divide_local_batch() -> None:

@@ -617,3 +617,64 @@ def test_plan_script_calibrate_quick_smoke(tmp_path: Path) -> None:
     assert data["preset"] == "cpu" and data["machine"]["spec"]["ranks"] == 2
     hw = load_calibration(out).build_hardware()
     assert hw.name == "calibrated cpu (2 ranks)" and hw.peak_flops > 0 and hw.intra_node_bandwidth > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# CP communication strategy (Note [CP strategy cost]); the bytes are checked against measured ring and
+# all-to-all traffic in tests/test_ring_attention.py and tests/test_alltoall.py.
+
+
+def _choice(model: str, seq: int, cp: int, tp: int = 1, hw: str = "h100"):
+    from cp_dtensor.tools.planner import choose_strategy, model_attention_problem
+
+    return choose_strategy(model_attention_problem(build_model_shape(model), seq, cp, tp), build_hardware(hw))
+
+
+def test_long_sequences_keep_the_ring_which_hides_its_transfers() -> None:
+    best, rows = _choice("llama3_8b", 1 << 20, 8)
+    assert best.comm == "p2p" and best.exposed_s == 0.0
+    assert "hides its K/V transfers" in best.reason
+    # every strategy does the same attention work; only the calls and the exposed traffic differ
+    assert all(r.compute_s > 0 for r in rows if r.valid)
+
+
+def test_short_sequences_over_several_nodes_pick_node_sized_all_to_all_groups() -> None:
+    best, rows = _choice("llama3_8b", 32768, 32)  # 4 nodes of 8: the ring alone cannot hide its steps
+    assert (best.comm, best.a2a_size) == ("hybrid", 8)
+    p2p = next(r for r in rows if r.comm == "p2p")
+    assert p2p.exposed_s > best.exposed_s and best.time_s < p2p.time_s
+    assert "groups of 8 ranks" in best.reason and "ring of 4 groups" in best.reason
+
+
+def test_heads_that_do_not_split_make_a_strategy_invalid_with_the_reason() -> None:
+    _, rows = _choice("llama3_70b", 32768, 16, tp=8)  # 8 query heads, 1 KV head per tp rank
+    alltoall = next(r for r in rows if r.comm == "alltoall")
+    assert (
+        not alltoall.valid and "8 heads / 1 KV heads per rank do not split over 16 ranks" in alltoall.reason
+    )
+    assert {r.a2a_size for r in rows if r.comm == "hybrid" and r.valid} == {2, 4, 8}
+
+
+def test_a_tie_goes_to_the_simpler_strategy() -> None:
+    from cp_dtensor.tools.planner.cp_strategy import TIE, StrategyEstimate
+
+    p2p = StrategyEstimate("p2p", compute_s=1.0, exposed_s=0.005)
+    hybrid = StrategyEstimate("hybrid", a2a_size=2, compute_s=1.0)
+    assert hybrid.time_s < p2p.time_s <= hybrid.time_s * (1 + TIE)
+    assert min((p2p, hybrid), key=StrategyEstimate.rank_key) is p2p
+
+
+def test_choose_comm_passes_named_strategies_through_and_resolves_auto_and_hybrid() -> None:
+    from cp_dtensor.attention.comm_choice import choose_comm
+
+    shape = dict(heads=32, kv_heads=8, head_dim=128, seq_len=32768, cp=32, device="cpu", hardware="h100")
+    assert choose_comm("p2p", **shape).comm == "p2p" and choose_comm("p2p", **shape).table == ()
+    auto = choose_comm("auto", **shape)
+    assert (auto.comm, auto.a2a_size) == ("hybrid", 8) and "[h100]" in auto.reason
+    assert len(auto.table) == 2 + 4 + 1  # p2p, allgather, hybrid 2/4/8/16, alltoall
+    assert choose_comm("hybrid", **shape).comm == "hybrid"
+    assert choose_comm("auto", **{**shape, "cp": 1}).comm == "p2p"
+    with pytest.raises(ValueError, match="a2a_size=4 with comm='auto'"):
+        choose_comm("auto", a2a_size=4, **shape)
+    with pytest.raises(ValueError, match="comm='hybrid' needs a group size"):
+        choose_comm("hybrid", **{**shape, "heads": 3, "kv_heads": 1, "cp": 4})

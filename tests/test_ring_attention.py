@@ -29,6 +29,7 @@ from torch.distributed.device_mesh import init_device_mesh
 import cp_dtensor as cpd
 from cp_dtensor.attention.schedule import build_ring_schedule
 from cp_dtensor.layout import shard_sequence_for_rank
+from cp_dtensor.tools.planner import HARDWARE_PRESETS, AttentionProblem, strategy_estimates
 
 FLOOR = {torch.float32: 2e-6, torch.bfloat16: 4e-3, torch.float64: 1e-12}
 CEILING = {torch.float32: 1e-5, torch.bfloat16: 8e-2, torch.float64: 1e-12}
@@ -308,6 +309,13 @@ def test_bytes_sent_equal_theoretical_minimum(cp: int, accounting) -> None:
         for key, r in rank_result.items():
             assert r["bytes_fwd"] == want_fwd, (cp, key, r["bytes_fwd"], want_fwd)
             assert r["bytes_bwd"] == want_bwd, (cp, key, r["bytes_bwd"], want_bwd)
+    # the planner's cost model (comm="auto") prices the same bytes for p2p and allgather
+    problem = AttentionProblem(ACC_SHAPE["hq"], hkv, d, s, cp, micro_batch=b, dtype_bytes=4)
+    for est in strategy_estimates(problem, HARDWARE_PRESETS["h100"])[:2]:
+        assert (est.comm, est.forward_bytes, est.backward_bytes) in {
+            ("p2p", want_fwd, want_bwd),
+            ("allgather", want_fwd, want_bwd),
+        }, est
 
 
 @pytest.mark.parametrize("cp", [2, 4])

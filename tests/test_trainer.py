@@ -355,3 +355,27 @@ def test_bf16_mixed_precision_and_text_data_train(tmp_path: Path, dist_pool) -> 
         checkpoint={"enable": False},
     )
     _assert_losses_match(losses, dist_pool(2).run(run_trainer, no_cp)[0], BF16_LOSS_RTOL)
+
+
+def test_job_comm_auto_prices_this_jobs_attention_and_heads_that_cannot_split_fail_early() -> None:
+    from cp_dtensor.config import load_config
+    from cp_dtensor.parallel_dims import ParallelDims
+    from cp_dtensor.trainer import job_comm_choice, model_args_for, validate_job
+
+    base = ["--model.flavor", "8B", "--training.seq_len", "32768", "--training.local_batch_size", "1"]
+    base += ["--parallelism.context_parallel_degree", "32", "--training.mixed_precision_param", "bfloat16"]
+    cfg = load_config([*base, "--parallelism.context_parallel_comm", "auto"])
+    cfg.parallelism.context_parallel_cost_hardware = "h100"
+    pd = ParallelDims(dp=1, cp=32, tp=1, pp=1, world_size=32)
+    choice = job_comm_choice(cfg, pd, model_args_for(cfg), torch.device("cpu"))
+    assert (choice.comm, choice.a2a_size) == ("hybrid", 8) and len(choice.table) == 7  # as the planner
+    named = load_config([*base, "--parallelism.context_parallel_comm", "allgather"])
+    assert job_comm_choice(named, pd, model_args_for(named), torch.device("cpu")).comm == "allgather"
+    # debug: 4 query / 2 KV heads; all-to-all over 8 ranks cannot split them: one line before any collective
+    bad = load_config(
+        ["--parallelism.context_parallel_degree", "8", "--parallelism.context_parallel_comm", "alltoall"]
+    )
+    with pytest.raises(
+        ValueError, match=r"shares heads over 8 ranks, but flavor 'debug' has 4 query / 2 KV heads"
+    ):
+        validate_job(bad, 8)

@@ -38,6 +38,7 @@ class Run:
     ac: str = "none"
     layout: str = "zigzag"
     comm: str = "p2p"
+    a2a_size: int | None = None
     pp_schedule: str = "1F1B"
     seq_len: int = 64
     batch: int = 4
@@ -95,6 +96,7 @@ def train_run(run: Run) -> dict:
             ac_mode=run.ac,
             cp_layout=layout,
             cp_comm=run.comm,
+            cp_a2a_size=run.a2a_size,
         )
         parts, pipeline, loss_mesh = pm.model_parts, pm.pipeline, pd.loss_mesh
     else:
@@ -130,6 +132,11 @@ RUNS = [
     Run("cp2_full_ac", {"cp": 2}, ac="full"),
     Run("cp2_selective_ac", {"cp": 2}, ac="selective"),
     Run("cp4", {"cp": 4}),
+    # All-to-all (Ulysses: 4 query heads, 2 KV heads over 4 ranks), hybrid 2 x 2, and the cost model's
+    # choice resolved inside the op per call shape (comm="auto").
+    Run("cp4_alltoall", {"cp": 4}, comm="alltoall"),
+    Run("cp4_hybrid", {"cp": 4}, comm="hybrid", a2a_size=2),
+    Run("cp4_auto", {"cp": 4}, comm="auto"),
     Run("tp2_cp2", {"cp": 2, "tp": 2}),
     Run("dp2_cp2", {"dp": 2, "cp": 2}),
     Run("pp2_cp2", {"pp": 2, "cp": 2}, flavor="debug_deep"),
@@ -140,6 +147,7 @@ RUNS = [
     # of 16-32 tokens: windows cross rank boundaries), alone and mixed with documents on alternate layers.
     Run("docs_cp2", {"cp": 2}, docs=True, layout="balanced"),
     Run("docs_cp4", {"cp": 4}, docs=True, layout="balanced"),
+    Run("docs_cp4_hybrid", {"cp": 4}, docs=True, layout="balanced", comm="hybrid", a2a_size=2),
     Run("docs_tp2_cp2", {"cp": 2, "tp": 2}, docs=True, layout="balanced"),
     Run("docs_dp2_cp2", {"dp": 2, "cp": 2}, docs=True, layout="balanced"),
     Run("docs_pp2_cp2", {"pp": 2, "cp": 2}, flavor="debug_deep", docs=True, layout="balanced"),

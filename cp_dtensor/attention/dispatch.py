@@ -181,7 +181,8 @@ class ContextParallelAttention(TorchFunctionMode):
         document_ids: (B, S) ids of packed documents of the global sequence (natural order, the same on
             every CP rank; B = this rank's batch rows): a query sees only its own document.
         window_size: ``(left, right)`` sliding window (flash-attn convention, -1 = unbounded).
-        comm: ``"p2p"``, ``"allgather"``, ``"alltoall"`` or ``"hybrid"`` (see :func:`cp_dtensor.ring_attention`).
+        comm: ``"p2p"``, ``"allgather"``, ``"alltoall"``, ``"hybrid"`` or ``"auto"`` (the cost model's choice
+            per call shape; see :func:`cp_dtensor.ring_attention`).
         backend: kernel adapter name, or ``None`` to choose from device and dtype.
         stats: optional :class:`RingStats` accumulating bytes and work of every dispatched call.
         a2a_size: ranks per all-to-all group, required by ``comm="hybrid"`` (a divisor of the CP degree).
@@ -221,10 +222,13 @@ class ContextParallelAttention(TorchFunctionMode):
             register_stats(stats)  # reachable from the compiled path's custom ops
         if comm not in COMM_MODES:
             raise ValueError(f"Unknown CP comm mode {comm!r}; expected one of {COMM_MODES}.")
-        if (comm == "hybrid" and a2a_size is None) or (a2a_size is not None and comm in ("p2p", "allgather")):
+        if (comm == "hybrid" and a2a_size is None) or (
+            a2a_size is not None and comm in ("p2p", "allgather", "auto")
+        ):
             raise ValueError(
                 f"a2a_size={a2a_size!r} with comm={comm!r}: comm='hybrid' needs a2a_size (the ranks per "
-                f"all-to-all group, a divisor of the CP degree) and comm='p2p' / 'allgather' take none."
+                f"all-to-all group, a divisor of the CP degree) and comm='p2p' / 'allgather' / 'auto' take "
+                f"none ('auto' chooses it)."
             )
         self.a2a_size = a2a_size
         self.group = _cp_group(mesh, cp_axis) if mesh is not None else None

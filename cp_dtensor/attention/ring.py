@@ -63,6 +63,7 @@ from cp_dtensor.attention.comm import (
     pack_kv,
     timed_wait,
 )
+from cp_dtensor.attention.comm_choice import resolve_comm
 from cp_dtensor.attention.consistency import CallSignature, verify_call_across_ranks
 from cp_dtensor.attention.custom_ops import compiled_ring_attention
 from cp_dtensor.attention.kernels import AttentionKernel, select_kernel
@@ -98,7 +99,7 @@ __all__ = [
     "validate_attention_inputs",
 ]
 
-COMM_MODES: tuple[str, ...] = ("p2p", "allgather", "alltoall", "hybrid")
+COMM_MODES: tuple[str, ...] = ("p2p", "allgather", "alltoall", "hybrid", "auto")  # auto: comm_choice.py
 
 
 _wait = timed_wait
@@ -516,7 +517,8 @@ def ring_attention(
             ``"alltoall"`` (Ulysses: all-to-all to head shards of the whole sequence and back; the local
             query heads must be a multiple of cp and the KV heads divide cp or be a multiple of it), or
             ``"hybrid"`` (all-to-all inside groups of ``a2a_size`` consecutive ranks, the ring across
-            groups; the same head rule with ``a2a_size`` in place of cp).
+            groups; the same head rule with ``a2a_size`` in place of cp), or ``"auto"``: the planner's cost
+            model picks one of them (and the group size) per call shape (``cp_dtensor.choose_comm``).
         document_ids: (B, S) integer ids of packed documents for the *global* sequence in natural order,
             identical on every rank; a query sees only keys of its own document. Documents are contiguous.
         window_size: ``(left, right)``: key j is visible from query i only if ``i - left <= j <= i + right``
@@ -536,6 +538,7 @@ def ring_attention(
     """
     group = _process_group(mesh)
     cp = 1 if group is None else dist.get_world_size(group)
+    comm, a2a_size = resolve_comm(comm, a2a_size, q, k, cp, is_causal)  # "auto": the cost model's choice
     mask = AttentionMask(is_causal, tuple(window_size), document_ids)  # type: ignore[arg-type]
     if torch.compiler.is_compiling() and not (cp == 1 and mask.is_plain and isinstance(layout, str)):
         # Under torch.compile the attention is an opaque custom op; its eager body validates, checks

@@ -26,8 +26,13 @@ class CPDTensorConfig:
     CP and is not used.
     """
 
-    comm: Literal["p2p", "allgather"] = "p2p"
-    """How CP ranks exchange keys/values: "p2p" ring passes overlapped with compute, or one "allgather"."""
+    comm: Literal["p2p", "allgather", "alltoall", "hybrid", "auto"] = "p2p"
+    """How CP ranks exchange attention inputs: "p2p" ring passes overlapped with compute, one "allgather",
+    "alltoall" (Ulysses), "hybrid" (all-to-all inside groups of a2a_size ranks, ring across them) or "auto"
+    (the cost model's choice per call shape; see cp_dtensor.choose_comm)."""
+
+    a2a_size: int = 0
+    """Ranks per all-to-all group of comm "hybrid" (a proper divisor of the CP degree); 0 with other comms."""
 
     backend: str = ""
     """Attention kernel adapter of the ring op; "" chooses from the device and dtype."""

@@ -89,6 +89,7 @@ def apply_cp_dtensor(
     comm: str = "p2p",
     backend: str | None = None,
     stats: RingStats | None = None,
+    a2a_size: int | None = None,
 ) -> ContextParallelAttention:
     """Context parallelism on a torchtitan Llama 3 whose inputs are already sequence shards.
 
@@ -100,9 +101,11 @@ def apply_cp_dtensor(
             ``block_causal`` flavors, cp_dtensor's document attention (:class:`SeededLlama3` builds it).
         cp_mesh: the 1-D mesh of the CP ranks, axis named "cp".
         layout: the layout the inputs were sharded with (:func:`cp_layout_for_load_balancer`).
-        comm: ``"p2p"`` or ``"allgather"``.
+        comm: ``"p2p"``, ``"allgather"``, ``"alltoall"``, ``"hybrid"`` or ``"auto"`` (as
+            :func:`cp_dtensor.ring_attention`).
         backend: ring kernel adapter, or None to choose from device and dtype.
         stats: optional :class:`~cp_dtensor.RingStats` filled by every attention call.
+        a2a_size: ranks per all-to-all group of ``comm="hybrid"``.
 
     Returns:
         The :class:`~cp_dtensor.attention.dispatch.ContextParallelAttention` mode holding the settings,
@@ -133,7 +136,7 @@ def apply_cp_dtensor(
             )
     if cp_mesh.ndim != 1:
         raise ValueError(f"cp_mesh must be the 1-D mesh of the CP ranks, got axes {cp_mesh.mesh_dim_names}.")
-    style = ContextParallel(layout=layout, comm=comm, backend=backend, stats=stats)
+    style = ContextParallel(layout=layout, comm=comm, backend=backend, stats=stats, a2a_size=a2a_size)
     parallelize_module(model, cp_mesh, {ATTENTION_MODULES: style})
     if style.attention is None:  # parallelize_module only warns when a pattern matches nothing
         raise ValueError(f"{type(model).__name__} has no module matching {ATTENTION_MODULES!r}.")
@@ -199,6 +202,7 @@ def parallelize_llama(
             layout=layout,
             comm=config.comm,
             backend=config.backend or None,
+            a2a_size=config.a2a_size or None,
         )
         logger.info(
             f"Applied cp_dtensor context parallelism (cp {parallel_dims.cp}, layout {attention.layout}, "

@@ -2,7 +2,7 @@
 
 The model prices one training step of a decoder on ``n_gpus`` devices for every valid
 :class:`ParallelPlan`, keeps the plans whose memory fits, and ranks them by throughput. It is a planning
-aid for ``scripts/plan.py`` and ``scripts/bench_train.py``; training never imports it. One module per job:
+aid for ``scripts/plan.py`` and ``scripts/bench_train.py``; training imports it only to resolve ``comm="auto"``. One module per job:
 
 * ``shapes``: :class:`ModelShape`, the seed's :data:`GPT_175B`, the Llama flavors (:func:`build_model_shape`).
 * ``hardware``: :class:`Hardware` and :data:`HARDWARE_PRESETS` (:func:`build_hardware`).
@@ -11,6 +11,9 @@ aid for ``scripts/plan.py`` and ``scripts/bench_train.py``; training never impor
   (Note [Uneven pipeline stages]).
 * ``formulas``: FLOPs, bytes, bubble and collective times of one layer (Note [Cost model]).
 * ``step_estimate``: :class:`Estimate` and :func:`estimate`, one plan's step (Note [Cost model]).
+* ``cp_strategy``: the CP communication strategy of one attention layer (p2p, allgather, alltoall,
+  hybrid; Note [CP strategy cost]), :func:`choose_strategy`; ``comm="auto"`` of the op and the trainer
+  import this module (and only it, on demand).
 * ``recommendation``: :func:`enumerate_plans`, :func:`recommend` and :class:`Recommendation`.
 * ``calibration``: predicted vs measured, calibrated presets (Note [Calibration file]).
 * ``measure``: measure this machine into a calibrated preset (Note [Machine calibration]); imported on
@@ -24,6 +27,13 @@ from cp_dtensor.tools.planner.calibration import (
     compare_measurements,
     load_calibration,
     load_hardware,
+)
+from cp_dtensor.tools.planner.cp_strategy import (
+    AttentionProblem,
+    StrategyEstimate,
+    choose_strategy,
+    model_attention_problem,
+    strategy_estimates,
 )
 from cp_dtensor.tools.planner.formulas import (
     activation_bytes_per_token_layer,
@@ -43,6 +53,7 @@ __all__ = [
     "GIB",
     "GPT_175B",
     "HARDWARE_PRESETS",
+    "AttentionProblem",
     "Calibration",
     "Comparison",
     "CostOptions",
@@ -52,18 +63,22 @@ __all__ = [
     "ModelShape",
     "ParallelPlan",
     "Recommendation",
+    "StrategyEstimate",
     "activation_bytes_per_token_layer",
     "attention_flops",
     "build_hardware",
     "build_model_shape",
+    "choose_strategy",
     "compare_measurements",
     "cp_comm_bytes",
     "enumerate_plans",
     "estimate",
     "load_calibration",
     "load_hardware",
+    "model_attention_problem",
     "model_flops_per_token",
     "plan_problem",
     "pp_bubble_fraction",
     "recommend",
+    "strategy_estimates",
 ]
