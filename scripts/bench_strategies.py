@@ -54,7 +54,23 @@ def _strategies(args: argparse.Namespace) -> list[tuple[str, str, int | None]]:
         ("allgather", "allgather", None),
         ("alltoall", "alltoall", None),
         (f"hybrid {args.a2a_size} x {args.cp // args.a2a_size}", "hybrid", args.a2a_size),
+        ("auto", "auto", None),
     ]
+
+
+def _predicted(args: argparse.Namespace, hkv: int) -> tuple[dict[str, float], str]:
+    """The cost model's fwd+bwd ms per strategy name on ``--hw`` (Note [CP strategy cost]), and its choice."""
+    from cp_dtensor.attention.comm_choice import hardware_for_device
+    from cp_dtensor.tools.planner import AttentionProblem, choose_strategy
+
+    problem = AttentionProblem(HQ, hkv, D, args.seq_len, args.cp, dtype_bytes=4)
+    best, rows = choose_strategy(problem, hardware_for_device("cpu", args.hw))
+    by_label = {r.label: r.time_s * 1e3 for r in rows if r.valid}
+    names = {"p2p": "p2p", "allgather": "allgather", "alltoall": "alltoall"}
+    names[f"hybrid({args.a2a_size})"] = f"hybrid {args.a2a_size} x {args.cp // args.a2a_size}"
+    predicted = {names[label]: ms for label, ms in by_label.items() if label in names}
+    predicted["auto"] = best.time_s * 1e3
+    return predicted, best.label
 
 
 def measure(args: argparse.Namespace, hkv: int, out_file: str) -> None:
@@ -150,27 +166,37 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--a2a-size", type=int, default=2, help="all-to-all group size of the hybrid strategy")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-check", dest="check", action="store_false", help="skip the fp64 reference")
+    p.add_argument(
+        "--hw",
+        default="cpu",
+        help="preset or calibration JSON the cost model's predictions use (comm=auto too)",
+    )
     args = p.parse_args(argv)
     print(f"# python scripts/bench_strategies.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print(
         f"# CP {args.cp} (gloo, local CPU processes, {os.cpu_count()} cores), B=1 Hq={HQ} S={args.seq_len} "
-        f"D={D} fp32, causal zigzag, forward + backward of one call, median of {args.repeats}"
+        f"D={D} fp32, causal zigzag, forward + backward of one call, median of {args.repeats}; predicted: "
+        f"the cost model on {args.hw}"
     )
     print(
-        "| Hkv | strategy | time (ms) | CPU s all ranks | comm wait (ms) | sent fwd / bwd per rank (MiB) "
-        "| saved for bwd (MiB) | peak transient (MiB) | max abs err |"
+        "| Hkv | strategy | time (ms) | predicted (ms) | CPU s all ranks | comm wait (ms) | sent fwd / bwd per "
+        "rank (MiB) | saved for bwd (MiB) | peak transient (MiB) | max abs err |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for hkv in args.kv_heads:
             out = os.path.join(tmp, f"{hkv}.json")
             run_distributed(measure, args.cp, args, hkv, out, threads_per_rank=1, timeout_s=1800)
             per_rank = json.loads(Path(out).read_text())
+            predicted, choice = _predicted(args, hkv)
             for name in per_rank[0]:
                 rows = [r[name] for r in per_rank]
                 err = "-" if rows[0]["err"] is None else f"{max(r['err'] for r in rows):.1e}"
+                pred = f"{predicted[name]:.0f}" if name in predicted else "-"
+                label = f"auto -> {choice}" if name == "auto" else name
                 print(
-                    f"| {hkv} | {name} | {max(r['ms'] for r in rows):.0f} | {sum(r['cpu_s'] for r in rows):.2f} "
+                    f"| {hkv} | {label} | {max(r['ms'] for r in rows):.0f} | {pred} | "
+                    f"{sum(r['cpu_s'] for r in rows):.2f} "
                     f"| {max(r['wait_ms'] for r in rows):.0f} "
                     f"| {_mib(max(r['fwd'] for r in rows))} / {_mib(max(r['bwd'] for r in rows))} "
                     f"| {_mib(max(r['saved'] for r in rows))} | {_mib(max(r['peak'] for r in rows))} | {err} |"
