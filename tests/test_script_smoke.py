@@ -56,3 +56,19 @@ def test_activation_memory_smoke() -> None:
     assert len(lines) == 2
     ratio = float(lines[1].split("|")[4])
     assert 0.45 < ratio < 0.6  # cp2 keeps about half of cp1's activations per rank
+
+
+def test_bench_strategies_and_plan_strategies_smoke() -> None:
+    proc = _run(
+        "scripts/bench_strategies.py", "--cp", "2", "--seq-len", "256", "--kv-heads", "2", "--repeats", "1",
+        "--a2a-size", "1",
+    )  # fmt: skip
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 2 |")]
+    assert [r.split("|")[2].strip().split(" ->")[0] for r in rows] == [
+        "p2p", "allgather", "alltoall", "hybrid 1 x 2", "auto",
+    ]  # fmt: skip
+    assert all(float(r.split("|")[-2]) < 1e-4 for r in rows)  # max abs error vs fp64 SDPA
+    plan = _run(
+        "scripts/plan.py", "--strategies", "--model", "llama3_8b", "--seq", "32768", "--cp", "8", "32"
+    )
+    assert "| 32K | 1 x 32 | **hybrid(8)** |" in plan.stdout
