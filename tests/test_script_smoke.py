@@ -72,3 +72,10 @@ def test_bench_strategies_and_plan_strategies_smoke() -> None:
         "scripts/plan.py", "--strategies", "--model", "llama3_8b", "--seq", "32768", "--cp", "8", "32"
     )
     assert "| 32K | 1 x 32 | **hybrid(8)** |" in plan.stdout
+
+
+def test_ring_profile_smoke() -> None:
+    proc = _run("scripts/ring_profile.py", "--cp", "2", "--seq-len", "256", "--repeats", "1")
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| 2 |"))
+    shares = [float(x) for x in row.strip("|").split("|")[2:]]
+    assert len(shares) == 7 and abs(sum(shares) - 100) < 1.0 and shares[0] > 0  # the parts add up
