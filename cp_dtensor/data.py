@@ -149,14 +149,17 @@ class ByteTokenizer:
         Raises:
             ValueError: For an id outside [0, vocab_size).
         """
-        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        data = bytearray()
-        for i in values:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the byte tokenizer's vocab [0, {self.vocab_size})")
-            if i < 256:
-                data.append(i)
-        return data.decode("utf-8", errors="replace")
+        values = _checked_ids(ids, self.vocab_size, "the byte tokenizer")
+        return bytes(i for i in values if i < 256).decode("utf-8", errors="replace")
+
+
+def _checked_ids(ids: Sequence[int] | torch.Tensor, vocab_size: int, what: str) -> list[int]:
+    """``ids`` as a list; ``ValueError`` naming ``what`` for an id outside ``[0, vocab_size)``."""
+    values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+    for i in values:
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"token id {i} is outside {what}'s vocab [0, {vocab_size})")
+    return values
 
 
 HF_BOS_TOKENS = ("<|begin_of_text|>", "<s>", "<bos>", "[BOS]", "<|startoftext|>")
@@ -275,12 +278,7 @@ class HFTokenizer:
         Raises:
             ValueError: For an id outside [0, vocab_size).
         """
-        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        for i in values:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(
-                    f"token id {i} is outside tokenizer {self.name!r}'s vocab [0, {self.vocab_size})"
-                )
+        values = _checked_ids(ids, self.vocab_size, f"tokenizer {self.name!r}")
         return self._tok.decode(values, skip_special_tokens=True)
 
 
