@@ -87,10 +87,14 @@ def _inputs(batch: int, heads: str, seq_len: int, dtype: torch.dtype, seed: int 
     return [torch.randn(s, generator=g).to(dtype) for s in shapes]
 
 
-def _dense_reference(q, k, v, dout, mask: AttentionMask, dtype: torch.dtype) -> list[torch.Tensor]:
+def _dense_reference(
+    q, k, v, dout, mask: AttentionMask, dtype: torch.dtype, scale: float | None = None
+) -> list[torch.Tensor]:
     q, k, v = (t.detach().to(dtype).requires_grad_() for t in (q, k, v))
     dense = mask.dense(q.shape[2]).unsqueeze(1)  # (B or 1, 1, S, S)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=q.shape[1] != k.shape[1])
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=dense, enable_gqa=q.shape[1] != k.shape[1], scale=scale
+    )
     out.backward(dout.to(dtype))
     return [out.detach(), q.grad, k.grad, v.grad]
 
@@ -149,6 +153,24 @@ def test_simulated_masked_ring_is_exact_in_fp64(case: MaskCase, cp: int, layout:
     )  # fmt: skip
     for name, got, ref in zip(("out", "dq", "dk", "dv"), (res.out, res.dq, res.dk, res.dv), want):
         assert (got - ref).abs().max().item() <= 1e-12, f"{case.id} cp{cp} {layout} {comm} {heads}: {name}"
+
+
+@pytest.mark.parametrize(
+    ("comm", "a2a_size"), [("p2p", None), ("allgather", None), ("alltoall", None), ("hybrid", 2)]
+)
+def test_a_non_default_scale_reaches_every_masked_piece(comm: str, a2a_size: int | None) -> None:
+    """Documents + a window with scale 0.3 (not 1/sqrt(D)): exact in fp64 for every comm mode."""
+    cp, s = 4, 96
+    ids = documents("many_short", 2, s, seed=3)
+    q, k, v, dout = _inputs(2, "gqa", s, torch.float64)
+    mask = AttentionMask(True, (20, 0), ids)
+    want = _dense_reference(q, k, v, dout, mask, torch.float64, scale=0.3)
+    res = cpd.simulate_context_parallel_attention(
+        q, k, v, cp, grad_out=dout, is_causal=True, scale=0.3, comm=comm, a2a_size=a2a_size,
+        document_ids=ids, window_size=(20, 0),
+    )  # fmt: skip
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (res.out, res.dq, res.dk, res.dv), want):
+        assert (got - ref).abs().max().item() <= 1e-12, f"{comm}: {name}"
 
 
 def test_no_mask_takes_the_unmasked_ring_bit_for_bit() -> None:
