@@ -454,3 +454,34 @@ def test_timed_wait_accounts_blocked_time_and_kernel_calls() -> None:
     assert (stats.score_elements_backward, stats.kernel_calls_backward) == (10, 2)
     stats.settle()  # no CUDA waits recorded: nothing changes
     assert stats.comm_wait_seconds >= 0.02
+
+
+# ----------------------------------------------------------------------------------------------------
+# Transient memory flat in CP (Note [Ring transient memory] in the planner's formulas.py)
+
+
+def run_ring_memory(s_local: int) -> tuple[float, float]:
+    """Peak live bytes inside one forward and one backward on this rank, in units of the local K+V bytes."""
+    from cp_dtensor.memory import track_live_bytes
+
+    rank = dist.get_rank()
+    g = torch.Generator().manual_seed(rank)
+    q, k, v, dout = (torch.randn(1, 8, s_local, 64, generator=g) for _ in range(4))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    cpd.ring_attention(q, k, v, dist.group.WORLD, is_causal=True).backward(dout)  # warm-up
+    with track_live_bytes() as fwd:
+        out = cpd.ring_attention(q, k, v, dist.group.WORLD, is_causal=True)
+    with track_live_bytes() as bwd:
+        out.backward(dout)
+    kv_bytes = 2 * k.numel() * k.element_size()
+    return fwd.peak / kv_bytes, bwd.peak / kv_bytes
+
+
+def test_ring_transient_memory_is_flat_in_cp(dist_pool) -> None:
+    """CP 2 -> 4 at a fixed local shard: forward and backward peaks grow by at most 1.2x and stay under the
+    planner's multiples (forward 3.6, backward 8.0 local K+V; a ring keeping one buffer per step fails)."""
+    peaks = {cp: dist_pool(cp).run(run_ring_memory, 128) for cp in (2, 4)}
+    fwd = {cp: max(p[0] for p in per_rank) for cp, per_rank in peaks.items()}
+    bwd = {cp: max(p[1] for p in per_rank) for cp, per_rank in peaks.items()}
+    assert fwd[4] <= 1.2 * fwd[2] and bwd[4] <= 1.2 * bwd[2], (fwd, bwd)
+    assert fwd[4] <= 3.6 + 0.05 and bwd[4] <= 8.0 + 0.05, (fwd, bwd)

@@ -147,6 +147,7 @@ def ring_forward(
                 lse_acc = lse_blk.to(acc_dtype).contiguous()  # (B, Hq, S_local)
             else:
                 merge_block_(out_acc[:, :, q_rows], lse_acc[:, :, q_rows], out_blk, lse_blk)
+            del out_blk, lse_blk  # merged: not alive during the next step's kernel
         if pending is not None:
             kv = _wait(pending, stats)
     assert out_acc is not None and lse_acc is not None
@@ -177,14 +178,16 @@ def ring_backward(
     dq_acc: torch.Tensor | None = None  # (B, Hq, S_local, D), from step 0's block
     dkv_own: torch.Tensor | None = None  # (2, B, Hkv, S_local, D), this rank's own dK/dV, fp32
     sends = SendWindow(lambda p: _wait(p, stats))
+    dkv: torch.Tensor | None = None  # the accumulator relayed this step
     for step, block in enumerate(schedule):
         # Order matters for order-matched transports: acc recv, then KV exchange (see the Note).
         acc_in = transport.recv(kv, DKV_TAG, dtype=acc_dtype) if step >= 2 else None
         pending_kv = transport.exchange(kv, KV_TAG) if step < cp - 1 else None
         # The previous step's dK/dV send completes before this step computes (its receiver posted the
         # matching recv first thing in its step), so one accumulator is in flight while one is filled:
-        # transient memory does not grow with the number of steps.
+        # transient memory does not grow with the number of steps. Drop the sent one before computing.
         sends.drain()
+        dkv = None
         grads = None
         if block is not None:
             q_rows, kv_rows = block.q_part.rows(s_local), block.kv_part.rows(s_local)
@@ -198,6 +201,7 @@ def ring_backward(
             else:
                 dq_acc[:, :, q_rows] += dq_blk
             grads = (kv_rows, dk_blk, dv_blk)
+            del dq_blk, dk_blk, dv_blk  # held by grads / freed: not alive during the next step's kernel
         if step == 0:
             assert grads is not None and grads[0] == slice(0, s_local)
             dkv_own = _new_dkv_accumulator(kv, acc_dtype, grads)  # all rows: one converting copy
@@ -207,9 +211,8 @@ def ring_backward(
         else:
             dkv = _wait(acc_in, stats)
             if grads is not None:
-                kv_rows, dk_blk, dv_blk = grads
-                dkv[0][:, :, kv_rows] += dk_blk
-                dkv[1][:, :, kv_rows] += dv_blk
+                dkv[0][:, :, grads[0]] += grads[1]
+                dkv[1][:, :, grads[0]] += grads[2]
             sends.post(transport.send(dkv, DKV_TAG))
         if pending_kv is not None:
             kv = _wait(pending_kv, stats)

@@ -153,7 +153,7 @@ def cp_comm_bytes(
 
 # Peak bytes the ring allocates inside one attention call per rank, in units of the local K+V bytes
 # (Note [Ring transient memory]): (forward, backward) at cp = 2 and at cp >= 3.
-RING_TRANSIENT_KV_MULTIPLES: dict[str, tuple[float, float]] = {"cp2": (3.0, 7.3), "cp3+": (4.0, 9.5)}
+RING_TRANSIENT_KV_MULTIPLES: dict[str, tuple[float, float]] = {"cp2": (3.0, 7.0), "cp3+": (3.6, 8.0)}
 
 
 def ring_transient_bytes(
@@ -169,8 +169,8 @@ def ring_transient_bytes(
     only one layer's ring is live at a time::
 
         kv_local  = 2 * b * S/c * (g/t) * hd * B            local K + V bytes of one rank
-        forward   = m_f(c) * kv_local,  m_f = 3.0 (c = 2), 4.0 (c >= 3)
-        backward  = m_b(c) * kv_local,  m_b = 7.3 (c = 2), 9.5 (c >= 3);  0 for c = 1 (no ring)
+        forward   = m_f(c) * kv_local,  m_f = 3.0 (c = 2), 3.6 (c >= 3)
+        backward  = m_b(c) * kv_local,  m_b = 7.0 (c = 2), 8.0 (c >= 3);  0 for c = 1 (no ring)
 
     The multiples are peaks of live bytes allocated inside the call (inputs excluded) measured by
     ``scripts/ring_memory.py`` (the live-bytes tracker; unmasked zigzag ring, p2p, fp32 K/V, B=1, H=8,

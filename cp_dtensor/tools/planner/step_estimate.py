@@ -103,7 +103,7 @@ the bytes autograd saves for this project's Llama (none, full, selective) to 12 
 
 Transient: while one attention layer runs, its CP ring holds buffers not saved for backward (K/V blocks
 in flight, partial outputs, dK/dV accumulators): ``ring_transient_bytes`` (Note [Ring transient memory]
-in ``formulas.py``), 9.5 x the local K+V bytes in backward at c >= 4, 7.3 x at c = 2. Only one layer's
+in ``formulas.py``), 8.0 x the local K+V bytes in backward at c >= 3, 7.0 x at c = 2. Only one layer's
 ring is live at a time, so it is added once to the peak, on top of the activations saved by all layers.
 
 State: FSDP2 with fp32 master weights: ``16`` bytes per parameter (4 param + 4 grad + 8 Adam) of the
