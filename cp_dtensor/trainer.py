@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cp_dtensor.attention.comm import RingStats
-from cp_dtensor.attention.comm_choice import CommChoice, choose_comm
+from cp_dtensor.attention.comm_choice import CommChoice, choose_comm, hardware_for_device
 from cp_dtensor.attention.mask import AttentionMask
 from cp_dtensor.balance import BalancedLayoutRule, layout_work, to_sequence_layout
 from cp_dtensor.checkpoint import (
@@ -151,6 +151,9 @@ def validate_job(
                 f"n_kv_heads {kv_heads}, tp {pd.tp}): the query heads must divide by {size} and the KV heads "
                 f'divide it or divide by it; use comm "p2p", "auto", or another degree.'
             )
+    priced = comm == "auto" or (comm == "hybrid" and not a2a)
+    if pd.cp_enabled and priced and par.context_parallel_cost_hardware != "auto":
+        hardware_for_device("cpu", par.context_parallel_cost_hardware)  # an unknown preset / file: one line
     stages = pd.pp * stages_per_rank(par.pipeline_parallel_schedule)
     if stages > args.n_layers:
         raise ValueError(
