@@ -379,3 +379,9 @@ def test_job_comm_auto_prices_this_jobs_attention_and_heads_that_cannot_split_fa
         ValueError, match=r"shares heads over 8 ranks, but flavor 'debug' has 4 query / 2 KV heads"
     ):
         validate_job(bad, 8)
+    unknown = load_config(
+        ["--parallelism.context_parallel_degree", "2", "--parallelism.context_parallel_comm", "auto"]
+    )
+    unknown.parallelism.context_parallel_cost_hardware = "tpu"
+    with pytest.raises(ValueError, match=r"Unknown hardware 'tpu': not a preset"):
+        validate_job(unknown, 2)
