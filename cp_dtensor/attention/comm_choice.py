@@ -8,13 +8,14 @@ same shapes with the same preset, so all ranks pick the same strategy (the cross
 mismatch). ``hybrid`` without a group size is resolved the same way among the hybrid group sizes.
 
 Hardware: ``"auto"`` takes the preset of the device (CPU: ``cpu``; CUDA: ``h200`` / ``h100`` / ``a100`` by
-device name, else ``h100``); a preset name or a calibration JSON written by ``scripts/plan.py --calibrate``
-replaces it.
+device name, else ``h100``, with torchrun's ``LOCAL_WORLD_SIZE`` as the GPUs per node); a preset name or a
+calibration JSON written by ``scripts/plan.py --calibrate`` replaces it.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,11 @@ def hardware_for_device(device: torch.device | str, hardware: str = "auto"):  # 
     if device.type != "cuda":
         return build_hardware("cpu")
     name = torch.cuda.get_device_name(device).upper()
-    return build_hardware(next((p for p in ("h200", "h100", "a100") if p.upper() in name), "h100"))
+    preset = build_hardware(next((p for p in ("h200", "h100", "a100") if p.upper() in name), "h100"))
+    per_node = os.environ.get("LOCAL_WORLD_SIZE", "")  # torchrun: the processes (GPUs) of this node
+    if per_node.isdigit() and int(per_node) > 0:
+        preset = preset.with_overrides({"devices_per_node": int(per_node)})
+    return preset
 
 
 @functools.lru_cache(maxsize=64)
