@@ -162,9 +162,10 @@ def validate_job(
         )
     if cfg.compile.enable and pd.tp_enabled:
         raise ValueError(
-            "compile.enable with tensor_parallel_degree > 1 is not supported yet: compiled TP blocks give "
-            "different gradients than eager ones (measured with and without CP: grad norm 3.234 vs 3.255 at "
-            "step 1 of debug_cp2_tp2 with cp 1); set compile.enable = false or tensor_parallel_degree = 1."
+            "compile.enable with tensor_parallel_degree > 1 is not supported yet: with this torch, compiled "
+            "TP blocks give other gradients than eager ones or fail in backward (DTensor's Redistribute.backward "
+            "receives a plain tensor; also a 2-linear TP block without CP), so the trainer refuses rather than "
+            "train differently; set compile.enable = false or tensor_parallel_degree = 1."
         )
     if cfg.compile.enable and cfg.compile.backend == "inductor" and not _has_cxx_compiler():
         raise ValueError(

@@ -385,3 +385,15 @@ def test_job_comm_auto_prices_this_jobs_attention_and_heads_that_cannot_split_fa
     unknown.parallelism.context_parallel_cost_hardware = "tpu"
     with pytest.raises(ValueError, match=r"Unknown hardware 'tpu': not a preset"):
         validate_job(unknown, 2)
+
+
+def test_compile_with_tensor_parallelism_is_refused_in_one_line() -> None:
+    """torch.compile of TP blocks gives other gradients / fails in backward with this torch: refused up front."""
+    from cp_dtensor.config import load_config
+    from cp_dtensor.trainer import validate_job
+
+    cfg = load_config(["--config", str(ROOT / "train_configs" / "debug_cp2_tp2.toml"), "--compile.enable"])
+    with pytest.raises(
+        ValueError, match=r"compile\.enable with tensor_parallel_degree > 1 is not supported yet"
+    ):
+        validate_job(cfg, 4)

@@ -177,8 +177,8 @@ def parallelize_llama(
     if parallel_dims.cp_enabled and compile_enabled and parallel_dims.tp_enabled:
         raise ValueError(
             "torch.compile together with tensor and context parallelism is not supported yet: compiled TP "
-            "blocks gave different gradients than eager ones in cp_dtensor's tests (with or without CP); set "
-            "compile.enable = false, or tensor_parallel_degree = 1 to compile with CP."
+            "blocks give other gradients than eager ones or fail in backward with this torch (with or without "
+            "CP); set compile.enable = false, or tensor_parallel_degree = 1 to compile with CP."
         )
 
     if parallel_dims.tp_enabled:
