@@ -131,3 +131,27 @@ def test_compiled_training_matches_eager_without_recompiles(case: tuple, dist_po
         assert 1 <= res["graphs"] <= 2 * res["blocks"], (
             f"{name}: {res['graphs']} graphs, {res['blocks']} blocks"
         )
+
+
+def run_compiled_auto_comm() -> dict:
+    """ring_attention(comm="auto") compiled with fullgraph: the choice resolves at trace time (a constant)."""
+    from cp_dtensor.attention.comm_choice import resolve_comm
+    from cp_dtensor.layout import shard_sequence_for_rank
+
+    rank, cp = dist.get_rank(), dist.get_world_size()
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, h, 64, 16, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    local = [shard_sequence_for_rank(t, rank, cp, 2, "zigzag") for t in (q, k, v)]
+    comm, a2a = resolve_comm("auto", None, local[0], local[1], cp, True)
+    named = cpd.ring_attention(*local, dist.group.WORLD, is_causal=True, comm=comm, a2a_size=a2a)
+    compiled = torch.compile(
+        lambda a, b, c: cpd.ring_attention(a, b, c, dist.group.WORLD, is_causal=True, comm="auto"),
+        backend="aot_eager",
+        fullgraph=True,
+    )
+    return {"equal": torch.equal(compiled(*local), named), "comm": comm}
+
+
+def test_compiled_auto_comm_equals_the_named_choice(dist_pool) -> None:
+    for found in dist_pool(2).run(run_compiled_auto_comm):
+        assert found["equal"], found
