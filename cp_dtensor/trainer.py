@@ -163,9 +163,10 @@ def validate_job(
     if cfg.compile.enable and pd.tp_enabled:
         raise ValueError(
             "compile.enable with tensor_parallel_degree > 1 is not supported yet: with this torch, compiled "
-            "TP blocks give other gradients than eager ones or fail in backward (DTensor's Redistribute.backward "
-            "receives a plain tensor; also a 2-linear TP block without CP), so the trainer refuses rather than "
-            "train differently; set compile.enable = false or tensor_parallel_degree = 1."
+            "TP blocks lose the gradient of their plain-tensor input (tp 2 x cp 2: the token embedding gets a "
+            "zero gradient) or fail in backward (tp 2, cp 1: DTensor's Redistribute.backward receives a plain "
+            "tensor), so the trainer refuses rather than train wrongly; set compile.enable = false or "
+            "tensor_parallel_degree = 1."
         )
     if cfg.compile.enable and cfg.compile.backend == "inductor" and not _has_cxx_compiler():
         raise ValueError(

@@ -80,7 +80,7 @@ def run_compiled_training(degrees: dict, backend: str, docs: bool, flavor: str) 
             batch["document_ids"] = ids
         batches.append(batch)
     layout = cpd.BalancedLayoutRule() if docs else "zigzag"
-    losses = {}
+    losses, norms = {}, {}
     for mode in ("eager", "compiled"):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
@@ -96,16 +96,19 @@ def run_compiled_training(degrees: dict, backend: str, docs: bool, flavor: str) 
             if mode == "compiled" and step == 1:
                 torch._dynamo.config.error_on_recompile = True  # steps 2+ must reuse step 1's graphs
             b = shard_batch(gb, pd.batch_mesh, layout=layout(gb["document_ids"], pd.cp) if docs else layout)
-            run.append(
-                train_step(pm.model_parts, [opt], b, loss_mesh=pd.loss_mesh, pipeline=pm.pipeline).loss
-            )
+            res = train_step(pm.model_parts, [opt], b, loss_mesh=pd.loss_mesh, pipeline=pm.pipeline)
+            run.append(res.loss)
+            norms.setdefault(mode, []).append(res.grad_norm)
         torch._dynamo.config.error_on_recompile = False
         losses[mode] = run
         if mode == "compiled":
             graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
             breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
     blocks = sum(len(part.layers) for part in pm.model_parts)
-    return {"losses": losses, "graphs": graphs, "breaks": breaks, "blocks": blocks, "rank": dist.get_rank()}
+    return {
+        "losses": losses, "norms": norms, "graphs": graphs, "breaks": breaks, "blocks": blocks,
+        "rank": dist.get_rank(),
+    }  # fmt: skip
 
 
 CASES = [
@@ -126,6 +129,9 @@ def test_compiled_training_matches_eager_without_recompiles(case: tuple, dist_po
     for res in dist_pool(world).run(run_compiled_training, degrees, backend, docs, flavor, timeout_s=900):
         for step, (a, b) in enumerate(zip(res["losses"]["eager"], res["losses"]["compiled"])):
             assert abs(a - b) <= rtol * abs(a), f"{name} rank {res['rank']} step {step}: {a} vs {b}"
+        # gradient norms too: a compiled block that dropped its input's gradient keeps the loss of step 1
+        for step, (a, b) in enumerate(zip(res["norms"]["eager"], res["norms"]["compiled"])):
+            assert abs(a - b) <= rtol * abs(a), f"{name} rank {res['rank']} step {step}: grad norm {a} vs {b}"
         assert res["breaks"] == 0, f"{name}: {res['breaks']} graph breaks"
         # compiled at step 1 only (error_on_recompile after it); a bounded number of frames per block
         assert 1 <= res["graphs"] <= 2 * res["blocks"], (
