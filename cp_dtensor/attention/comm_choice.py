@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -84,8 +84,8 @@ def _choose(
                 + "; ".join(f"k={r.a2a_size}: {r.reason}" for r in rows if r.comm == "hybrid")
                 + ". Use comm='p2p' or 'alltoall', or another CP degree."
             )
-        best = min(hybrids, key=lambda r: r.time_s)
-        best = type(best)(**{**best.__dict__, "reason": f"{best.label}: the fastest group size"})
+        fastest = min(hybrids, key=lambda r: r.time_s)
+        best = replace(fastest, reason=f"{fastest.label}: the fastest group size")
     table = tuple(
         f"{r.label:<12} {r.time_s * 1e3:10.3f} ms ({r.compute_s * 1e3:.3f} compute + {r.exposed_s * 1e3:.3f} "
         f"exposed comm), {(r.forward_bytes + r.backward_bytes) / 2**20:,.1f} MiB sent"
