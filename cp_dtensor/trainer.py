@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cp_dtensor.attention.alltoall import heads_split
 from cp_dtensor.attention.comm import RingStats
 from cp_dtensor.attention.comm_choice import CommChoice, choose_comm, hardware_for_device
 from cp_dtensor.attention.mask import AttentionMask
@@ -144,7 +145,7 @@ def validate_job(
     if pd.cp_enabled and (comm == "alltoall" or (comm == "hybrid" and a2a)):
         size = pd.cp if comm == "alltoall" else a2a
         heads, kv = args.n_heads // pd.tp, kv_heads // pd.tp
-        if heads % size or (kv % size and size % kv):
+        if not heads_split(heads, kv, size):
             raise ValueError(
                 f'parallelism.context_parallel_comm "{comm}" shares heads over {size} ranks, but flavor '
                 f"{cfg.model.flavor!r} has {heads} query / {kv} KV heads per tp rank (n_heads {args.n_heads}, "

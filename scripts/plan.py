@@ -51,6 +51,7 @@ from cp_dtensor.tools.planner import (
     build_model_shape,
     choose_strategy,
     compare_measurements,
+    format_ms,
     load_calibration,
     load_hardware,
     model_attention_problem,
@@ -254,6 +255,11 @@ def comparison_table(comparisons: Sequence[Comparison]) -> list[str]:
     return lines
 
 
+def _strategy_cell(row: Any) -> str:
+    """A strategy's predicted ms, or "-" when it cannot run."""
+    return "-" if row is None or not row.valid else format_ms(row.time_s)
+
+
 def strategy_table(
     model: ModelShape,
     seqs: Sequence[int],
@@ -279,17 +285,11 @@ def strategy_table(
                 hybrids = [r for r in rows if r.comm == "hybrid" and r.valid]
                 hyb = min(hybrids, key=lambda r: r.time_s) if hybrids else None
 
-                def cell(r) -> str:
-                    if r is None or not r.valid:
-                        return "-"
-                    ms = r.time_s * 1e3
-                    return f"{ms:.3g}" if ms < 1000 else f"{ms:,.0f}"
-
-                hyb_cell = "-" if hyb is None else f"{cell(hyb)} (k={hyb.a2a_size})"
+                hyb_cell = "-" if hyb is None else f"{_strategy_cell(hyb)} (k={hyb.a2a_size})"
                 why = best.reason.split(": ", 1)[1]
                 lines.append(
-                    f"| {_fmt_seq(seq)} | {tp} x {cp} | **{best.label}** | {cell(by['p2p'])} | "
-                    f"{cell(by['allgather'])} | {cell(by.get('alltoall'))} | {hyb_cell} | {why} |"
+                    f"| {_fmt_seq(seq)} | {tp} x {cp} | **{best.label}** | {_strategy_cell(by['p2p'])} | "
+                    f"{_strategy_cell(by['allgather'])} | {_strategy_cell(by.get('alltoall'))} | {hyb_cell} | {why} |"
                 )
     return lines
 

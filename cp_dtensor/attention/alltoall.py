@@ -100,10 +100,17 @@ __all__ = [
     "alltoall_backward",
     "alltoall_forward",
     "build_group_plan",
+    "heads_split",
     "local_backward",
     "local_forward",
     "validate_head_split",
 ]
+
+
+def heads_split(hq: int, hkv: int, a2a_size: int) -> bool:
+    """Whether ``a2a_size`` ranks can share ``hq`` query and ``hkv`` key/value heads (Note [Ulysses
+    all-to-all]): the query heads divide evenly and each rank's KV heads are whole heads or one shared head."""
+    return hq % a2a_size == 0 and (hkv % a2a_size == 0 or a2a_size % hkv == 0)
 
 
 def validate_head_split(hq: int, hkv: int, a2a_size: int, comm: str, cp: int) -> None:
@@ -115,7 +122,7 @@ def validate_head_split(hq: int, hkv: int, a2a_size: int, comm: str, cp: int) ->
         comm: the comm mode, for the message.
         cp: the CP degree, for the message.
     """
-    if hq % a2a_size == 0 and (hkv % a2a_size == 0 or a2a_size % hkv == 0):
+    if heads_split(hq, hkv, a2a_size):
         return
     what = f"the CP degree {cp}" if comm == "alltoall" else f"a2a_size={a2a_size} (CP degree {cp})"
     raise ValueError(

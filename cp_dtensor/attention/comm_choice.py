@@ -137,51 +137,55 @@ def choose_comm(
     """
     if comm not in ("auto", "hybrid") or (comm == "hybrid" and a2a_size is not None):
         return CommChoice(comm, a2a_size)
+    _refuse_auto_with_size(comm, a2a_size)
+    if cp == 1:
+        return CommChoice("p2p", None, "one CP rank: nothing to communicate")
+    dtype_bytes = _DTYPE_BYTES.get(dtype, torch.tensor([], dtype=dtype).element_size())
+    return _choose(
+        comm, heads, kv_heads, head_dim, seq_len, cp, tp, micro_batch, dtype_bytes, causal, _device_key(device),
+        hardware,
+    )  # fmt: skip
+
+
+def _refuse_auto_with_size(comm: str, a2a_size: int | None) -> None:
+    """``comm="auto"`` chooses the group size itself: a caller's ``a2a_size`` is a contradiction."""
     if comm == "auto" and a2a_size is not None:
         raise ValueError(
             f"a2a_size={a2a_size} with comm='auto': the cost model chooses the group size; pass "
             f"comm='hybrid', a2a_size={a2a_size} to fix it."
         )
-    if cp == 1:
-        return CommChoice("p2p", None, "one CP rank: nothing to communicate")
-    dtype_bytes = _DTYPE_BYTES.get(dtype, torch.tensor([], dtype=dtype).element_size())
+
+
+def _device_key(device: torch.device | str) -> str:
+    """A hashable device name for the cache (``cuda`` -> ``cuda:0``)."""
     dev = torch.device(device)
-    return _choose(
-        comm, heads, kv_heads, head_dim, seq_len, cp, tp, micro_batch, dtype_bytes, causal,
-        str(dev) if dev.type != "cuda" else f"cuda:{dev.index or 0}", hardware,
-    )  # fmt: skip
+    return f"cuda:{dev.index or 0}" if dev.type == "cuda" else str(dev)
 
 
 @torch.compiler.assume_constant_result
 def _resolve_constant(
-    comm: str, heads: int, kv_heads: int, head_dim: int, seq_len: int, cp: int, micro_batch: int,
-    dtype_bytes: int, causal: bool, device: str,
+    heads: int, kv_heads: int, head_dim: int, seq_len: int, cp: int, micro_batch: int, dtype_bytes: int,
+    causal: bool, device: str,
 ) -> tuple[str, int]:  # fmt: skip
-    dtype = {8: torch.float64, 4: torch.float32}.get(dtype_bytes, torch.bfloat16)
-    choice = choose_comm(
-        comm, heads=heads, kv_heads=kv_heads, head_dim=head_dim, seq_len=seq_len, cp=cp,
-        micro_batch=micro_batch, dtype=dtype, causal=causal, device=device,
-    )  # fmt: skip
+    """The op's ``auto`` choice as plain constants (traced once under torch.compile)."""
+    choice = _choose(
+        "auto", heads, kv_heads, head_dim, seq_len, cp, 1, micro_batch, dtype_bytes, causal, device, "auto"
+    )
     return choice.comm, choice.a2a_size or 0
 
 
 def resolve_comm(
     comm: str, a2a_size: int | None, q: torch.Tensor, k: torch.Tensor, cp: int, is_causal: bool
 ) -> tuple[str, int | None]:
-    """``(comm, a2a_size)`` for one op call: ``auto`` (and ``hybrid`` without a size) resolved from the
-    local shards' shapes (global length ``cp * S_local``; the cp group priced as consecutive devices)."""
-    if comm not in ("auto", "hybrid") or (comm == "hybrid" and a2a_size is not None):
+    """``(comm, a2a_size)`` for one op call: ``auto`` resolved from the local shards' shapes (global
+    length ``cp * S_local``; the cp group priced as consecutive devices); other modes pass through."""
+    if comm != "auto":
         return comm, a2a_size
-    if comm == "auto" and a2a_size is not None:
-        choose_comm(comm, heads=1, kv_heads=1, head_dim=1, seq_len=1, cp=cp, a2a_size=a2a_size)  # raises
-    if comm == "hybrid" or q.dim() != 4 or k.dim() != 4 or cp == 1:
-        # hybrid without a size keeps the op's own clear error; odd shapes fail validation as usual
-        return ("p2p", None) if comm == "auto" else (comm, a2a_size)
+    _refuse_auto_with_size(comm, a2a_size)
+    if cp == 1 or q.dim() != 4 or k.dim() != 4 or k.shape[1] < 1 or q.shape[1] % k.shape[1]:
+        return "p2p", None  # nothing to choose; odd shapes fail the op's validation as usual
     b, hq, s_local, d = q.shape
-    hkv = k.shape[1]
-    if hkv < 1 or hq % hkv:
-        return "p2p", None  # validation names the head mismatch
     name, size = _resolve_constant(
-        comm, hq, hkv, d, s_local * cp, cp, b, q.element_size(), bool(is_causal), str(q.device.type)
+        hq, k.shape[1], d, s_local * cp, cp, b, q.element_size(), bool(is_causal), _device_key(q.device)
     )
     return name, size or None

@@ -32,6 +32,7 @@ from cp_dtensor.tools.planner.cp_strategy import (
     AttentionProblem,
     StrategyEstimate,
     choose_strategy,
+    format_ms,
     model_attention_problem,
     strategy_estimates,
 )
@@ -73,6 +74,7 @@ __all__ = [
     "cp_comm_bytes",
     "enumerate_plans",
     "estimate",
+    "format_ms",
     "load_calibration",
     "load_hardware",
     "model_attention_problem",

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from cp_dtensor.attention.alltoall import heads_split
 from cp_dtensor.tools.planner.formulas import kv_heads_per_rank
 from cp_dtensor.tools.planner.hardware import Hardware
 from cp_dtensor.tools.planner.shapes import ModelShape
@@ -48,6 +49,7 @@ __all__ = [
     "AttentionProblem",
     "StrategyEstimate",
     "choose_strategy",
+    "format_ms",
     "model_attention_problem",
     "strategy_estimates",
 ]
@@ -185,7 +187,7 @@ def _all_to_all_time(p: AttentionProblem, hw: Hardware, k: int, sent: float) -> 
 
 def _split_problem(p: AttentionProblem, k: int) -> str:
     """Why ``k`` ranks cannot share the heads ("" when they can; Note [Ulysses all-to-all])."""
-    if p.heads % k == 0 and (p.kv_heads % k == 0 or k % p.kv_heads == 0):
+    if heads_split(p.heads, p.kv_heads, k):
         return ""
     return f"{p.heads} heads / {p.kv_heads} KV heads per rank do not split over {k} ranks"
 
@@ -207,10 +209,11 @@ def _allgather(p: AttentionProblem, hw: Hardware) -> StrategyEstimate:
     fwd, bwd = _compute(p, hw, 1.0, 2)
     bw, lat = hw.collective_link(p.tp * p.cp)
     c = p.cp
-    gather = (c - 1) / c * c * kv * p.dtype_bytes / bw + (c - 1) * lat
-    scatter = (c - 1) / c * c * kv * p.grad_bytes / bw + (c - 1) * lat
-    sent_f = (c - 1) * kv * p.dtype_bytes
-    sent_b = sent_f + (c - 1) * kv * p.grad_bytes
+    sent_f = (c - 1) * kv * p.dtype_bytes  # a ring collective moves (c-1)/c of the c shards through a rank
+    sent_grad = (c - 1) * kv * p.grad_bytes
+    gather = sent_f / bw + (c - 1) * lat
+    scatter = sent_grad / bw + (c - 1) * lat
+    sent_b = sent_f + sent_grad
     comm = 2 * gather + scatter
     return StrategyEstimate(
         "allgather", forward_bytes=sent_f, backward_bytes=sent_b, compute_s=fwd + bwd, comm_s=comm,
@@ -262,7 +265,7 @@ def strategy_estimates(problem: AttentionProblem, hardware: Hardware) -> list[St
     return rows
 
 
-def _ms(seconds: float) -> str:
+def format_ms(seconds: float) -> str:
     """Milliseconds, 3 significant digits (whole ms from 1 s on)."""
     ms = seconds * 1e3
     return f"{ms:.3g}" if ms < 1000 else f"{ms:,.0f}"
@@ -272,7 +275,7 @@ def _why(best: StrategyEstimate, other: StrategyEstimate | None, problem: Attent
     """One sentence on why ``best`` beats the runner-up ``other``."""
     if other is None:
         return f"{best.label}: the only strategy that can split the heads"
-    gap = f"{_ms(best.time_s)} ms vs {other.label} {_ms(other.time_s)} ms per layer"
+    gap = f"{format_ms(best.time_s)} ms vs {other.label} {format_ms(other.time_s)} ms per layer"
     if best.exposed_s + 1e-12 < other.exposed_s:
         if best.comm == "p2p":
             why = (
@@ -295,9 +298,9 @@ def _why(best: StrategyEstimate, other: StrategyEstimate | None, problem: Attent
             )
         else:
             why = "one collective costs less than the ring's exposed steps"
-        why += f" (exposed {_ms(best.exposed_s)} ms vs {_ms(other.exposed_s)} ms)"
+        why += f" (exposed {format_ms(best.exposed_s)} ms vs {format_ms(other.exposed_s)} ms)"
     else:
-        why = f"less kernel time ({_ms(best.compute_s)} ms vs {_ms(other.compute_s)} ms: fewer, larger calls)"
+        why = f"less kernel time ({format_ms(best.compute_s)} ms vs {format_ms(other.compute_s)} ms: fewer, larger calls)"
     return f"{best.label}: {why}; {gap}"
 
 
