@@ -32,9 +32,10 @@ import torch.distributed as dist
 from torch import nn
 
 from cp_dtensor.attention.alltoall import heads_split
-from cp_dtensor.attention.comm import RingStats
-from cp_dtensor.attention.comm_choice import CommChoice, choose_comm, hardware_for_device
+from cp_dtensor.attention.choice import CommChoice, choose_comm, hardware_for_device
 from cp_dtensor.attention.mask import AttentionMask
+from cp_dtensor.attention.settings import CPSettings
+from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.balance import BalancedLayoutRule, layout_work, to_sequence_layout
 from cp_dtensor.checkpoint import (
     CheckpointManager,
@@ -554,7 +555,7 @@ class Trainer:
             log_file=dump / cfg.metrics.log_file,
             tensorboard_dir=dump / cfg.metrics.save_tb_folder if cfg.metrics.enable_tensorboard else None,
         )
-        self.ring_stats = RingStats() if self.parallel_dims.cp_enabled else None
+        self.ring_stats = AttentionStats() if self.parallel_dims.cp_enabled else None
         self.use_documents = cfg.model.attention_mask == "document_causal"
         # A layout name, or for "balanced" the rule that plans each batch (shard_batch and the CP style).
         self.cp_layout: Any = cfg.cp_layout
@@ -614,13 +615,16 @@ class Trainer:
             pp_microbatches=cfg.parallelism.pipeline_parallel_microbatches,
             ac_mode=cfg.activation_checkpoint.mode,
             selective_ac_every=int(cfg.activation_checkpoint.selective_ac_option),
-            cp_layout=self.cp_layout,
-            cp_comm=comm.comm,
-            cp_a2a_size=comm.a2a_size,
-            cp_backend=None
-            if cfg.parallelism.context_parallel_backend == "auto"
-            else cfg.parallelism.context_parallel_backend,
-            ring_stats=self.ring_stats,
+            cp_settings=CPSettings(
+                layout=self.cp_layout,
+                comm=comm.comm,
+                a2a_size=comm.a2a_size,
+                backend=None
+                if cfg.parallelism.context_parallel_backend == "auto"
+                else cfg.parallelism.context_parallel_backend,
+                cost_hardware=cfg.parallelism.context_parallel_cost_hardware,
+                stats=self.ring_stats,
+            ),
             compile_backend=cfg.compile.backend if cfg.compile.enable else None,
             param_dtype=param_dtype,
         )
@@ -787,7 +791,7 @@ class Trainer:
         work = layout_work(to_sequence_layout(layout, cp, batch=rows, seq_len=seq_len), mask)
         return float(work.max() / work.float().mean())
 
-    def _ring_metrics(self, before: RingStats | None) -> dict[str, Any]:
+    def _ring_metrics(self, before: AttentionStats | None) -> dict[str, Any]:
         """This step's CP communication on this rank: bytes sent and time blocked waiting."""
         now = self.ring_stats
         if now is None or before is None:

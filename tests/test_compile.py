@@ -141,7 +141,7 @@ def test_compiled_training_matches_eager_without_recompiles(case: tuple, dist_po
 
 def run_compiled_auto_comm() -> dict:
     """ring_attention(comm="auto") compiled with fullgraph: the choice resolves at trace time (a constant)."""
-    from cp_dtensor.attention.comm_choice import resolve_comm
+    from cp_dtensor.attention.choice import resolve_comm
     from cp_dtensor.layout import shard_sequence_for_rank
 
     rank, cp = dist.get_rank(), dist.get_world_size()

@@ -666,7 +666,7 @@ def test_a_tie_goes_to_the_simpler_strategy() -> None:
 
 
 def test_choose_comm_passes_named_strategies_through_and_resolves_auto_and_hybrid() -> None:
-    from cp_dtensor.attention.comm_choice import choose_comm
+    from cp_dtensor.attention.choice import choose_comm
 
     shape = dict(heads=32, kv_heads=8, head_dim=128, seq_len=32768, cp=32, device="cpu", hardware="h100")
     assert choose_comm("p2p", **shape).comm == "p2p" and choose_comm("p2p", **shape).table == ()
