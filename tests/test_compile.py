@@ -28,7 +28,9 @@ def _op_args(docs: bool) -> tuple:
     q = torch.randn(2, 4, 16, 8, generator=g, requires_grad=True)
     k, v = (torch.randn(2, 2, 16, 8, generator=g, requires_grad=True) for _ in range(2))
     ids = torch.tensor([[0] * 5 + [1] * 11, [0] * 16]) if docs else None
-    settings = ("", True, 0.35, "zigzag", "p2p", 3 if docs else -1, 0, "", 0, 0)  # one process
+    # OpCall primitives: group "" (one process), layout, comm, a2a_size, backend, cost hardware, is_causal,
+    # window (left, right), scale, stats handle
+    settings = ("", "zigzag", "p2p", 0, "", "auto", True, 3 if docs else -1, 0, 0.35, 0)
     return q, k, v, ids, settings
 
 
@@ -87,7 +89,7 @@ def run_compiled_training(degrees: dict, backend: str, docs: bool, flavor: str) 
         model = build_llama(flavor)
         model.init_weights(seed=0)
         pm = build_parallel_model(
-            model, pd, device=torch.device("cpu"), cp_layout=layout,
+            model, pd, device=torch.device("cpu"), cp_settings=cpd.CPSettings(layout=layout),
             compile_backend=backend if mode == "compiled" else None,
         )  # fmt: skip
         opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)

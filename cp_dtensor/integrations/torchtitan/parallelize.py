@@ -194,7 +194,7 @@ def parallelize_llama(
             )
         except ValueError as e:
             raise ValueError(f"cp_dtensor settings: {e}") from None
-        attention = apply_cp_dtensor(model, parallel_dims.get_mesh("cp"), settings=settings)
+        apply_cp_dtensor(model, parallel_dims.get_mesh("cp"), settings=settings)
         logger.info(
             f"Applied cp_dtensor context parallelism (cp {parallel_dims.cp}, layout {settings.layout}, "
             f"comm {settings.comm}) to {len(model.layers)} attention modules"
