@@ -32,6 +32,7 @@ __all__ = [
     "choose_comm",
     "choose_strategy",
     "hardware_for_device",
+    "preference_key",
     "resolve_comm",
     "strategy_estimates",
 ]
@@ -95,7 +96,8 @@ def strategy_estimates(
     return rows
 
 
-def _rank_key(row: StrategyEstimate) -> tuple[int, int]:
+def preference_key(row: StrategyEstimate) -> tuple[int, int]:
+    """Order among equally fast strategies: the strategy's ``preference`` (simpler first), then smaller groups."""
     return get_strategy(row.comm).preference, row.a2a_size or 0
 
 
@@ -154,7 +156,7 @@ def choose_strategy(
             "No CP strategy can serve this call: " + "; ".join(f"{r.label}: {r.reason}" for r in rows)
         )
     fastest = min(r.time_s for r in valid)
-    best = min((r for r in valid if r.time_s <= fastest * (1 + TIE)), key=_rank_key)
+    best = min((r for r in valid if r.time_s <= fastest * (1 + TIE)), key=preference_key)
     others = sorted((r for r in valid if r is not best), key=lambda r: r.time_s)
     chosen = replace(best, reason=_why(best, others[0] if others else None, problem))
     return chosen, [chosen if r is best else r for r in rows]

@@ -117,6 +117,9 @@ class AllToAllStrategy(Strategy):
             return None
         return super().check_group_size(a2a_size, cp)
 
+    def group_sizes(self, cp: int) -> tuple[int | None, ...]:
+        return (cp,)  # one group of every rank
+
     def build(self, *, layout, mask, rank, cp, s_local, a2a_size, scale, kernel) -> Algorithm:
         return _group_algorithm(layout, mask, rank, cp, s_local, cp, scale, kernel)
 
