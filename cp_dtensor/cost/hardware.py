@@ -253,7 +253,7 @@ def load_hardware_spec(spec: str) -> Hardware:
     path = Path(text)
     if not path.is_file():
         raise ValueError(
-            f"Unknown cost-model hardware {text!r}: not a preset ({sorted(HARDWARE_PRESETS)}) and no such "
+            f"Unknown hardware {text!r}: not a preset ({sorted(HARDWARE_PRESETS)}) and no such cost-model "
             f"calibration file; write one with `scripts/plan.py --calibrate --out {text}`."
         )
     data = read_calibration_json(path)

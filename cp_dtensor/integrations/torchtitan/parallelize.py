@@ -84,7 +84,7 @@ def apply_cp_dtensor(
     model: nn.Module,
     cp_mesh: DeviceMesh,
     *,
-    settings: CPSettings,
+    settings: CPSettings | None = None,
 ) -> ContextParallelAttention:
     """Context parallelism on a torchtitan Llama 3 whose inputs are already sequence shards.
 
@@ -96,7 +96,7 @@ def apply_cp_dtensor(
             ``block_causal`` flavors, cp_dtensor's document attention (:class:`SeededLlama3` builds it).
         cp_mesh: the 1-D mesh of the CP ranks, axis named "cp".
         settings: the CP attention settings (:class:`~cp_dtensor.CPSettings`); ``layout`` must be the one the
-            inputs were sharded with (:func:`cp_layout_for_load_balancer`).
+            inputs were sharded with (:func:`cp_layout_for_load_balancer`); default zigzag p2p.
 
     Returns:
         The :class:`~cp_dtensor.attention.dispatch.ContextParallelAttention` mode holding the settings,
@@ -125,7 +125,7 @@ def apply_cp_dtensor(
             )
     if cp_mesh.ndim != 1:
         raise ValueError(f"cp_mesh must be the 1-D mesh of the CP ranks, got axes {cp_mesh.mesh_dim_names}.")
-    style = ContextParallel(settings=settings)
+    style = ContextParallel(settings=settings or CPSettings(layout="zigzag"))
     parallelize_module(model, cp_mesh, {ATTENTION_MODULES: style})
     if style.attention is None:  # parallelize_module only warns when a pattern matches nothing
         raise ValueError(f"{type(model).__name__} has no module matching {ATTENTION_MODULES!r}.")
