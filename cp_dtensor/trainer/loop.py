@@ -12,10 +12,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.attention.choice import CommChoice
-from cp_dtensor.attention.settings import CPSettings
 from cp_dtensor.attention.mask import AttentionMask
+from cp_dtensor.attention.settings import CPSettings
+from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.balance import BalancedLayoutRule, layout_work, to_sequence_layout
 from cp_dtensor.checkpoint import (
     CheckpointManager,
