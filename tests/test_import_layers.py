@@ -34,7 +34,6 @@ LAYERS: dict[str, int] = {
     "sharding": 2,
     "parallel_dims": 2,
     "memory": 2,
-    "inspect": 2,
     "sharding_table": 2,
     "models": 3,
     "parallelize": 4,

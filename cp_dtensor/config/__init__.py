@@ -35,7 +35,6 @@ from cp_dtensor.config.parsing import dump_toml, load_config
 from cp_dtensor.config.schema import (
     ActivationCheckpoint,
     Checkpoint,
-    Comm,
     Compile,
     Data,
     Job,
@@ -43,13 +42,13 @@ from cp_dtensor.config.schema import (
     Metrics,
     Model,
     Parallelism,
+    Timeouts,
     Training,
 )
 
 __all__ = [
     "ActivationCheckpoint",
     "Checkpoint",
-    "Comm",
     "Compile",
     "ConfigError",
     "Data",
@@ -58,6 +57,7 @@ __all__ = [
     "Metrics",
     "Model",
     "Parallelism",
+    "Timeouts",
     "Training",
     "dump_toml",
     "field_docs",

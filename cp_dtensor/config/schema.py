@@ -10,13 +10,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
+from cp_dtensor.attention.strategy import get_strategy
 from cp_dtensor.config.fields import ConfigError, _bounded, _check_type, _field_types, _Range
 from cp_dtensor.parallel_dims import seq_len_problem
 
 __all__ = [
     "ActivationCheckpoint",
     "Checkpoint",
-    "Comm",
     "Compile",
     "Data",
     "Job",
@@ -24,6 +24,7 @@ __all__ = [
     "Metrics",
     "Model",
     "Parallelism",
+    "Timeouts",
     "Training",
 ]
 
@@ -130,10 +131,10 @@ class Parallelism:
     context_parallel_layout: Literal["auto", "zigzag", "contiguous", "balanced"] = "auto"
     """How tokens map to CP ranks: "zigzag" balances causal work over one sequence, "contiguous" cuts it in cp pieces, "balanced" plans each batch from its documents (equal attention work, documents kept whole where possible); "auto" = "balanced" for document_causal, else "zigzag"."""
 
-    context_parallel_comm: Literal["p2p", "allgather", "alltoall", "hybrid", "auto"] = "p2p"
-    """How CP ranks exchange attention inputs: "p2p" ring passes of keys/values (overlapped with compute), one "allgather" of all keys/values, "alltoall" (Ulysses: heads sharded over the whole sequence; query heads per tp rank must divide by cp), "hybrid" (all-to-all inside groups of context_parallel_a2a_degree consecutive ranks, the ring across groups), or "auto": the cost model picks one (and the group size) from heads, KV heads, head dim, seq_len, cp, tp, dtype and the hardware; the log shows the choice and every alternative's predicted time."""
+    context_parallel_comm: str = "p2p"
+    """The CP strategy (any name of cp_dtensor.strategy_names(), or "auto"): "p2p" ring passes of keys/values (overlapped with compute), one "allgather" of all keys/values, "alltoall" (Ulysses: heads sharded over the whole sequence; query heads per tp rank must divide by cp), "hybrid" (all-to-all inside groups of context_parallel_a2a_size consecutive ranks, the ring across groups), or "auto": the cost model picks one (and the group size) from heads, KV heads, head dim, seq_len, cp, tp, dtype and the hardware; the log shows the choice and every alternative's predicted time."""
 
-    context_parallel_a2a_degree: int = _bounded(0, ge=0)
+    context_parallel_a2a_size: int = _bounded(0, ge=0)
     """Ranks per all-to-all group of comm "hybrid" (a divisor of context_parallel_degree, 1 < k < cp); 0: the cost model picks it. Only with comm "hybrid"."""
 
     context_parallel_cost_hardware: str = "auto"
@@ -239,13 +240,13 @@ class Metrics:
 
 
 @dataclass
-class Comm:
+class Timeouts:
     """Process-group timeouts."""
 
-    init_timeout_seconds: int = _bounded(300, ge=1)
+    init_seconds: int = _bounded(300, ge=1)
     """Timeout of process-group initialization and the first collectives, in seconds."""
 
-    train_timeout_seconds: int = _bounded(100, ge=1)
+    train_seconds: int = _bounded(100, ge=1)
     """Collective timeout during training, in seconds; a failed rank makes the others exit within this."""
 
 
@@ -280,7 +281,7 @@ class JobConfig:
     metrics: Metrics = field(default_factory=Metrics)
     """[metrics] section."""
 
-    comm: Comm = field(default_factory=Comm)
+    timeouts: Timeouts = field(default_factory=Timeouts)
     """[comm] section."""
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -370,19 +371,24 @@ class JobConfig:
             raise ConfigError(problem)
 
         a2a, cp, comm = (
-            parallel.context_parallel_a2a_degree,
+            parallel.context_parallel_a2a_size,
             parallel.context_parallel_degree,
             parallel.context_parallel_comm,
         )
+        if comm != "auto":
+            try:
+                get_strategy(comm)
+            except ValueError as e:
+                raise ConfigError(f"parallelism.context_parallel_comm: {e}") from None
         if a2a and comm != "hybrid":
             raise ConfigError(
-                f'parallelism.context_parallel_a2a_degree={a2a} applies only to context_parallel_comm = "hybrid" '
+                f'parallelism.context_parallel_a2a_size={a2a} applies only to context_parallel_comm = "hybrid" '
                 f'(got "{comm}"); set it to 0 or use comm "hybrid"'
             )
         if a2a and (a2a < 2 or a2a >= cp or cp % a2a):
             divisors = [k for k in range(2, cp) if cp % k == 0]
             raise ConfigError(
-                f"parallelism.context_parallel_a2a_degree={a2a} must divide context_parallel_degree={cp} with "
+                f"parallelism.context_parallel_a2a_size={a2a} must divide context_parallel_degree={cp} with "
                 f"1 < k < {cp} ({'use one of ' + str(divisors) if divisors else 'none exists: use comm p2p or alltoall'}"
                 f'; k = {cp} is comm "alltoall"), or 0 to let the cost model pick'
             )
@@ -433,8 +439,20 @@ def _all_keys() -> list[str]:
     return [f"{name}.{key}" for name, cls in _section_types().items() for key in _field_types(cls)]
 
 
+RENAMED: dict[str, str] = {
+    "parallelism.context_parallel_a2a_degree": "parallelism.context_parallel_a2a_size",
+    "comm.init_timeout_seconds": "timeouts.init_seconds",
+    "comm.train_timeout_seconds": "timeouts.train_seconds",
+}
+"""Keys renamed since an earlier release (one name per concept): old name -> new name."""
+
+
 def _unknown_section_error(name: str, prefix: str, where: str) -> ConfigError:
     """Error for an unknown section; suggests the closest section, or the section that owns a bare key."""
+    if name == "comm":
+        return ConfigError(
+            f"config section {name!r} {where} was renamed to 'timeouts' (keys init_seconds, train_seconds)"
+        )
     sections = list(_section_types())
     owners = [section for section, cls in _section_types().items() if name in _field_types(cls)]
     if owners:
@@ -452,6 +470,8 @@ def _unknown_key_error(section: str, key: str, prefix: str, where: str) -> Confi
     ``section.key`` overall.
     """
     full = f"{section}.{key}"
+    if full in RENAMED:
+        return ConfigError(f"config key {prefix}{full} {where} was renamed to {prefix}{RENAMED[full]}")
     elsewhere = [k for k in _all_keys() if k.endswith(f".{key}")]
     own = _closest(key, list(_field_types(_section_types()[section])))
     close = elsewhere[0] if elsewhere else f"{section}.{own}" if own else _closest(full, _all_keys())

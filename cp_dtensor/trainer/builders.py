@@ -60,7 +60,7 @@ def job_comm_choice(cfg: JobConfig, pd: ParallelDims, args: ModelArgs, device: t
         causal=cfg.model.attention_mask != "bidirectional",
         device=device,
         hardware=par.context_parallel_cost_hardware,
-        a2a_size=par.context_parallel_a2a_degree or None,
+        a2a_size=par.context_parallel_a2a_size or None,
     )
 
 

@@ -67,7 +67,7 @@ def validate_job(
             f"parallelism.tensor_parallel_degree {pd.tp} must divide n_heads {args.n_heads} and n_kv_heads "
             f"{kv_heads} of flavor {cfg.model.flavor!r}."
         )
-    comm, a2a = par.context_parallel_comm, par.context_parallel_a2a_degree
+    comm, a2a = par.context_parallel_comm, par.context_parallel_a2a_size
     if pd.cp_enabled and (comm == "alltoall" or (comm == "hybrid" and a2a)):
         size = pd.cp if comm == "alltoall" else a2a
         heads, kv = args.n_heads // pd.tp, kv_heads // pd.tp

@@ -195,10 +195,10 @@ class Trainer:
 
     def _set_train_timeouts(self) -> None:
         """After the first step (process groups created, kernels warm), switch every group from
-        ``comm.init_timeout_seconds`` to the shorter ``comm.train_timeout_seconds`` (as torchtitan does)."""
+        ``timeouts.init_seconds`` to the shorter ``timeouts.train_seconds`` (as torchtitan does)."""
         if not dist.is_initialized():
             return
-        timeout = timedelta(seconds=self.cfg.comm.train_timeout_seconds)
+        timeout = timedelta(seconds=self.cfg.timeouts.train_seconds)
         groups = {dist.group.WORLD, *self.parallel_dims.world_mesh.get_all_groups()}
         groups.add(self.parallel_dims.fsdp_mesh.get_group())
         for group in groups:
