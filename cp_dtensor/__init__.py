@@ -37,10 +37,10 @@ from cp_dtensor.attention.dispatch import ContextParallelAttention, context_para
 from cp_dtensor.attention.functional import document_attention
 from cp_dtensor.balance import BalancedLayoutRule, balanced_layout, layout_work
 from cp_dtensor.context_parallel import apply_context_parallel, build_context_parallel_plan
-from cp_dtensor.sharding_table import format_sharding_table, inspect_sharding
 from cp_dtensor.layout import LAYOUTS, SequenceLayout, sequence_positions, shard_sequence, unshard_sequence
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.sharding import shard_batch, unshard_sequence_output
+from cp_dtensor.sharding_table import format_sharding_table, inspect_sharding
 from cp_dtensor.styles import ContextParallel, PrepareSequenceShards
 
 __all__ = [

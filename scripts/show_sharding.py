@@ -21,12 +21,12 @@ import torch
 import torch.distributed as dist
 
 from cp_dtensor.attention.settings import CPSettings
-from cp_dtensor.sharding_table import format_sharding_table, inspect_sharding
 from cp_dtensor.launch import run_distributed
 from cp_dtensor.models.llama import build_llama
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.parallelize import parallelize_llama
 from cp_dtensor.sharding import shard_batch
+from cp_dtensor.sharding_table import format_sharding_table, inspect_sharding
 
 
 def show(args: argparse.Namespace) -> None:
