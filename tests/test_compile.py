@@ -1,9 +1,11 @@
 """torch.compile under CP: the attention custom ops, one graph per block, no recompiles, eager parity.
 
-Tolerances: ``aot_eager`` runs the very ops eager runs, in the same order: losses equal to 1e-6
-relative (fp32 rounding of the optimizer's fused ops at most). ``inductor`` fuses and reorders the
-elementwise code around attention (norms, rotary, SwiGLU): losses within 1e-4 relative over 3 AdamW steps
-(fp32 reassociation, ~1e-6 per op, a few thousand ops per step).
+Tolerances: losses and gradient norms equal to 1e-6 relative over 3 AdamW steps for both backends.
+``aot_eager`` runs the very ops eager runs, in the same order (fp32 rounding of the optimizer's fused ops
+at most). ``inductor`` fuses the elementwise code around attention (norms, rotary, SwiGLU) but keeps its
+reductions' order on this CPU build: measured bit-equal (relative difference 0.0) on torch 2.13, so 1e-6
+leaves room for reassociation only. The former 1e-4 let a swap of dK and dV pass (the swap keeps the
+gradient norm and moves the step-3 loss by ~1e-5; issue 25 item 15).
 """
 
 from __future__ import annotations
@@ -127,7 +129,7 @@ def test_compiled_training_matches_eager_without_recompiles(case: tuple, dist_po
     world = 1
     for d in degrees.values():
         world *= d
-    rtol = 1e-4 if backend == "inductor" else 1e-6
+    rtol = 1e-6  # see the module docstring
     for res in dist_pool(world).run(run_compiled_training, degrees, backend, docs, flavor, timeout_s=900):
         for step, (a, b) in enumerate(zip(res["losses"]["eager"], res["losses"]["compiled"])):
             assert abs(a - b) <= rtol * abs(a), f"{name} rank {res['rank']} step {step}: {a} vs {b}"
