@@ -7,10 +7,13 @@ decrease (Note [Visible intervals]). For a run of query rows on which both ends 
 the visible region is cut into at most three kernel calls that compute *only* visible pairs::
 
     lo, hi constant      lo constant, hi + 1     lo + 1, hi constant     lo + 1, hi + 1 (band of width w)
-    [ ######## ]         [ ####      ]           [ ######## ]            [ \\ ## \\      ]  per tile of
-    [ ######## ]         [ #####     ]           [  ####### ]            [  \\## #\\     ]  w rows:
-    [ ######## ]         [ ######    ]           [   ###### ]            [   \\# ##\\    ]  UPPER + FULL
-       FULL              FULL + LOWER            FULL + UPPER                                + LOWER
+    [ ######## ]         [ ### #     ]           [ ### #### ]            [ \\ ## \\      ]  per tile of
+    [ ######## ]         [ ### ##    ]           [  ## #### ]            [  \\## #\\     ]  w rows:
+    [ ######## ]         [ ### ###   ]           [   # #### ]            [   \\# ##\\    ]  UPPER + FULL
+       FULL              FULL + LOWER            UPPER + FULL                                + LOWER
+
+A run that starts on the diagonal (a causal document: lo fixed at its start, hi = the row) has no FULL
+part: one LOWER square per document piece, the fewest kernel calls the mask allows.
 
 FULL is an unmasked rectangle; LOWER a square with the causal lower triangle (the kernel's ``is_causal``);
 UPPER the mirror image, run as LOWER on row-reversed queries and keys. Runs end where a document ends or a
@@ -112,15 +115,15 @@ def _run_pieces(
     lp, hp = int(low[p]), int(high[p])
     if q - p == 1 or code == 0:  # constant interval: one rectangle
         out.append((a + p, a + q, lp, hp + 1, PieceKind.FULL))
-    elif code == 1:  # lo constant, hi + 1 per row
-        out.append((a + p, a + q, lp, hp + 1, PieceKind.FULL))
-        if q - p > 1:
-            out.append((a + p + 1, a + q, hp + 1, hp + q - p, PieceKind.LOWER))
-    elif code == 2:  # lo + 1 per row, hi constant
-        l_last = int(low[q - 1])
-        out.append((a + p, a + q, l_last, hp + 1, PieceKind.FULL))
-        if q - p > 1:
-            out.append((a + p, a + q - 1, lp, l_last, PieceKind.UPPER))
+    elif code == 1:  # lo constant, hi + 1 per row: keys lp..hp-1 for every row, then a causal square
+        if hp > lp:
+            out.append((a + p, a + q, lp, hp, PieceKind.FULL))
+        out.append((a + p, a + q, hp, hp + q - p, PieceKind.LOWER))  # one piece for a whole document
+    elif code == 2:  # lo + 1 per row, hi constant: an upper square, then keys past it for every row
+        n = q - p
+        out.append((a + p, a + q, lp, lp + n, PieceKind.UPPER))
+        if hp >= lp + n:
+            out.append((a + p, a + q, lp + n, hp + 1, PieceKind.FULL))
     else:  # band: both ends + 1 per row, width w
         w = hp - lp + 1
         u = p
