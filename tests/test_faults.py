@@ -250,13 +250,14 @@ def test_a_tight_memory_estimate_is_one_warning_line_before_any_process_starts(
 ) -> None:
     import cp_dtensor.cli as cli
     import cp_dtensor.trainer as trainer
+    import cp_dtensor.trainer.checks as checks
 
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     cfg = cli.load_config(_args(tmp_path))
     need = trainer.activation_bytes_per_rank(cfg, trainer.validate_job(cfg, 2), trainer.model_args_for(cfg))
-    monkeypatch.setattr(
-        trainer, "local_memory_budget", lambda world: trainer.MemoryBudget(1.25 * need, "a test GPU")
+    monkeypatch.setattr(  # validate_job measures the machine through its own module's name
+        checks, "local_memory_budget", lambda world: trainer.MemoryBudget(1.25 * need, "a test GPU")
     )
     launched = []
     monkeypatch.setattr(cli, "run_distributed", lambda *a, **k: launched.append(a[1]))

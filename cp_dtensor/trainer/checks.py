@@ -1,0 +1,146 @@
+"""Job validation: every check that needs the world size and the model shape, run before any collective
+(in the launching process and again on every rank)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from cp_dtensor.attention.alltoall import heads_split
+from cp_dtensor.attention.comm_choice import hardware_for_device
+from cp_dtensor.config import JobConfig
+from cp_dtensor.parallel_dims import ParallelDims
+from cp_dtensor.pipeline import stages_per_rank
+from cp_dtensor.trainer.memory_estimate import MemoryBudget, _check_memory, local_memory_budget
+from cp_dtensor.trainer.model_factory import model_args_for
+
+__all__ = ["validate_job"]
+
+
+def validate_job(
+    cfg: JobConfig,
+    world_size: int,
+    *,
+    memory: MemoryBudget | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> ParallelDims:
+    """All checks that need the world size and the model shape, before any collective.
+
+    Args:
+        cfg: the job config.
+        world_size: number of ranks the job runs on.
+        memory: memory one rank may fill; None measures this machine (:func:`local_memory_budget`).
+        warn: receives a one-line warning when the activation estimate takes more than
+            ``ACTIVATION_WARN_FRACTION`` of ``memory`` (None: no warning).
+
+    Raises:
+        ValueError: naming the value and the fix (degrees vs world size, seq_len multiple, seq_len above the
+            flavor's max_seq_len, heads vs tp, pp vs layers, batch vs dp and microbatches, unknown flavor,
+            activations of one step larger than a rank's memory).
+    """
+    par = cfg.parallelism
+    pd = ParallelDims(
+        dp=par.data_parallel_degree,
+        pp=par.pipeline_parallel_degree,
+        cp=par.context_parallel_degree,
+        tp=par.tensor_parallel_degree,
+        world_size=world_size,
+        cp_layout=cfg.cp_layout,
+    )
+    pd.validate_seq_len(cfg.training.seq_len)
+    args = model_args_for(cfg)
+    if cfg.training.seq_len > args.max_seq_len:
+        raise ValueError(
+            f"training.seq_len {cfg.training.seq_len} exceeds max_seq_len {args.max_seq_len} of model flavor "
+            f"{cfg.model.flavor!r}; use --training.seq_len {args.max_seq_len} or less."
+        )
+    kv_heads = args.n_kv_heads or args.n_heads
+    if args.n_heads % kv_heads:
+        raise ValueError(
+            f"model flavor {cfg.model.flavor!r}: n_heads {args.n_heads} is not a multiple of n_kv_heads {kv_heads}."
+        )
+    if args.n_heads % pd.tp or kv_heads % pd.tp:
+        raise ValueError(
+            f"parallelism.tensor_parallel_degree {pd.tp} must divide n_heads {args.n_heads} and n_kv_heads "
+            f"{kv_heads} of flavor {cfg.model.flavor!r}."
+        )
+    comm, a2a = par.context_parallel_comm, par.context_parallel_a2a_degree
+    if pd.cp_enabled and (comm == "alltoall" or (comm == "hybrid" and a2a)):
+        size = pd.cp if comm == "alltoall" else a2a
+        heads, kv = args.n_heads // pd.tp, kv_heads // pd.tp
+        if not heads_split(heads, kv, size):
+            raise ValueError(
+                f'parallelism.context_parallel_comm "{comm}" shares heads over {size} ranks, but flavor '
+                f"{cfg.model.flavor!r} has {heads} query / {kv} KV heads per tp rank (n_heads {args.n_heads}, "
+                f"n_kv_heads {kv_heads}, tp {pd.tp}): the query heads must divide by {size} and the KV heads "
+                f'divide it or divide by it; use comm "p2p", "auto", or another degree.'
+            )
+    priced = comm == "auto" or (comm == "hybrid" and not a2a)
+    if pd.cp_enabled and priced and par.context_parallel_cost_hardware != "auto":
+        hardware_for_device("cpu", par.context_parallel_cost_hardware)  # an unknown preset / file: one line
+    stages = pd.pp * stages_per_rank(par.pipeline_parallel_schedule)
+    if stages > args.n_layers:
+        raise ValueError(
+            f"parallelism.pipeline_parallel_degree {pd.pp} needs {stages} stages but flavor "
+            f"{cfg.model.flavor!r} has only {args.n_layers} layers."
+        )
+    if cfg.compile.enable and pd.tp_enabled:
+        raise ValueError(
+            "compile.enable with tensor_parallel_degree > 1 is not supported yet: with this torch, compiled "
+            "TP blocks lose the gradient of their plain-tensor input (tp 2 x cp 2: the token embedding gets a "
+            "zero gradient) or fail in backward (tp 2, cp 1: DTensor's Redistribute.backward receives a plain "
+            "tensor), so the trainer refuses rather than train wrongly; set compile.enable = false or "
+            "tensor_parallel_degree = 1."
+        )
+    if cfg.compile.enable and cfg.compile.backend == "inductor" and not _has_cxx_compiler():
+        raise ValueError(
+            "compile.enable with the inductor backend needs a C++ compiler on CPU and none was found (g++, "
+            'or $CXX); install one (e.g. apt-get install g++), or set compile.backend = "aot_eager" or '
+            "compile.enable = false."
+        )
+    backend = par.context_parallel_backend
+    if pd.cp_enabled and backend in ("flash", "cudnn", "efficient") and not torch.cuda.is_available():
+        raise ValueError(
+            f'parallelism.context_parallel_backend "{backend}" needs a CUDA GPU and none is visible; use "auto" '
+            f'or "cpu_flash".'
+        )
+    if pd.cp_enabled and backend == "cpu_flash" and torch.cuda.is_available():
+        raise ValueError(
+            'parallelism.context_parallel_backend "cpu_flash" runs on CPU tensors but training runs on the GPU; '
+            'use "auto", "flash", "cudnn" or "efficient".'
+        )
+    if cfg.data.dataset == "text":
+        for path in map(Path, cfg.data.paths):
+            if not path.exists():
+                raise FileNotFoundError(f"data.paths: {path} does not exist.")
+            if path.is_file() and path.stat().st_size == 0:
+                raise ValueError(f"data.paths: {path} is empty.")
+    gbs = _global_batch_size(cfg, pd)
+    local_rows = gbs // pd.dp
+    if gbs % pd.dp or local_rows % cfg.training.local_batch_size:
+        raise ValueError(
+            f"training.global_batch_size {gbs} must be a multiple of data_parallel_degree {pd.dp} x "
+            f"local_batch_size {cfg.training.local_batch_size}."
+        )
+    _check_memory(cfg, pd, args, memory or local_memory_budget(world_size), warn)
+    return pd
+
+
+def _has_cxx_compiler() -> bool:
+    """Inductor generates C++ for CPU: a compiler must be on PATH (or named by $CXX). GPUs do not need one."""
+    import shutil
+
+    if torch.cuda.is_available():
+        return True
+    cxx = os.environ.get("CXX")
+    return bool(
+        (cxx and shutil.which(cxx)) or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    )
+
+
+def _global_batch_size(cfg: JobConfig, pd: ParallelDims) -> int:
+    gbs = cfg.training.global_batch_size
+    return cfg.training.local_batch_size * pd.dp if gbs == -1 else gbs

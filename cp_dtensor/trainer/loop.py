@@ -1,0 +1,341 @@
+"""The training loop: :class:`Trainer` builds mesh, model, optimizer and data from a job config and runs
+the steps (see Note [Trainer step] in :mod:`cp_dtensor.trainer`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from cp_dtensor.attention.comm import RingStats
+from cp_dtensor.attention.comm_choice import CommChoice
+from cp_dtensor.attention.mask import AttentionMask
+from cp_dtensor.balance import BalancedLayoutRule, layout_work, to_sequence_layout
+from cp_dtensor.checkpoint import (
+    CheckpointManager,
+    ModelState,
+    ObjectState,
+    OptimizerState,
+    model_fingerprint,
+)
+from cp_dtensor.config import JobConfig
+from cp_dtensor.data import validate_token_ids
+from cp_dtensor.layout import LayoutLike
+from cp_dtensor.metrics import MetricsLogger, StepMetrics, gpu_peak_tflops, peak_memory_bytes
+from cp_dtensor.models.llama import model_flops_per_token
+from cp_dtensor.parallelize import ParallelModel, build_parallel_model
+from cp_dtensor.sharding import shard_batch
+from cp_dtensor.train_step import StepResult, train_step
+from cp_dtensor.trainer.builders import _build_data, build_lr_lambda, job_comm_choice
+from cp_dtensor.trainer.checks import _global_batch_size, validate_job
+from cp_dtensor.trainer.model_factory import build_model
+
+__all__ = ["Trainer"]
+
+
+class Trainer:
+    """A torchtitan-style trainer for the Llama model with CP, TP, FSDP2, PP and AC from a :class:`JobConfig`.
+
+    Args:
+        cfg: the validated job config.
+    """
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg = cfg
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        self.parallel_dims = validate_job(cfg, world)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
+        t = cfg.training
+        torch.manual_seed(t.seed)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+        self.parallel_dims.build_mesh(self.device.type)
+        dump = Path(cfg.job.dump_folder)
+        self.metrics = MetricsLogger(
+            is_rank0=self.rank == 0,
+            total_steps=t.steps,
+            log_freq=cfg.metrics.log_freq,
+            log_file=dump / cfg.metrics.log_file,
+            tensorboard_dir=dump / cfg.metrics.save_tb_folder if cfg.metrics.enable_tensorboard else None,
+        )
+        self.ring_stats = RingStats() if self.parallel_dims.cp_enabled else None
+        self.use_documents = cfg.model.attention_mask == "document_causal"
+        # A layout name, or for "balanced" the rule that plans each batch (shard_batch and the CP style).
+        self.cp_layout: Any = cfg.cp_layout
+        if cfg.cp_layout == "balanced":
+            window = (
+                (cfg.model.sliding_window - 1, 0)
+                if cfg.model.sliding_window_layers == "all" and cfg.model.sliding_window
+                else (-1, -1)
+            )
+            self.cp_layout = BalancedLayoutRule(
+                is_causal=cfg.model.attention_mask != "bidirectional", window_size=window
+            )
+        self.model_args, self.parallel_model = self._build_model()
+        self.optimizers = [
+            torch.optim.AdamW(
+                part.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay, eps=1e-8
+            )
+            for part in self.parallel_model.model_parts
+        ]
+        lr_lambda = build_lr_lambda(t.steps, t.warmup_steps, t.lr_schedule, t.min_lr_ratio)
+        self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) for opt in self.optimizers]
+        self.data = _build_data(cfg, self.model_args.vocab_size, _global_batch_size(cfg, self.parallel_dims))
+        self.step = 0
+        self.checkpoints = (
+            CheckpointManager(
+                dump / cfg.checkpoint.folder,
+                keep_latest_k=cfg.checkpoint.keep_latest_k,
+                log=self.metrics.info,
+            )
+            if cfg.checkpoint.enable
+            else None
+        )
+        gbs = self.data.loader.global_batch_size
+        self.accumulation_steps = gbs // self.parallel_dims.dp // t.local_batch_size
+        self.flops_per_token = model_flops_per_token(self.model_args, t.seq_len)
+        peak = gpu_peak_tflops()
+        self.peak_flops = peak * 1e12 if peak else None
+
+    # ---- construction ------------------------------------------------------------------------------
+    def _build_model(self) -> tuple[Any, ParallelModel]:
+        cfg, pd = self.cfg, self.parallel_dims
+        with torch.device("meta"):
+            model = build_model(cfg)
+        self.model_fingerprint = model_fingerprint(
+            model,
+            f"{cfg.model.name}/{cfg.model.flavor}",
+            {"model.name": cfg.model.name, "model.flavor": cfg.model.flavor},
+        )  # the whole model's parameter shapes, before PP splits it
+        param_dtype = torch.bfloat16 if cfg.training.mixed_precision_param == "bfloat16" else None
+        comm = job_comm_choice(cfg, pd, model.args, self.device) if pd.cp_enabled else CommChoice("p2p", None)
+        self.cp_comm = comm
+        pm = build_parallel_model(
+            model,
+            pd,
+            device=self.device,
+            pp_schedule=cfg.parallelism.pipeline_parallel_schedule,
+            pp_microbatches=cfg.parallelism.pipeline_parallel_microbatches,
+            ac_mode=cfg.activation_checkpoint.mode,
+            selective_ac_every=int(cfg.activation_checkpoint.selective_ac_option),
+            cp_layout=self.cp_layout,
+            cp_comm=comm.comm,
+            cp_a2a_size=comm.a2a_size,
+            cp_backend=None
+            if cfg.parallelism.context_parallel_backend == "auto"
+            else cfg.parallelism.context_parallel_backend,
+            ring_stats=self.ring_stats,
+            compile_backend=cfg.compile.backend if cfg.compile.enable else None,
+            param_dtype=param_dtype,
+        )
+        for part in pm.model_parts:
+            part.to_empty(device=self.device)
+            part.init_weights(seed=cfg.training.seed)
+        n_params = sum(p.numel() for p in model.parameters())
+        self.metrics.info(
+            f"model {cfg.model.name}/{cfg.model.flavor} ({n_params / 1e6:.2f}M params, "
+            f"{self._attention_summary()}) | world {pd.world_size}: pp {pd.pp} dp {pd.dp} cp {pd.cp} "
+            f"tp {pd.tp} | cp layout {cfg.cp_layout}, comm {self._comm_summary()}, backend {cfg.parallelism.context_parallel_backend} | ac {cfg.activation_checkpoint.mode}"
+            f"{f' | compile {cfg.compile.backend}' if cfg.compile.enable else ''} | seq_len "
+            f"{cfg.training.seq_len} | device {self.device.type}"
+        )
+        if comm.reason:  # the cost model chose: say why, with every alternative's predicted time
+            self.metrics.info(f"cp comm {cfg.parallelism.context_parallel_comm}: {comm.reason}")
+            for line in comm.table:
+                self.metrics.info(f"  predicted per attention layer (fwd+bwd): {line}")
+        return model.args, pm
+
+    def _comm_summary(self) -> str:
+        named, comm = self.cfg.parallelism.context_parallel_comm, self.cp_comm
+        text = comm.comm + (f" (a2a {comm.a2a_size})" if comm.a2a_size else "")
+        return text if named == comm.comm and not comm.reason else f"{named} -> {text}"
+
+    def _attention_summary(self) -> str:
+        model = self.cfg.model
+        text = model.attention_mask
+        if model.sliding_window:
+            text += f", sliding window {model.sliding_window} ({model.sliding_window_layers} layers)"
+        return text
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        parts = self.parallel_model.model_parts
+
+        def get_train_state() -> dict[str, Any]:
+            return {"step": self.step, "rng": torch.get_rng_state()}
+
+        def put_train_state(state: dict[str, Any]) -> None:
+            self.step = int(state["step"])
+            torch.set_rng_state(state["rng"])
+
+        return {
+            "model": ModelState(parts),
+            "optimizer": OptimizerState(parts, self.optimizers),
+            "lr_scheduler": ObjectState(self.schedulers[0].state_dict, self._load_schedulers),
+            "dataloader": ObjectState(self.data.loader.state_dict, self.data.loader.load_state_dict),
+            "train_state": ObjectState(get_train_state, put_train_state),
+        }
+
+    def _load_schedulers(self, state: dict[str, Any]) -> None:
+        for s in self.schedulers:
+            s.load_state_dict(state)
+
+    def _set_train_timeouts(self) -> None:
+        """After the first step (process groups created, kernels warm), switch every group from
+        ``comm.init_timeout_seconds`` to the shorter ``comm.train_timeout_seconds`` (as torchtitan does)."""
+        if not dist.is_initialized():
+            return
+        timeout = timedelta(seconds=self.cfg.comm.train_timeout_seconds)
+        groups = {dist.group.WORLD, *self.parallel_dims.world_mesh.get_all_groups()}
+        groups.add(self.parallel_dims.fsdp_mesh.get_group())
+        for group in groups:
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
+
+    # ---- the loop ----------------------------------------------------------------------------------
+    def resume(self) -> int | None:
+        """Load the latest usable checkpoint (or ``checkpoint.load_step``); returns its step or None."""
+        if self.checkpoints is None:
+            return None
+        step = self.checkpoints.load(
+            self._checkpoint_state(), self.cfg.checkpoint.load_step, fingerprint=self.model_fingerprint
+        )
+        if step is not None:
+            self.metrics.info(f"resumed from {self.checkpoints.step_dir(step)} (step {step})")
+        return step
+
+    def save_checkpoint(self) -> None:
+        """Save the current state as the checkpoint of the current step."""
+        assert self.checkpoints is not None
+        t0 = time.perf_counter()
+        path = self.checkpoints.save(self.step, self._checkpoint_state(), fingerprint=self.model_fingerprint)
+        self.metrics.info(f"saved checkpoint {path} in {time.perf_counter() - t0:.2f}s")
+
+    def train_one_step(self) -> StepResult:
+        """Run the next optimizer step and log it."""
+        cfg, pd = self.cfg, self.parallel_dims
+        t0 = time.perf_counter()
+        ring_before = dataclasses.replace(self.ring_stats) if self.ring_stats is not None else None
+        global_batch = next(self.data.loader)
+        validate_token_ids(global_batch["tokens"], self.model_args.vocab_size)
+        if not self.use_documents:
+            global_batch.pop("document_ids", None)
+        if cfg.data.reset_positions:  # rotary positions restart per document; "positions" stay the tokens'
+            global_batch["rope_positions"] = global_batch.pop("positions")  # places (shard_batch adds them)
+        layout = self._batch_layout(global_batch)
+        batch = shard_batch(
+            {k: v.to(self.device) for k, v in global_batch.items()}, pd.batch_mesh, layout=layout
+        )
+        try:
+            result = train_step(
+                self.parallel_model.model_parts,
+                self.optimizers,
+                batch,
+                loss_mesh=pd.loss_mesh,
+                pipeline=self.parallel_model.pipeline,
+                max_norm=cfg.training.max_norm,
+                accumulation_steps=self.accumulation_steps,
+                on_nonfinite="skip" if cfg.training.on_nonfinite == "skip" else "raise",
+            )
+        except FloatingPointError as e:
+            raise FloatingPointError(
+                f'step {self.step + 1}: {e}; stopping (training.on_nonfinite = "stop"); the last checkpoint '
+                f"holds the state before it"
+            ) from None
+        lr = self.schedulers[0].get_last_lr()[0]
+        if not result.skipped:
+            for s in self.schedulers:
+                s.step()
+        self.step += 1
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tokens = self.data.loader.global_batch_size * cfg.training.seq_len
+        tps = tokens / dt
+        per_dev = tps / pd.world_size
+        achieved = per_dev * self.flops_per_token
+        self.metrics.log(
+            StepMetrics(
+                step=self.step,
+                loss=result.loss,
+                grad_norm=result.grad_norm,
+                lr=lr,
+                tokens_per_s=tps,
+                tokens_per_s_per_device=per_dev,
+                tflops_per_device=achieved / 1e12,
+                mfu=achieved / self.peak_flops if self.peak_flops else None,
+                peak_memory_gib=peak_memory_bytes(self.device) / 2**30,
+                step_time_s=dt,
+                skipped=result.skipped,
+                cp_work_imbalance=self._work_imbalance(global_batch, layout),
+                **self._ring_metrics(ring_before),
+            )
+        )
+        return result
+
+    def _batch_layout(self, global_batch: dict[str, torch.Tensor]) -> LayoutLike:
+        """The CP layout of this batch: the configured name, or the balanced rule applied to its documents."""
+        if not callable(self.cp_layout):
+            return self.cp_layout
+        ids = global_batch.get("document_ids")
+        if ids is None:  # no document boundaries in this data: one document per row
+            ids = torch.zeros_like(global_batch["tokens"])
+        global_batch["document_ids"] = ids
+        return self.cp_layout(ids, self.parallel_dims.cp)
+
+    def _work_imbalance(self, global_batch: dict[str, torch.Tensor], layout: LayoutLike) -> float | None:
+        """max / mean attention work over the CP ranks for this batch (visible pairs of the global layers)."""
+        cp = self.parallel_dims.cp
+        if cp == 1 or self.rank != 0:  # only rank 0 logs
+            return None
+        mask = AttentionMask(self.model_args.causal, (-1, -1), global_batch.get("document_ids"))
+        rows, seq_len = global_batch["tokens"].shape
+        work = layout_work(to_sequence_layout(layout, cp, batch=rows, seq_len=seq_len), mask)
+        return float(work.max() / work.float().mean())
+
+    def _ring_metrics(self, before: RingStats | None) -> dict[str, Any]:
+        """This step's CP communication on this rank: bytes sent and time blocked waiting."""
+        now = self.ring_stats
+        if now is None or before is None:
+            return {}
+        now.settle()  # CUDA: the waits timed by events (the step already synchronized)
+        sent = now.bytes_sent_forward + now.bytes_sent_backward
+        return {
+            "cp_bytes_sent": sent - before.bytes_sent_forward - before.bytes_sent_backward,
+            "cp_comm_wait_s": now.comm_wait_seconds - before.comm_wait_seconds,
+        }
+
+    def train(self) -> list[StepResult]:
+        """Resume if possible, train to ``training.steps``, checkpoint on the way; returns the step results."""
+        cfg = self.cfg
+        resumed = self.resume()
+        if resumed is not None and resumed >= cfg.training.steps:
+            self.metrics.info(
+                f"checkpoint step {resumed} >= training.steps {cfg.training.steps}: nothing to train; raise "
+                f"training.steps to continue"
+            )
+            self.metrics.close()
+            return []
+        if self.data.summary:
+            self.metrics.info(f"data: {self.data.summary}")
+        results = []
+        try:
+            while self.step < cfg.training.steps:
+                results.append(self.train_one_step())
+                if len(results) == 1:
+                    self._set_train_timeouts()
+                if self.checkpoints is not None and (
+                    self.step % cfg.checkpoint.interval == 0 or self.step == cfg.training.steps
+                ):
+                    self.save_checkpoint()
+        finally:
+            self.metrics.close()
+        return results
