@@ -118,6 +118,7 @@ class ModelSpec:
         apply_options: ``apply_options(args, options) -> args``: applies the job's settings (and refuses
             those the family cannot serve, with a ValueError naming the setting).
         description: One line for the config reference.
+        flavor_note: Appended to the unknown-flavor message (which flavors are offered, and why).
     """
 
     name: str
@@ -128,6 +129,7 @@ class ModelSpec:
     hf_adapter: Any = None
     apply_options: Callable[[ModelArgs, ModelOptions], ModelArgs] = apply_job_options
     description: str = ""
+    flavor_note: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -167,9 +169,10 @@ class ModelSpec:
         else:
             table = self.flavor_table()
             if flavor not in table:
+                note = f" ({self.flavor_note})" if self.flavor_note else ""
                 raise ValueError(
                     f"model.flavor {flavor!r} is unknown for model.name {self.name!r}; choose one of "
-                    f"{self.flavor_names()}."
+                    f"{self.flavor_names()}{note}."
                 )
             args = table[flavor]
         return self.apply_options(args, options)
@@ -224,9 +227,10 @@ def get_model_spec(name: str) -> ModelSpec:
     """
     spec = _REGISTRY.get(name)
     if spec is None:
+        names = ", ".join(f'"{n}"' for n in model_names())
         raise ValueError(
-            f"model.name {name!r} is not a registered model family; choose one of {model_names()} (or "
-            f"register one with cp_dtensor.models.register_model)."
+            f"model.name {name!r} is not a registered model family; choose one of {names} (or register one "
+            f"with cp_dtensor.models.register_model)."
         )
     return spec
 

@@ -70,6 +70,8 @@ TORCHTITAN_LLAMA3_SPEC = register_model(
         parallelize=parallelize_llama,
         pipeline_split=split_llama_into_stages,
         apply_options=_apply_options,
+        flavor_note="torchtitan's Llama 3 flavors with SDPA attention; its flex / varlen flavors run in "
+        "torchtitan's own trainer: python -m cp_dtensor.integrations.torchtitan",
         description='torchtitan\'s Llama 3 definition (needs pip install "cp_dtensor[torchtitan]"; flavors '
         "debugmodel, 8B, 70B, 405B)",
     )
