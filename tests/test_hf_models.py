@@ -233,3 +233,17 @@ def test_rope_overrides_extend_the_context() -> None:
     assert theta == 4e6 and scaling == base.rope_scaling
     with pytest.raises(ValueError, match="original_max_position_embeddings"):
         RopeScaling("yarn", factor=4.0)
+
+
+@pytest.mark.parametrize(
+    ("file", "family", "flavor"), [("llama3_1_8b.json", "llama3", "8B"), ("qwen3_8b.json", "qwen3", "8B")]
+)
+def test_published_configs_give_our_8b_flavors(file: str, family: str, flavor: str) -> None:
+    """Llama-3.1-8B's and Qwen3-8B's config.json (as published; Hub RoPE spelling) build our 8B flavors."""
+    config = json.loads((Path(__file__).parent / "data" / "hf_configs" / file).read_text())
+    spec = get_model_spec(family)
+    got = spec.hf_adapter.args_from_config(config)
+    want = spec.model_args(flavor)
+    for name in ("dim", "n_layers", "n_heads", "kv_heads", "head_dim", "ffn_hidden_dim", "vocab_size",
+                 "norm_eps", "rope_theta", "rope_scaling", "max_seq_len", "qk_norm", "tie_embeddings"):  # fmt: skip
+        assert getattr(got, name) == getattr(want, name), name

@@ -123,8 +123,8 @@ def _build_data(cfg: JobConfig, vocab_size: int, global_batch_size: int) -> _Dat
             raise type(e)(f"data.tokenizer: {e}") from None
         if tokenizer.vocab_size > vocab_size:
             raise ValueError(
-                f"data.tokenizer {name!r} uses token ids up to {tokenizer.vocab_size - 1} but model "
-                f"{cfg.model.name}/{cfg.model.flavor} has vocab_size {vocab_size}; use a flavor with vocab_size >= "
+                f"data.tokenizer {name!r} uses token ids up to {tokenizer.vocab_size - 1} but flavor "
+                f"{cfg.model.flavor!r} has vocab_size {vocab_size}; use a flavor with vocab_size >= "
                 f"{tokenizer.vocab_size} or a smaller tokenizer."
             )
     if data.dataset == "sft":
