@@ -106,8 +106,8 @@ class ModelSpec:
             optional import).
         build: ``build(args) -> nn.Module``: the plain model on the current default device. The module must
             take ``forward(tokens, positions=None, document_ids=None, rope_positions=None)``, have
-            ``init_weights(seed)`` (and ``init_buffers()`` to load checkpoints after ``to_empty``), and
-            keep its blocks in ``layers`` (FSDP wraps each).
+            ``init_weights(seed)`` (and ``init_buffers()`` to load checkpoints after ``to_empty``), hold
+            its :class:`ModelArgs` as ``args``, and keep its blocks in ``layers`` (FSDP wraps each).
         parallelize: ``parallelize(model, parallel_dims, **settings)`` applies TP, CP, AC, compile and FSDP to
             one model part in place and returns the CP attention object or None (the keyword settings are
             those of :func:`cp_dtensor.parallelize.parallelize_llama`).

@@ -58,8 +58,8 @@ def validate_job(
     args = model_args_for(cfg)
     if cfg.training.seq_len > args.max_seq_len:
         raise ValueError(
-            f"training.seq_len {cfg.training.seq_len} exceeds max_seq_len {args.max_seq_len} of model "
-            f"{cfg.model.name}/{cfg.model.flavor}; use --training.seq_len {args.max_seq_len} or less, or extend "
+            f"training.seq_len {cfg.training.seq_len} exceeds max_seq_len {args.max_seq_len} of model flavor "
+            f"{cfg.model.flavor!r}; use --training.seq_len {args.max_seq_len} or less, or extend "
             f"the context with a RoPE scaling (model.rope_type, model.rope_factor: the limit becomes the trained "
             f"context x factor)."
         )

@@ -237,11 +237,16 @@ class Trainer:
             self._initial_load = None
         return step
 
-    def load_initial_weights(self, path: str) -> None:
+    def load_initial_weights(self, path: str) -> int:
         """Load the model weights of ``path``: a HuggingFace folder (``checkpoint.initial_load_in_hf``), each rank
-        reading only its shards, or a cp_dtensor checkpoint step folder (weights only)."""
+        reading only its shards, or a cp_dtensor checkpoint step folder (weights only).
+
+        Returns:
+            Bytes this rank read from a HuggingFace folder (0 for a cp_dtensor checkpoint).
+        """
         t0 = time.perf_counter()
         parts = self.parallel_model.model_parts
+        read = 0
         if self.cfg.checkpoint.initial_load_in_hf:
             read = load_hf_weights(parts, path, self.model_spec.hf_adapter, self.model_args)
             what = f"HuggingFace weights from {path} ({read / 2**20:.1f} MiB read by rank {self.rank})"
@@ -249,6 +254,7 @@ class Trainer:
             load_model_weights(path, ModelState(parts), fingerprint=self.model_fingerprint)
             what = f"model weights from checkpoint {path}"
         self.metrics.info(f"loaded {what} in {time.perf_counter() - t0:.2f}s")
+        return read
 
     def save_hf(self) -> Path:
         """Write the current weights as a HuggingFace folder ``<checkpoint folder>/step-N-hf``.
