@@ -11,8 +11,9 @@ one DCP uses, covers FSDP2, TP and both together)::
     read:                                   | head 1 | head 2 |   (whole heads: Note [q/k permutation])
     permute inside each head, cut the rank's rows, copy into the local tensor
 
-Pages of the mapped file that are touched count towards a process's RSS until they are unmapped; a
-reader is closed (its maps dropped) when the load ends.
+Pages of a mapped file that are touched count towards a process's RSS until the file is closed, so a load
+reads file by file and closes each one when its tensors are done: at most one file's touched pages are
+resident at a time.
 """
 
 from __future__ import annotations
@@ -84,6 +85,17 @@ class HFCheckpointReader:
             if exit_fn is not None:
                 exit_fn(None, None, None)
         self._handles.clear()
+
+    def file_of(self, key: str) -> Path:
+        """The file that holds tensor ``key``."""
+        return self._files[key]
+
+    def close_file(self, file: Path) -> None:
+        """Close one file (its mapped pages leave this process's RSS); it reopens on the next read."""
+        handle = self._handles.pop(file, None)
+        exit_fn = getattr(handle, "__exit__", None)
+        if exit_fn is not None:
+            exit_fn(None, None, None)
 
     def _open(self, file: Path) -> Any:
         handle = self._handles.get(file)
