@@ -41,7 +41,15 @@ def rss_gib() -> tuple[float, float]:
 
 
 def write_random_checkpoint(folder: Path, *, max_shard_bytes: int = 1 << 30) -> dict:
-    """A random bf16 checkpoint with Llama 3.2 1B's shapes (written tensor by tensor)."""
+    """A random bf16 checkpoint with Llama 3.2 1B's shapes (written tensor by tensor).
+
+    Args:
+        folder: Output folder.
+        max_shard_bytes: Largest safetensors file.
+
+    Returns:
+        ``{"params", "bytes"}``.
+    """
     from cp_dtensor.models import ModelArgs, Transformer
     from cp_dtensor.models.hf import (
         LLAMA_ADAPTER,
@@ -86,7 +94,15 @@ def _load_with_dcp(trainer: object, folder: str) -> int:
 
 
 def measure_rank(folder: str, dp: int, cp: int, out_dir: str, reader: str = "ours") -> None:
-    """On every rank: build the trainer, load the checkpoint, write this rank's numbers."""
+    """On every rank: build the trainer, load the checkpoint, write this rank's numbers.
+
+    Args:
+        folder: The checkpoint folder.
+        dp: Data-parallel degree.
+        cp: Context-parallel degree.
+        out_dir: Where ``rank{r}.json`` goes.
+        reader: ``"ours"`` (the trainer's load) or ``"dcp"`` (DCP's HuggingFaceStorageReader).
+    """
     import torch.distributed as dist
 
     from cp_dtensor.config import JobConfig

@@ -87,11 +87,22 @@ class HFCheckpointReader:
         self._handles.clear()
 
     def file_of(self, key: str) -> Path:
-        """The file that holds tensor ``key``."""
+        """The file that holds a tensor.
+
+        Args:
+            key: Tensor name.
+
+        Returns:
+            Its file.
+        """
         return self._files[key]
 
     def close_file(self, file: Path) -> None:
-        """Close one file (its mapped pages leave this process's RSS); it reopens on the next read."""
+        """Close one file (its mapped pages leave this process's RSS); it reopens on the next read.
+
+        Args:
+            file: A file of this checkpoint.
+        """
         handle = self._handles.pop(file, None)
         exit_fn = getattr(handle, "__exit__", None)
         if exit_fn is not None:
@@ -113,7 +124,14 @@ class HFCheckpointReader:
         return iter(self._files)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """Shape of tensor ``key`` (read from the header; no data is touched)."""
+        """Shape of a tensor, from the file's header (no data is touched).
+
+        Args:
+            key: Tensor name.
+
+        Returns:
+            The shape.
+        """
         return tuple(self._open(self._files[key]).get_slice(key).get_shape())
 
     def read(self, key: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
@@ -155,7 +173,12 @@ class HFShardWriter:
         self._files = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        """Queue ``tensor`` (a CPU copy is kept) under ``key``; flushes a full file first."""
+        """Queue a tensor (a contiguous CPU copy is kept); writes the queued file first when it is full.
+
+        Args:
+            key: Tensor name in the checkpoint.
+            tensor: The whole tensor.
+        """
         size = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
             self.flush()
