@@ -186,7 +186,7 @@ def ring_attention(
             ``stats`` and ``a2a_size`` (those keywords must then keep their defaults).
 
     With documents or a window, only visible pairs are computed and only KV rows some query needs are
-    sent (Note [Masked ring]). With one process and no mask this is one ``F.scaled_dot_product_attention``.
+    sent (Note [Ring plan]). With one process and no mask this is one ``F.scaled_dot_product_attention``.
 
     Returns:
         (B, Hq, S_local, D) this rank's attention output shard.

@@ -49,11 +49,41 @@ class Job:
 class Model:
     """Which model to train."""
 
-    name: Literal["llama3", "torchtitan.llama3"] = "llama3"
-    """Model family: "llama3" (cp_dtensor's) or "torchtitan.llama3" (torchtitan's Llama 3 definition; needs pip install "cp_dtensor[torchtitan]"; flavors debugmodel, 8B, 70B, 405B)."""
+    name: str = "llama3"
+    """Model family, a name in the model registry (cp_dtensor.models.model_names()): "llama3" (cp_dtensor's Llama 3), "qwen3" (Qwen3 dense), "torchtitan.llama3" (torchtitan's Llama 3 definition; needs pip install "cp_dtensor[torchtitan]"; flavors debugmodel, 8B, 70B, 405B), or a family registered with cp_dtensor.models.register_model."""
 
     flavor: str = "debug"
-    """Size preset of the model family (e.g. "debug", "8B"); see cp_dtensor.models for the list."""
+    """Size preset of the model family (e.g. "debug", "8B"), or "hf": the architecture of the HuggingFace config.json in hf_assets_path; see cp_dtensor.models for the lists."""
+
+    hf_assets_path: str = ""
+    """HuggingFace model folder (config.json, tokenizer.json, *.safetensors): the architecture for flavor "hf", the tokenizer when data.tokenizer is "byte" (the default), and the weights for checkpoint.initial_load_in_hf when checkpoint.initial_load_path is empty."""
+
+    rope_theta: float = _bounded(0.0, ge=0.0)
+    """RoPE base replacing the flavor's / config.json's (context extension, e.g. a larger theta); 0 keeps it."""
+
+    rope_type: Literal["", "default", "linear", "dynamic", "llama3", "yarn"] = ""
+    """RoPE scaling replacing the model's: "linear", "dynamic" (NTK), "llama3" (Llama 3.1), "yarn", "default" (none); "" keeps it. Unset rope_* values come from the model's scaling (the trained context: its original_max_position_embeddings, else its max_seq_len)."""
+
+    rope_factor: float = _bounded(0.0, ge=0.0)
+    """RoPE scaling factor (context extension ratio); 0 keeps the model's."""
+
+    rope_original_max_position_embeddings: int = _bounded(0, ge=0)
+    """Context the model was trained on, that the RoPE scaling extends; 0 keeps the model's."""
+
+    rope_low_freq_factor: float = _bounded(0.0, ge=0.0)
+    """RoPE "llama3": wavelengths above original context / this are interpolated; 0 keeps the model's."""
+
+    rope_high_freq_factor: float = _bounded(0.0, ge=0.0)
+    """RoPE "llama3": wavelengths below original context / this are kept; 0 keeps the model's."""
+
+    rope_beta_fast: float = _bounded(0.0, ge=0.0)
+    """RoPE "yarn": pairs turning more often than this over the original context are kept; 0 keeps the model's (32)."""
+
+    rope_beta_slow: float = _bounded(0.0, ge=0.0)
+    """RoPE "yarn": pairs turning less often than this are interpolated; 0 keeps the model's (1)."""
+
+    rope_attention_factor: float = _bounded(0.0, ge=0.0)
+    """RoPE "yarn": multiplier of cos and sin; 0 keeps the model's (default 0.1 ln(factor) + 1)."""
 
     attention_mask: Literal["causal", "bidirectional", "document_causal"] = "causal"
     """Attention mask: "causal" (decoder, each token sees itself and earlier tokens), "bidirectional", or "document_causal" (causal within each packed document: a token sees only earlier tokens of its own document)."""
@@ -183,8 +213,14 @@ class Compile:
 class Data:
     """Training data."""
 
-    dataset: Literal["synthetic_recall", "text"] = "synthetic_recall"
-    """Dataset: "synthetic_recall" (generated key-value recall task, no files) or "text" (files in data.paths)."""
+    dataset: Literal["synthetic_recall", "text", "sft"] = "synthetic_recall"
+    """Dataset: "synthetic_recall" (generated key-value recall task, no files), "text" (files in data.paths), or "sft" (JSONL prompt/completion records in data.paths, packed whole; the loss counts completion tokens only)."""
+
+    sft_prompt_field: str = "prompt"
+    """Dataset "sft": the JSONL field holding the prompt (no loss on its tokens)."""
+
+    sft_completion_field: str = "completion"
+    """Dataset "sft": the JSONL field holding the completion (the loss counts its tokens and the EOS after it)."""
 
     paths: list[str] = field(default_factory=list)
     """Text or JSONL files for dataset "text"; on the command line, comma-separated."""
@@ -193,7 +229,7 @@ class Data:
     """Field of each JSONL record that holds the text (for .jsonl files)."""
 
     tokenizer: str = "byte"
-    """Tokenizer of dataset "text": "byte" (UTF-8 bytes + BOS/EOS, 258 ids) or the path of a HuggingFace tokenizer.json (or of the folder holding it, e.g. torchtitan's hf_assets_path); needs pip install "cp_dtensor[hf]", and the model's vocab_size must cover its ids."""
+    """Tokenizer of datasets "text" and "sft": "byte" (UTF-8 bytes + BOS/EOS, 258 ids) or the path of a HuggingFace tokenizer.json (or of the folder holding it, e.g. torchtitan's hf_assets_path); needs pip install "cp_dtensor[hf]", and the model's vocab_size must cover its ids. With model.hf_assets_path set, "byte" means that folder's tokenizer.json."""
 
     reset_positions: bool = False
     """Restart the rotary positions at 0 at each document start in a sample; false: the global positions 0..seq_len-1. Not yet with document_causal or a sliding window (their attention takes the positions as the tokens' places in the sequence)."""
@@ -220,6 +256,18 @@ class Checkpoint:
 
     load_step: int = _bounded(-1, ge=0, sentinel=-1)
     """Step of the checkpoint to resume from; -1 takes the latest."""
+
+    initial_load_path: str = ""
+    """Weights to start from when folder holds no checkpoint to resume: a HuggingFace folder (with initial_load_in_hf) or a cp_dtensor checkpoint step folder (model weights only)."""
+
+    initial_load_in_hf: bool = False
+    """initial_load_path is a HuggingFace folder (safetensors); each rank reads only its shards. With initial_load_path empty, model.hf_assets_path is loaded."""
+
+    last_save_in_hf: bool = False
+    """Also write the last checkpoint as a HuggingFace folder (config.json + safetensors, loadable by transformers) in folder/step-N-hf."""
+
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the weights written by last_save_in_hf."""
 
 
 @dataclass
@@ -405,10 +453,38 @@ class JobConfig:
                     f"{_suggest_multiples(training.local_batch_size, microbatches)} or change the microbatches"
                 )
 
-        if self.data.dataset == "text" and not self.data.paths:
+        if self.data.dataset in ("text", "sft") and not self.data.paths:
             raise ConfigError(
-                'data.paths: dataset "text" needs at least one file; set data.paths = ["corpus.jsonl"] '
-                "in TOML or --data.paths a.txt,b.jsonl"
+                f'data.paths: dataset "{self.data.dataset}" needs at least one file; set data.paths = '
+                '["corpus.jsonl"] in TOML or --data.paths a.txt,b.jsonl'
+            )
+        self._validate_model_choice()
+
+    def _validate_model_choice(self) -> None:
+        """model.name in the registry; what flavor "hf" and the HuggingFace checkpoint options need."""
+        from cp_dtensor.models.registry import HF_FLAVOR, model_names
+
+        model, ckpt = self.model, self.checkpoint
+        if model.name not in model_names():
+            names = ", ".join(f'"{n}"' for n in model_names())
+            raise ConfigError(
+                f"model.name: {model.name!r} is not one of the registered model families {names}; pick one, or "
+                f"register a family with cp_dtensor.models.register_model before the config is read"
+            )
+        if model.flavor == HF_FLAVOR and not model.hf_assets_path:
+            raise ConfigError(
+                'model.flavor "hf" builds the model from model.hf_assets_path/config.json; set model.hf_assets_path '
+                "to a HuggingFace model folder"
+            )
+        if ckpt.initial_load_in_hf and not (ckpt.initial_load_path or model.hf_assets_path):
+            raise ConfigError(
+                "checkpoint.initial_load_in_hf needs a HuggingFace folder: set checkpoint.initial_load_path (or "
+                "model.hf_assets_path)"
+            )
+        if ckpt.last_save_in_hf and not ckpt.enable:
+            raise ConfigError(
+                "checkpoint.last_save_in_hf writes the last checkpoint as a HuggingFace folder; set "
+                "checkpoint.enable = true"
             )
 
 

@@ -9,7 +9,7 @@ Bytes autograd keeps for backward, per token of a rank's CP shard (``B`` bytes p
           = (8 + (B if B < 4 else 0)) h + 4        unfused fp32 norm: fp32 input, normalized output (+ cast), 1/rms
     block = 2 norm / t                             two norms, sequence-sharded under sequence parallelism
           + 2 B h  (/ t when re-gathered)          the gathered inputs of the column-parallel linears
-          + ((h + 2 kv) B + h B + 4 n_heads) / t    q, k, v, attention out, fp32 lse
+          + ((hq + 2 kv) B + hq B + 4 n_heads) / t  q, k, v, attention out, fp32 lse (hq = heads x head dim)
           + (4 | 2) f B / t                        SwiGLU | GELU MLP
     head  = norm / t + B h (/ t) + 4 vocab (/ t)   final norm, gathered head input, fp32 log-softmax
 
@@ -53,6 +53,7 @@ class BlockShape:
         vocab_size: vocabulary size (the head's log-softmax).
         swiglu: SwiGLU MLP (4 saved FFN-wide tensors) rather than a plain GELU MLP (2).
         dropout: the block keeps dropout masks (2 per token and dim).
+        q_dim: query heads x head dim when it differs from ``dim`` (Qwen3); None: ``dim``.
     """
 
     dim: int
@@ -63,6 +64,7 @@ class BlockShape:
     vocab_size: int
     swiglu: bool = True
     dropout: bool = False
+    q_dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ def block_activation_bytes_per_token(shape: BlockShape, fmt: MemoryFormat, tp: i
     h, b = shape.dim, fmt.dtype_bytes
     seq_sharded = 2 * norm_bytes_per_token(h, fmt) + (2 * h if shape.dropout else 0)
     gathered = 2 * h * b
-    head_sharded = (h + 2 * shape.kv_dim) * b + h * b + 4 * shape.n_heads
+    hq = shape.q_dim or h
+    head_sharded = (hq + 2 * shape.kv_dim) * b + hq * b + 4 * shape.n_heads
     head_sharded += (4 if shape.swiglu else 2) * shape.ffn_hidden * b
     return seq_sharded / tp + (gathered if fmt.saves_gathered_input else gathered / tp) + head_sharded / tp
 

@@ -2,7 +2,8 @@
 synthetic long-range recall task, a global batch loader.
 
 Modules: :mod:`~cp_dtensor.data.tokenizer` (``ByteTokenizer``, ``HFTokenizer``, ``load_tokenizer``),
-:mod:`~cp_dtensor.data.text` (``TextDataset``), :mod:`~cp_dtensor.data.recall` (``SyntheticRecallDataset``),
+:mod:`~cp_dtensor.data.text` (``TextDataset``), :mod:`~cp_dtensor.data.sft` (``SFTDataset``: loss-masked
+prompt/completion records), :mod:`~cp_dtensor.data.recall` (``SyntheticRecallDataset``),
 :mod:`~cp_dtensor.data.loader` (``GlobalBatchLoader``) and :mod:`~cp_dtensor.data.common` (the sample
 format and the helpers they share).
 
@@ -31,6 +32,7 @@ from cp_dtensor.data.common import (
 )
 from cp_dtensor.data.loader import GlobalBatchLoader, MapDataset
 from cp_dtensor.data.recall import SyntheticRecallDataset
+from cp_dtensor.data.sft import SFTDataset
 from cp_dtensor.data.text import TextDataset
 from cp_dtensor.data.tokenizer import (
     HF_BOS_TOKENS,
@@ -50,6 +52,7 @@ __all__ = [
     "GlobalBatchLoader",
     "HFTokenizer",
     "MapDataset",
+    "SFTDataset",
     "Sample",
     "SyntheticRecallDataset",
     "TextDataset",

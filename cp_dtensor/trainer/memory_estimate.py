@@ -13,7 +13,7 @@ import torch
 from cp_dtensor.config import JobConfig
 from cp_dtensor.cost.memory import BlockShape, MemoryFormat, recomputed_layers
 from cp_dtensor.cost.memory import activation_bytes_per_rank as activation_bytes_per_rank_of
-from cp_dtensor.models.llama import ModelArgs
+from cp_dtensor.models.args import ModelArgs
 from cp_dtensor.parallel_dims import ParallelDims
 
 __all__ = [
@@ -78,7 +78,7 @@ def activation_bytes_per_rank(cfg: JobConfig, pd: ParallelDims, args: ModelArgs)
     t, par = cfg.training, cfg.parallelism
     shape = BlockShape(
         dim=args.dim, kv_dim=args.kv_heads * args.head_dim, n_heads=args.n_heads, head_dim=args.head_dim,
-        ffn_hidden=args.ffn_hidden_dim, vocab_size=args.vocab_size,
+        ffn_hidden=args.ffn_hidden_dim, vocab_size=args.vocab_size, q_dim=args.n_heads * args.head_dim,
     )  # fmt: skip
     fmt = MemoryFormat(
         dtype_bytes=2 if t.mixed_precision_param == "bfloat16" else 4,
