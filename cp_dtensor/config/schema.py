@@ -182,14 +182,17 @@ class Compile:
 class Data:
     """Training data."""
 
-    dataset: Literal["synthetic_recall", "text"] = "synthetic_recall"
-    """Dataset: "synthetic_recall" (generated key-value recall task, no files) or "text" (files in data.paths)."""
+    dataset: Literal["synthetic_recall", "text", "hf"] = "synthetic_recall"
+    """Dataset: "synthetic_recall" (generated key-value recall task, no files), "text" (.txt / .jsonl files in data.paths) or "hf" (parquet / JSON / JSONL / arrow files or a dataset folder in data.paths, streamed by HuggingFace datasets; needs pip install "cp_dtensor[hf]"). "text" and "hf" are tokenized once into data.cache_dir and packed with document ids (docs/data.md)."""
 
     paths: list[str] = field(default_factory=list)
-    """Text or JSONL files for dataset "text"; on the command line, comma-separated."""
+    """Files or folders of dataset "text" / "hf", read in this order; on the command line, comma-separated."""
 
     jsonl_field: str = "text"
-    """Field of each JSONL record that holds the text (for .jsonl files)."""
+    """Field of each JSONL record (dataset "text") or dataset row (dataset "hf") that holds the text."""
+
+    cache_dir: str = "token_cache"
+    """Folder of the token cache of datasets "text" / "hf" (memory-mapped token shards + document offsets), relative to job.dump_folder unless absolute; every rank must see it. Built once by all ranks together (or ahead of time by scripts/pretokenize.py) and reused while the files, tokenizer and text field are unchanged."""
 
     tokenizer: str = "byte"
     """Tokenizer of dataset "text": "byte" (UTF-8 bytes + BOS/EOS, 258 ids) or the path of a HuggingFace tokenizer.json (or of the folder holding it, e.g. torchtitan's hf_assets_path); needs pip install "cp_dtensor[hf]", and the model's vocab_size must cover its ids."""
@@ -399,10 +402,11 @@ class JobConfig:
                     f"{_suggest_multiples(training.local_batch_size, microbatches)} or change the microbatches"
                 )
 
-        if self.data.dataset == "text" and not self.data.paths:
+        if self.data.dataset in ("text", "hf") and not self.data.paths:
+            example = "corpus.jsonl" if self.data.dataset == "text" else "corpus.parquet"
             raise ConfigError(
-                'data.paths: dataset "text" needs at least one file; set data.paths = ["corpus.jsonl"] '
-                "in TOML or --data.paths a.txt,b.jsonl"
+                f'data.paths: dataset "{self.data.dataset}" needs at least one file; set data.paths = '
+                f'["{example}"] in TOML or --data.paths a,b on the command line'
             )
 
 

@@ -30,8 +30,10 @@ from cp_dtensor.data.common import (
     validate_token_ids,
 )
 from cp_dtensor.data.loader import GlobalBatchLoader, MapDataset
+from cp_dtensor.data.packing import PackedTokenDataset, TokenStream, pack_window
 from cp_dtensor.data.recall import SyntheticRecallDataset
 from cp_dtensor.data.text import TextDataset
+from cp_dtensor.data.token_cache import TokenCache, build_token_cache
 from cp_dtensor.data.tokenizer import (
     HF_BOS_TOKENS,
     HF_EOS_TOKENS,
@@ -50,11 +52,16 @@ __all__ = [
     "GlobalBatchLoader",
     "HFTokenizer",
     "MapDataset",
+    "PackedTokenDataset",
     "Sample",
     "SyntheticRecallDataset",
     "TextDataset",
+    "TokenCache",
+    "TokenStream",
     "Tokenizer",
+    "build_token_cache",
     "document_positions",
     "load_tokenizer",
+    "pack_window",
     "validate_token_ids",
 ]

@@ -112,7 +112,7 @@ def validate_job(
             'parallelism.context_parallel_backend "cpu_flash" runs on CPU tensors but training runs on the GPU; '
             'use "auto", "flash", "cudnn" or "efficient".'
         )
-    if cfg.data.dataset == "text":
+    if cfg.data.dataset in ("text", "hf"):
         for path in map(Path, cfg.data.paths):
             if not path.exists():
                 raise FileNotFoundError(f"data.paths: {path} does not exist.")

@@ -31,7 +31,7 @@ from cp_dtensor.models.llama import model_flops_per_token
 from cp_dtensor.parallelize import ParallelModel, build_parallel_model
 from cp_dtensor.sharding import shard_batch
 from cp_dtensor.train_step import StepResult, train_step
-from cp_dtensor.trainer.builders import _build_data, build_lr_lambda, job_comm_choice
+from cp_dtensor.trainer.builders import DataPlacement, _build_data, build_lr_lambda, job_comm_choice
 from cp_dtensor.trainer.checks import _global_batch_size, validate_job
 from cp_dtensor.trainer.model_factory import build_model
 
@@ -90,7 +90,20 @@ class Trainer:
         ]
         lr_lambda = build_lr_lambda(t.steps, t.warmup_steps, t.lr_schedule, t.min_lr_ratio)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) for opt in self.optimizers]
-        self.data = _build_data(cfg, self.model_args.vocab_size, _global_batch_size(cfg, self.parallel_dims))
+        pd = self.parallel_dims
+        self.data = _build_data(
+            cfg,
+            self.model_args.vocab_size,
+            _global_batch_size(cfg, pd),
+            DataPlacement(
+                dp_rank=pd.world_mesh["dp"].get_local_rank() if dist.is_initialized() else 0,
+                dp_degree=pd.dp,
+                rank=self.rank,
+                world_size=world,
+                barrier=dist.barrier if dist.is_initialized() else None,
+                log=self.metrics.info,
+            ),
+        )
         self.step = 0
         self.checkpoints = (
             CheckpointManager(
@@ -224,15 +237,15 @@ class Trainer:
         cfg, pd = self.cfg, self.parallel_dims
         t0 = time.perf_counter()
         ring_before = dataclasses.replace(self.ring_stats) if self.ring_stats is not None else None
-        global_batch = next(self.data.loader)
-        validate_token_ids(global_batch["tokens"], self.model_args.vocab_size)
+        local_batch = next(self.data.loader)
+        validate_token_ids(local_batch["tokens"], self.model_args.vocab_size)
         if not self.use_documents:
-            global_batch.pop("document_ids", None)
+            local_batch.pop("document_ids", None)
         if cfg.data.reset_positions:  # rotary positions restart per document; "positions" stay the tokens'
-            global_batch["rope_positions"] = global_batch.pop("positions")  # places (shard_batch adds them)
-        layout = self._batch_layout(global_batch)
-        batch = shard_batch(
-            {k: v.to(self.device) for k, v in global_batch.items()}, pd.batch_mesh, layout=layout
+            local_batch["rope_positions"] = local_batch.pop("positions")  # places (shard_batch adds them)
+        layout = self._batch_layout(local_batch)
+        batch = shard_batch(  # the loader read only this dp rank's rows
+            {k: v.to(self.device) for k, v in local_batch.items()}, pd.batch_mesh, layout=layout, rows="local"
         )
         try:
             result = train_step(
@@ -275,29 +288,30 @@ class Trainer:
                 peak_memory_gib=peak_memory_bytes(self.device) / 2**30,
                 step_time_s=dt,
                 skipped=result.skipped,
-                cp_work_imbalance=self._work_imbalance(global_batch, layout),
+                cp_work_imbalance=self._work_imbalance(local_batch, layout),
                 **self._ring_metrics(ring_before),
             )
         )
         return result
 
-    def _batch_layout(self, global_batch: dict[str, torch.Tensor]) -> LayoutLike:
+    def _batch_layout(self, local_batch: dict[str, torch.Tensor]) -> LayoutLike:
         """The CP layout of this batch: the configured name, or the balanced rule applied to its documents."""
         if not callable(self.cp_layout):
             return self.cp_layout
-        ids = global_batch.get("document_ids")
+        ids = local_batch.get("document_ids")
         if ids is None:  # no document boundaries in this data: one document per row
-            ids = torch.zeros_like(global_batch["tokens"])
-        global_batch["document_ids"] = ids
+            ids = torch.zeros_like(local_batch["tokens"])
+        local_batch["document_ids"] = ids
         return self.cp_layout(ids, self.parallel_dims.cp)
 
-    def _work_imbalance(self, global_batch: dict[str, torch.Tensor], layout: LayoutLike) -> float | None:
-        """max / mean attention work over the CP ranks for this batch (visible pairs of the global layers)."""
+    def _work_imbalance(self, local_batch: dict[str, torch.Tensor], layout: LayoutLike) -> float | None:
+        """max / mean attention work over the CP ranks for this rank's rows of the batch (visible pairs of the
+        global layers; logged from rank 0, i.e. dp rank 0's rows)."""
         cp = self.parallel_dims.cp
         if cp == 1 or self.rank != 0:  # only rank 0 logs
             return None
-        mask = AttentionMask(self.model_args.causal, (-1, -1), global_batch.get("document_ids"))
-        rows, seq_len = global_batch["tokens"].shape
+        mask = AttentionMask(self.model_args.causal, (-1, -1), local_batch.get("document_ids"))
+        rows, seq_len = local_batch["tokens"].shape
         work = layout_work(to_sequence_layout(layout, cp, batch=rows, seq_len=seq_len), mask)
         return float(work.max() / work.float().mean())
 
