@@ -383,7 +383,7 @@ def test_job_comm_auto_prices_this_jobs_attention_and_heads_that_cannot_split_fa
         ["--parallelism.context_parallel_degree", "2", "--parallelism.context_parallel_comm", "auto"]
     )
     unknown.parallelism.context_parallel_cost_hardware = "tpu"
-    with pytest.raises(ValueError, match=r"Unknown hardware 'tpu': not a preset"):
+    with pytest.raises(ValueError, match=r"cost_hardware: Unknown hardware 'tpu': not a preset"):
         validate_job(unknown, 2)
 
 
@@ -397,3 +397,97 @@ def test_compile_with_tensor_parallelism_is_refused_in_one_line() -> None:
         ValueError, match=r"compile\.enable with tensor_parallel_degree > 1 is not supported yet"
     ):
         validate_job(cfg, 4)
+
+
+def test_an_unknown_cost_hardware_is_refused_whatever_the_comm() -> None:
+    """Issue 25 item 10: accepted and ignored before (comm p2p, or cp 1, never priced)."""
+    from cp_dtensor.config import load_config
+    from cp_dtensor.trainer import validate_job
+
+    for cp, comm in ((2, "p2p"), (2, "allgather"), (1, "p2p")):
+        cfg = load_config(
+            ["--parallelism.context_parallel_degree", str(cp), "--parallelism.context_parallel_comm", comm]
+        )
+        cfg.parallelism.context_parallel_cost_hardware = "h1000"
+        with pytest.raises(
+            ValueError, match=r"^parallelism\.context_parallel_cost_hardware: Unknown hardware 'h1000'"
+        ):
+            validate_job(cfg, cp)
+        cfg.parallelism.context_parallel_cost_hardware = "h100"  # a preset passes
+        validate_job(cfg, cp)
+
+
+def _resume_under_other_masks(dump: str) -> dict[str, object]:
+    """On every rank: 2 causal steps (checkpoint at 2), then resumes under other mask settings."""
+    from cp_dtensor.checkpoint import CheckpointError
+    from cp_dtensor.trainer import Trainer
+
+    base = _config(
+        dump, training={"steps": 2, "seq_len": 64, "local_batch_size": 2}, checkpoint={"interval": 2}
+    )
+    Trainer(JobConfig.from_dict(base)).train()
+    out: dict[str, object] = {}
+    changes = {
+        "document": {"attention_mask": "document_causal"},
+        "window": {"sliding_window": 16, "sliding_window_layers": "alternate"},
+    }
+    for name, model in changes.items():
+        cfg = _config(dump, training={**base["training"], "steps": 3}, model=model)
+        try:
+            Trainer(JobConfig.from_dict(cfg)).train()
+            out[name] = "trained on"
+        except CheckpointError as e:
+            out[name] = str(e)
+    allowed = _config(
+        dump, training={**base["training"], "steps": 3}, model=changes["document"],
+        checkpoint={"interval": 2, "allow_mask_change": True},
+    )  # fmt: skip
+    trainer = Trainer(JobConfig.from_dict(allowed))
+    lines: list[str] = []
+    trainer.metrics.info = lines.append  # collect the log lines of this instance
+    out["allowed"] = (len(trainer.train()), [line for line in lines if line.startswith("warning")])
+    return out
+
+
+def test_resuming_under_another_attention_mask_is_refused_unless_allowed(tmp_path: Path, dist_pool) -> None:
+    """Issue 25 item 4: before, a resume with another mask or window trained on without a word."""
+    for rank_out in dist_pool(2).run(_resume_under_other_masks, str(tmp_path)):
+        document, window = rank_out["document"], rank_out["window"]
+        assert "\n" not in document and re.search(
+            r"was trained with another attention mask: model\.attention_mask 'causal' in the checkpoint, "
+            r"'document_causal' now; resume with --model\.attention_mask causal, or set "
+            r"checkpoint\.allow_mask_change = true",
+            document,
+        ), document
+        assert (
+            "model.sliding_window 0 in the checkpoint, 16 now, model.sliding_window_layers 'all' in the "
+            "checkpoint, 'alternate' now" in window
+        ), window
+        steps, warnings = rank_out["allowed"]
+        assert steps == 1  # step 3 trained after one warning line
+        assert len(warnings) == 1 and "continuing under the new mask" in warnings[0], warnings
+
+
+def test_reset_positions_with_documents_and_a_window_train_equal_at_cp1_and_cp2(
+    tmp_path: Path, dist_pool
+) -> None:
+    """What the config reference claims for data.reset_positions (issue 25 item 10): per-document RoPE
+    positions under the document mask and a sliding window give the losses of a run without CP."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"text": f"doc {i} " + "fox jumps " * (3 + 7 * (i % 4))}) + "\n" for i in range(40)
+        )
+    )
+    common = {
+        "model": {"attention_mask": "document_causal", "sliding_window": 24},
+        "data": {"dataset": "text", "paths": [str(corpus)], "reset_positions": True},
+        "checkpoint": {"enable": False},
+    }
+    cp2 = _config(str(tmp_path / "cp2"), training={"steps": 4, "local_batch_size": 2}, **common)
+    cp1 = _config(
+        str(tmp_path / "cp1"), training={"steps": 4, "local_batch_size": 1},
+        parallelism={"context_parallel_degree": 1, "data_parallel_degree": 2}, **common,
+    )  # fmt: skip
+    want = dist_pool(2).run(run_trainer, cp1)[0]
+    _assert_losses_match(dist_pool(2).run(run_trainer, cp2)[0], want, LOSS_RTOL)

@@ -198,7 +198,7 @@ class Data:
     """Tokenizer of dataset "text": "byte" (UTF-8 bytes + BOS/EOS, 258 ids) or the path of a HuggingFace tokenizer.json (or of the folder holding it, e.g. torchtitan's hf_assets_path); needs pip install "cp_dtensor[hf]", and the model's vocab_size must cover its ids."""
 
     reset_positions: bool = False
-    """Restart the rotary positions at 0 at each document start in a sample; false: the global positions 0..seq_len-1. Not yet with document_causal or a sliding window (their attention takes the positions as the tokens' places in the sequence)."""
+    """Restart the rotary positions at 0 at each document start in a sample; false: the global positions 0..seq_len-1. Works with every mask and layout, document_causal and sliding windows included (attention keeps the tokens' places in the sequence; only RoPE sees the per-document positions)."""
 
     recall_documents: Literal["same", "split"] = "same"
     """Documents of each synthetic_recall sample: "same" (one) or "split" (two, cut after the cue region, so that under model.attention_mask "document_causal" the queries cannot see their cue and the loss stays at chance)."""
@@ -222,6 +222,9 @@ class Checkpoint:
 
     load_step: int = _bounded(-1, ge=0, sentinel=-1)
     """Step of the checkpoint to resume from; -1 takes the latest."""
+
+    allow_mask_change: bool = False
+    """Resume a checkpoint saved with other attention-mask settings (model.attention_mask, sliding_window, sliding_window_layers), with a warning; false refuses such a resume in one line naming the old and new values."""
 
 
 @dataclass
@@ -342,6 +345,14 @@ class JobConfig:
     def _validate_combinations(self) -> None:
         """Cross-field checks; ranges and types are already valid."""
         training, parallel = self.training, self.parallelism
+
+        model = self.model
+        if model.sliding_window_layers != "all" and not model.sliding_window:
+            raise ConfigError(
+                f'model.sliding_window_layers = "{model.sliding_window_layers}" needs a window, but '
+                f"model.sliding_window = 0 (off); set model.sliding_window to the window in tokens, or remove "
+                f"sliding_window_layers"
+            )
 
         option = self.activation_checkpoint.selective_ac_option
         if not (option.isascii() and option.isdigit() and int(option) >= 1):

@@ -4,6 +4,7 @@ the steps (see Note [Trainer step] in :mod:`cp_dtensor.trainer`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +18,8 @@ from cp_dtensor.attention.comm_choice import CommChoice
 from cp_dtensor.attention.mask import AttentionMask
 from cp_dtensor.balance import BalancedLayoutRule, layout_work, to_sequence_layout
 from cp_dtensor.checkpoint import (
+    MANIFEST,
+    CheckpointError,
     CheckpointManager,
     ModelState,
     ObjectState,
@@ -32,7 +35,12 @@ from cp_dtensor.parallelize import ParallelModel, build_parallel_model
 from cp_dtensor.sharding import shard_batch
 from cp_dtensor.train_step import StepResult, train_step
 from cp_dtensor.trainer.builders import DataPlacement, _build_data, build_lr_lambda, job_comm_choice
-from cp_dtensor.trainer.checks import _global_batch_size, validate_job
+from cp_dtensor.trainer.checks import (
+    _global_batch_size,
+    attention_mask_settings,
+    mask_change,
+    validate_job,
+)
 from cp_dtensor.trainer.model_factory import build_model
 
 __all__ = ["Trainer"]
@@ -130,6 +138,7 @@ class Trainer:
             f"{cfg.model.name}/{cfg.model.flavor}",
             {"model.name": cfg.model.name, "model.flavor": cfg.model.flavor},
         )  # the whole model's parameter shapes, before PP splits it
+        self.model_fingerprint["attention"] = attention_mask_settings(cfg)  # checked on resume
         param_dtype = torch.bfloat16 if cfg.training.mixed_precision_param == "bfloat16" else None
         comm = job_comm_choice(cfg, pd, model.args, self.device) if pd.cp_enabled else CommChoice("p2p", None)
         self.cp_comm = comm
@@ -221,8 +230,17 @@ class Trainer:
         step = self.checkpoints.load(
             self._checkpoint_state(), self.cfg.checkpoint.load_step, fingerprint=self.model_fingerprint
         )
-        if step is not None:
-            self.metrics.info(f"resumed from {self.checkpoints.step_dir(step)} (step {step})")
+        if step is None:
+            return None
+        folder = self.checkpoints.step_dir(step)
+        saved = json.loads((folder / MANIFEST).read_text()).get("fingerprint", {}).get("attention")
+        allowed = self.cfg.checkpoint.allow_mask_change
+        change = mask_change(saved, self.model_fingerprint["attention"], str(folder), allowed=allowed)
+        if change is not None and not allowed:
+            raise CheckpointError(change)
+        if change is not None:
+            self.metrics.info(f"warning: {change}")
+        self.metrics.info(f"resumed from {folder} (step {step})")
         return step
 
     def save_checkpoint(self) -> None:
