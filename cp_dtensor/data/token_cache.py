@@ -102,7 +102,7 @@ class _Progress:
         elapsed = max((now or time.perf_counter()) - self.t0, 1e-9)
         rate = self.bytes / elapsed
         left = (self.total - self.bytes) / rate if rate > 0 else float("inf")
-        eta = f"{left:.0f}s" if left != float("inf") else "?"
+        eta = f"{max(left, 0.0):.0f}s" if left != float("inf") else "?"
         return (
             f"{self.what}: {self.bytes / 2**20:.1f}/{self.total / 2**20:.1f} MiB "
             f"({100 * self.bytes / max(self.total, 1):.0f}%), {self.tokens / elapsed / 1e6:.2f}M tokens/s, "
