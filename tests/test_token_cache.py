@@ -253,3 +253,29 @@ def test_text_and_hf_runs_stopped_at_step_2_resume_to_the_uninterrupted_losses(
         assert len(full) == 5 and len(resumed) == 3, (kind, full, resumed)
         assert resumed == full[2:], (kind, full, resumed)  # bit-identical: same batches, same state
     assert result["text"][0] == result["hf"][0]  # the same documents packed the same way
+
+
+def test_pretokenize_script_writes_the_cache_the_trainer_opens(tmp_path: Path) -> None:
+    """scripts/pretokenize.py with 2 workers writes the cache that _build_data then finds (nothing rebuilt)."""
+    import subprocess
+    import sys
+
+    from cp_dtensor.config import load_config
+    from cp_dtensor.trainer.builders import DataPlacement, _build_data
+
+    root = Path(__file__).resolve().parent.parent
+    args = ["--data.dataset", "text", "--data.paths", ",".join(map(str, _corpus(tmp_path)))]
+    args += ["--job.dump_folder", str(tmp_path / "out"), "--training.seq_len", "16"]
+    proc = subprocess.run(
+        [sys.executable, "scripts/pretokenize.py", *args, "--workers", "2", "--progress-every", "0"],
+        cwd=root, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert re.search(r"MiB \(100%\), [\d.]+M tokens/s, ETA \d+s - done", proc.stdout), proc.stdout
+    assert re.search(r"token cache .*: \d+ tokens, 11 documents, [\d.]+s with 2 worker\(s\)", proc.stdout), (
+        proc.stdout
+    )
+    lines: list[str] = []
+    data = _build_data(load_config(args), 258, 2, DataPlacement(log=lines.append))
+    assert lines == [] and "11 documents" in data.summary  # opened, not rebuilt
+    _assert_same_samples(data.loader.dataset, TextDataset(_corpus(tmp_path), seq_len=16))

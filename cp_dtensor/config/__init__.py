@@ -44,6 +44,7 @@ from cp_dtensor.config.schema import (
     Model,
     Parallelism,
     Training,
+    Validation,
 )
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "Model",
     "Parallelism",
     "Training",
+    "Validation",
     "dump_toml",
     "field_docs",
     "format_help",

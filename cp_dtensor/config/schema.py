@@ -5,12 +5,19 @@ README's config reference print (:mod:`cp_dtensor.config.docs`).
 """
 
 import dataclasses
-import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
-from cp_dtensor.config.fields import ConfigError, _bounded, _check_type, _field_types, _Range
+from cp_dtensor.config.fields import (
+    ConfigError,
+    _bounded,
+    _check_type,
+    _field_types,
+    _Range,
+    _unknown_key_error,
+    _unknown_section_error,
+)
 from cp_dtensor.parallel_dims import seq_len_problem
 
 __all__ = [
@@ -25,6 +32,7 @@ __all__ = [
     "Model",
     "Parallelism",
     "Training",
+    "Validation",
 ]
 
 
@@ -205,6 +213,29 @@ class Data:
 
 
 @dataclass
+class Validation:
+    """Validation loss on held-out documents during training: forward only, under the training layout."""
+
+    enable: bool = False
+    """Compute the validation loss every validation.freq steps and after the last step."""
+
+    freq: int = _bounded(10, ge=1)
+    """Validate every this many training steps."""
+
+    steps: int = _bounded(-1, ge=1, sentinel=-1)
+    """Validation batches per run, the first ones of validation.paths in file order (the same every run); -1: every full batch the files hold."""
+
+    paths: list[str] = field(default_factory=list)
+    """Held-out .txt / .jsonl files, tokenized with data.tokenizer (data.jsonl_field, data.cache_dir) and packed with document ids as data "text"; on the command line, comma-separated."""
+
+    seq_len: int = _bounded(-1, ge=1, sentinel=-1)
+    """Tokens per validation sequence; -1: training.seq_len. The same multiple as training.seq_len is required (cp, tp, layout); under PP it must equal training.seq_len."""
+
+    local_batch_size: int = _bounded(-1, ge=1, sentinel=-1)
+    """Validation sequences per data-parallel rank per forward; -1: training.local_batch_size (under PP it must equal it)."""
+
+
+@dataclass
 class Checkpoint:
     """Distributed checkpointing (torch.distributed.checkpoint)."""
 
@@ -279,6 +310,9 @@ class JobConfig:
 
     data: Data = field(default_factory=Data)
     """[data] section."""
+
+    validation: Validation = field(default_factory=Validation)
+    """[validation] section."""
 
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     """[checkpoint] section."""
@@ -413,11 +447,44 @@ class JobConfig:
                     f"{_suggest_multiples(training.local_batch_size, microbatches)} or change the microbatches"
                 )
 
+        self._validate_validation()
+
         if self.data.dataset in ("text", "hf") and not self.data.paths:
             example = "corpus.jsonl" if self.data.dataset == "text" else "corpus.parquet"
             raise ConfigError(
                 f'data.paths: dataset "{self.data.dataset}" needs at least one file; set data.paths = '
                 f'["{example}"] in TOML or --data.paths a,b on the command line'
+            )
+
+    def _validate_validation(self) -> None:
+        """The [validation] section against training and the parallel degrees."""
+        val, training, parallel = self.validation, self.training, self.parallelism
+        if not val.enable:
+            return
+        if not val.paths:
+            raise ConfigError(
+                'validation.paths: validation.enable needs held-out files; set validation.paths = ["val.jsonl"] '
+                "in TOML or --validation.paths a.txt,b.jsonl"
+            )
+        seq_len = val.seq_len if val.seq_len != -1 else training.seq_len
+        problem = seq_len_problem(
+            seq_len,
+            cp=parallel.context_parallel_degree,
+            tp=parallel.tensor_parallel_degree,
+            layout=self.cp_layout,
+            name="validation.seq_len",
+        )
+        if problem is not None:
+            raise ConfigError(problem)
+        rows = val.local_batch_size if val.local_batch_size != -1 else training.local_batch_size
+        if parallel.pipeline_parallel_degree > 1 and (seq_len, rows) != (
+            training.seq_len,
+            training.local_batch_size,
+        ):
+            raise ConfigError(
+                f"validation.seq_len={seq_len} and validation.local_batch_size={rows} must equal training's "
+                f"({training.seq_len}, {training.local_batch_size}) under pipeline parallelism (its stages keep "
+                f"the shapes of the training microbatches); set them to -1"
             )
 
 
@@ -437,54 +504,12 @@ def _suggest_multiples(value: int, unit: int) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _closest(name: str, candidates: Sequence[str]) -> str | None:
-    """The closest candidate to ``name`` by :mod:`difflib`, or None."""
-    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return matches[0] if matches else None
-
-
-def _all_keys() -> list[str]:
-    """Every ``section.key``."""
-    return [f"{name}.{key}" for name, cls in _section_types().items() for key in _field_types(cls)]
-
-
-def _unknown_section_error(name: str, prefix: str, where: str) -> ConfigError:
-    """Error for an unknown section; suggests the closest section, or the section that owns a bare key."""
-    sections = list(_section_types())
-    owners = [section for section, cls in _section_types().items() if name in _field_types(cls)]
-    if owners:
-        fix = f"{name} belongs in a section: use {prefix}{owners[0]}.{name}"
-    else:
-        close = _closest(name, sections)
-        fix = f"did you mean {prefix}{close}?" if close else f"valid sections: {', '.join(sections)}"
-    return ConfigError(f"unknown config section {name!r} {where}; {fix}")
-
-
-def _unknown_key_error(section: str, key: str, prefix: str, where: str) -> ConfigError:
-    """Error for an unknown key, with a suggestion.
-
-    Suggests, in order: the same key in another section, the closest key of this section, the closest
-    ``section.key`` overall.
-    """
-    full = f"{section}.{key}"
-    elsewhere = [k for k in _all_keys() if k.endswith(f".{key}")]
-    own = _closest(key, list(_field_types(_section_types()[section])))
-    close = elsewhere[0] if elsewhere else f"{section}.{own}" if own else _closest(full, _all_keys())
-    fix = f"did you mean {prefix}{close}?" if close else f"see --help for the keys of [{section}]"
-    return ConfigError(f"unknown config key {prefix}{full} {where}; {fix}")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------------
-
-
 def _apply_mapping(config: JobConfig, data: Mapping[str, Any], source: str) -> None:
     """Type-check ``{section: {key: value}}`` and set it on ``config`` (no range checks yet)."""
     sections = _section_types()
     for name, table in data.items():
         if name not in sections:
-            raise _unknown_section_error(name, prefix="", where=f"in {source}")
+            raise _unknown_section_error(sections, name, prefix="", where=f"in {source}")
         if not isinstance(table, Mapping):
             raise ConfigError(
                 f"{name}: expected a table in {source}, got {table!r}; write a [{name}] header "
@@ -494,5 +519,5 @@ def _apply_mapping(config: JobConfig, data: Mapping[str, Any], source: str) -> N
         hints = _field_types(sections[name])
         for key, value in table.items():
             if key not in hints:
-                raise _unknown_key_error(name, key, prefix="", where=f"in {source}")
+                raise _unknown_key_error(sections, name, key, prefix="", where=f"in {source}")
             setattr(section, key, _check_type(f"{name}.{key}", value, hints[key]))

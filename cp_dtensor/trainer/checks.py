@@ -115,12 +115,22 @@ def validate_job(
             'parallelism.context_parallel_backend "cpu_flash" runs on CPU tensors but training runs on the GPU; '
             'use "auto", "flash", "cudnn" or "efficient".'
         )
-    if cfg.data.dataset in ("text", "hf"):
-        for path in map(Path, cfg.data.paths):
+    val_seq_len = cfg.validation.seq_len if cfg.validation.seq_len != -1 else cfg.training.seq_len
+    if cfg.validation.enable and val_seq_len > args.max_seq_len:
+        raise ValueError(
+            f"validation.seq_len {val_seq_len} exceeds max_seq_len {args.max_seq_len} of model flavor "
+            f"{cfg.model.flavor!r}; use --validation.seq_len {args.max_seq_len} or less."
+        )
+    corpora = {
+        "data.paths": cfg.data.paths if cfg.data.dataset in ("text", "hf") else [],
+        "validation.paths": cfg.validation.paths if cfg.validation.enable else [],
+    }
+    for key, paths in corpora.items():
+        for path in map(Path, paths):
             if not path.exists():
-                raise FileNotFoundError(f"data.paths: {path} does not exist.")
+                raise FileNotFoundError(f"{key}: {path} does not exist.")
             if path.is_file() and path.stat().st_size == 0:
-                raise ValueError(f"data.paths: {path} is empty.")
+                raise ValueError(f"{key}: {path} is empty.")
     gbs = _global_batch_size(cfg, pd)
     local_rows = gbs // pd.dp
     if gbs % pd.dp or local_rows % cfg.training.local_batch_size:

@@ -33,7 +33,7 @@ from cp_dtensor.metrics import MetricsLogger, StepMetrics, gpu_peak_tflops, peak
 from cp_dtensor.models.llama import model_flops_per_token
 from cp_dtensor.parallelize import ParallelModel, build_parallel_model
 from cp_dtensor.sharding import shard_batch
-from cp_dtensor.train_step import StepResult, train_step
+from cp_dtensor.train_step import StepResult, eval_step, train_step
 from cp_dtensor.trainer.builders import DataPlacement, _build_data, build_lr_lambda, job_comm_choice
 from cp_dtensor.trainer.checks import (
     _global_batch_size,
@@ -42,6 +42,7 @@ from cp_dtensor.trainer.checks import (
     validate_job,
 )
 from cp_dtensor.trainer.model_factory import build_model
+from cp_dtensor.trainer.validation import build_validation_data
 
 __all__ = ["Trainer"]
 
@@ -99,19 +100,21 @@ class Trainer:
         lr_lambda = build_lr_lambda(t.steps, t.warmup_steps, t.lr_schedule, t.min_lr_ratio)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) for opt in self.optimizers]
         pd = self.parallel_dims
-        self.data = _build_data(
-            cfg,
-            self.model_args.vocab_size,
-            _global_batch_size(cfg, pd),
-            DataPlacement(
-                dp_rank=pd.world_mesh["dp"].get_local_rank() if dist.is_initialized() else 0,
-                dp_degree=pd.dp,
-                rank=self.rank,
-                world_size=world,
-                barrier=dist.barrier if dist.is_initialized() else None,
-                log=self.metrics.info,
-            ),
+        placement = DataPlacement(
+            dp_rank=pd.world_mesh["dp"].get_local_rank() if dist.is_initialized() else 0,
+            dp_degree=pd.dp,
+            rank=self.rank,
+            world_size=world,
+            barrier=dist.barrier if dist.is_initialized() else None,
+            log=self.metrics.info,
         )
+        self.data = _build_data(cfg, self.model_args.vocab_size, _global_batch_size(cfg, pd), placement)
+        self.validation = (
+            build_validation_data(cfg, self.model_args.vocab_size, placement)
+            if cfg.validation.enable
+            else None
+        )
+        self.validation_losses: list[tuple[int, float]] = []  # (step, loss per token) of each run
         self.step = 0
         self.checkpoints = (
             CheckpointManager(
@@ -256,15 +259,7 @@ class Trainer:
         t0 = time.perf_counter()
         ring_before = dataclasses.replace(self.ring_stats) if self.ring_stats is not None else None
         local_batch = next(self.data.loader)
-        validate_token_ids(local_batch["tokens"], self.model_args.vocab_size)
-        if not self.use_documents:
-            local_batch.pop("document_ids", None)
-        if cfg.data.reset_positions:  # rotary positions restart per document; "positions" stay the tokens'
-            local_batch["rope_positions"] = local_batch.pop("positions")  # places (shard_batch adds them)
-        layout = self._batch_layout(local_batch)
-        batch = shard_batch(  # the loader read only this dp rank's rows
-            {k: v.to(self.device) for k, v in local_batch.items()}, pd.batch_mesh, layout=layout, rows="local"
-        )
+        batch, layout = self._shard(local_batch)
         try:
             result = train_step(
                 self.parallel_model.model_parts,
@@ -312,6 +307,50 @@ class Trainer:
         )
         return result
 
+    def _shard(self, local_batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], LayoutLike]:
+        """This dp rank's rows of a batch as the model takes them: mask inputs, positions, CP layout, DTensors.
+
+        The one path from loader rows to the model, for training and validation batches alike.
+        """
+        validate_token_ids(local_batch["tokens"], self.model_args.vocab_size)
+        if not self.use_documents:
+            local_batch.pop("document_ids", None)
+        if self.cfg.data.reset_positions:
+            # Rotary positions restart per document; "positions" stay the tokens' places (shard_batch adds them).
+            local_batch["rope_positions"] = local_batch.pop("positions")
+        layout = self._batch_layout(local_batch)
+        batch = shard_batch(  # the loader read only this dp rank's rows
+            {k: v.to(self.device) for k, v in local_batch.items()},
+            self.parallel_dims.batch_mesh,
+            layout=layout,
+            rows="local",
+        )
+        return batch, layout
+
+    def validate(self) -> float:
+        """Loss per token of the validation batches, forward only (Note [Validation loss]); logs it.
+
+        Raises:
+            RuntimeError: ``validation.enable`` is false.
+        """
+        if self.validation is None:
+            raise RuntimeError("Trainer.validate needs validation.enable = true and validation.paths")
+        t0 = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for k in range(self.validation.steps):
+            batch, _ = self._shard(self.validation.loader.get_batch(k))
+            part_sum, part_tokens = eval_step(
+                self.parallel_model.model_parts,
+                batch,
+                loss_mesh=self.parallel_dims.loss_mesh,
+                pipeline=self.parallel_model.pipeline,
+            )
+            loss_sum, tokens = loss_sum + part_sum, tokens + part_tokens
+        loss = loss_sum / max(tokens, 1)
+        self.validation_losses.append((self.step, loss))
+        self.metrics.log_validation(self.step, loss, tokens, time.perf_counter() - t0)
+        return loss
+
     def _batch_layout(self, local_batch: dict[str, torch.Tensor]) -> LayoutLike:
         """The CP layout of this batch: the configured name, or the balanced rule applied to its documents."""
         if not callable(self.cp_layout):
@@ -358,12 +397,23 @@ class Trainer:
             return []
         if self.data.summary:
             self.metrics.info(f"data: {self.data.summary}")
+        if self.validation is not None:
+            val = self.validation
+            self.metrics.info(
+                f"validation: every {cfg.validation.freq} steps, {val.steps} batch(es) of "
+                f"{val.loader.global_batch_size} x {val.seq_len} tokens from {val.loader.dataset.num_documents} "
+                f"held-out documents"
+            )
         results = []
         try:
             while self.step < cfg.training.steps:
                 results.append(self.train_one_step())
                 if len(results) == 1:
                     self._set_train_timeouts()
+                if self.validation is not None and (
+                    self.step % cfg.validation.freq == 0 or self.step == cfg.training.steps
+                ):
+                    self.validate()
                 if self.checkpoints is not None and (
                     self.step % cfg.checkpoint.interval == 0 or self.step == cfg.training.steps
                 ):
