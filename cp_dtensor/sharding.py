@@ -92,7 +92,7 @@ def shard_batch(
             one dp rank, and a layout object describes those rows.
 
     Returns:
-        ``{name: DTensor}`` with local shards (B / dp, S / cp, ...).
+        ``{name: DTensor}`` with local shards (B / dp, S / cp, ...); (B, S / cp, ...) for ``rows="local"``.
     """
     if not batch:
         raise ValueError("shard_batch got an empty batch.")
