@@ -18,8 +18,12 @@ Public API (stable names)::
     shard_batch(batch, mesh, layout=...)                       a global batch -> this rank's CP DTensors
     unshard_sequence_output(x, mesh, layout=...)               a CP-sharded output -> natural order
     inspect_sharding(model, *inputs)                           per-module placements and shapes
+    models.from_pretrained(path, *, dtype, device)             a HuggingFace folder -> our model
+    models.save_pretrained(model, path)                        our model -> a folder transformers loads
+    models.register_model(spec) / models.get_model_spec(name)  the model-family registry
 """
 
+from cp_dtensor import models
 from cp_dtensor.attention import RingStats, ring_attention, simulate_context_parallel_attention
 from cp_dtensor.attention.comm_choice import CommChoice, choose_comm
 from cp_dtensor.attention.dispatch import ContextParallelAttention, context_parallel_sdpa
@@ -51,6 +55,7 @@ __all__ = [
     "format_sharding_table",
     "inspect_sharding",
     "layout_work",
+    "models",
     "ring_attention",
     "sequence_positions",
     "shard_batch",

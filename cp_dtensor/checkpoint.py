@@ -53,6 +53,7 @@ __all__ = [
     "ObjectState",
     "OptimizerState",
     "fingerprint_mismatch",
+    "load_model_weights",
     "model_fingerprint",
 ]
 
@@ -354,3 +355,36 @@ def _broadcast_object(obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def load_model_weights(
+    path: str | Path, model: ModelState, fingerprint: dict[str, Any] | None = None
+) -> None:
+    """Load only the model weights of a published checkpoint folder (``checkpoint.initial_load_path``).
+
+    Resharding works as for a resume (DCP); optimizer, data and step state stay as they are.
+
+    Args:
+        path: A ``step-N`` folder written by :class:`CheckpointManager`.
+        model: The model parts to fill.
+        fingerprint: This job's :func:`model_fingerprint`, checked against the folder's manifest first.
+
+    Raises:
+        CheckpointError: The folder is not a published checkpoint, or it holds another model (one line).
+    """
+    path = Path(path)
+    try:
+        saved = json.loads((path / MANIFEST).read_text()).get("fingerprint")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            f"checkpoint.initial_load_path {path} is not a published cp_dtensor checkpoint (no readable "
+            f"{MANIFEST}: {e}); for a HuggingFace folder set checkpoint.initial_load_in_hf = true"
+        ) from None
+    if saved is not None and fingerprint is not None:
+        difference = fingerprint_mismatch(saved, fingerprint)
+        if difference is not None:
+            raise CheckpointError(
+                f"checkpoint.initial_load_path {path} holds model {saved.get('model')!r}, this job builds "
+                f"{fingerprint.get('model')!r}: {difference}"
+            )
+    dcp.load({"model": model}, checkpoint_id=str(path))

@@ -1,4 +1,8 @@
-"""Apply TP, CP, activation checkpointing and FSDP2 to a Llama model (torchtitan's order).
+"""Apply TP, CP, activation checkpointing and FSDP2 to a model part (torchtitan's order).
+
+``parallelize_llama`` is the plan of the Llama-structured families (``llama3``, ``qwen3``,
+``torchtitan.llama3``: their registry entries name it); it knows module names, not model classes, and
+``build_parallel_model`` takes a family's parallelize and pipeline-split functions (Note [Model registry]).
 
 Note [Parallelize order]
 ~~~~~~~~~~~~~~~~~~~~~~~~
@@ -17,6 +21,7 @@ Note [Parallelize order]
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,7 +41,6 @@ from torch.distributed.tensor.parallel import (
 from cp_dtensor.attention.comm import RingStats
 from cp_dtensor.attention.dispatch import ContextParallelAttention
 from cp_dtensor.context_parallel import apply_context_parallel
-from cp_dtensor.models.llama import Transformer
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.pipeline import build_pipeline_schedule, split_llama_into_stages, stages_per_rank
 from cp_dtensor.styles import PrepareSequenceShards
@@ -55,11 +59,15 @@ __all__ = [
 ACMode = Literal["none", "selective", "full"]
 
 
-def apply_tp(model: Transformer, parallel_dims: ParallelDims) -> None:
+def apply_tp(model: nn.Module, parallel_dims: ParallelDims) -> None:
     """Tensor parallelism with sequence parallelism (torchtitan's Llama plan) over the "tp" axis.
 
     Heads are sharded over tp (wq/wk/wv column-wise, wo row-wise); norms run sequence-parallel; the
-    embedding is row-wise with a sequence-sharded output; logits are replicated over tp.
+    embedding is row-wise with a sequence-sharded output; logits are replicated over tp. Per-head q/k norms
+    (Qwen3) see the local heads of q and k: their weights are replicated over tp and run as
+    ``SequenceParallel`` over the head dim (dim 2 of (B, S, H, D)), so their gradient sums over all heads.
+    A tied output projection (``args.tie_embeddings``) is tied again after both are sharded alike (vocab
+    rows, ``Shard(0)``).
     """
     tp_mesh = parallel_dims.world_mesh["tp"]
     args = model.args
@@ -78,6 +86,12 @@ def apply_tp(model: Transformer, parallel_dims: ParallelDims) -> None:
             input_layouts=Shard(1), output_layouts=Replicate(), use_local_output=True
         )
     parallelize_module(model, tp_mesh, root_plan)
+    if (
+        getattr(args, "tie_embeddings", False)
+        and model.tok_embeddings is not None
+        and model.output is not None
+    ):
+        model.output.weight = model.tok_embeddings.weight  # both Shard(0) over tp: one parameter again
     block_plan = {
         "attention_norm": SequenceParallel(),
         # attention(x, rope, document_ids, positions): only x is sequence-parallel over tp
@@ -94,11 +108,14 @@ def apply_tp(model: Transformer, parallel_dims: ParallelDims) -> None:
         "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         "feed_forward.w3": ColwiseParallel(),
     }
+    if getattr(args, "qk_norm", False):
+        block_plan["attention.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+        block_plan["attention.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
     for block in model.layers.values():
         parallelize_module(block, tp_mesh, block_plan)
 
 
-def apply_ac(model: Transformer, mode: ACMode, selective_every: int = 2) -> None:
+def apply_ac(model: nn.Module, mode: ACMode, selective_every: int = 2) -> None:
     """Activation checkpointing of transformer blocks.
 
     ``full`` recomputes every block in backward; ``selective`` recomputes every ``selective_every``-th
@@ -113,7 +130,7 @@ def apply_ac(model: Transformer, mode: ACMode, selective_every: int = 2) -> None
             model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
 
 
-def apply_compile(model: Transformer, backend: str = "inductor") -> None:
+def apply_compile(model: nn.Module, backend: str = "inductor") -> None:
     """``torch.compile`` every transformer block in place (``fullgraph=True``: a graph break is an error).
 
     Runs after TP, CP and activation checkpointing (their hooks and wrappers are traced into the block's
@@ -147,7 +164,7 @@ def apply_fsdp(
 
 
 def parallelize_llama(
-    model: Transformer,
+    model: nn.Module,
     parallel_dims: ParallelDims,
     *,
     ac_mode: ACMode = "none",
@@ -163,7 +180,8 @@ def parallelize_llama(
     """Parallelize ``model`` in place: TP -> CP -> AC -> FSDP2 (see Note [Parallelize order]).
 
     Args:
-        model: a (possibly pipeline-stage) Llama ``Transformer`` with initialized weights.
+        model: a (possibly pipeline-stage) Llama-structured model (``tok_embeddings``, ``layers.*`` with
+            ``attention.{wq,wk,wv,wo,sdpa}`` and ``feed_forward.{w1,w2,w3}``, ``norm``, ``output``, ``args``).
         parallel_dims: degrees with a built mesh (:meth:`ParallelDims.build_mesh`).
         ac_mode: ``"none"``, ``"selective"`` or ``"full"`` activation checkpointing.
         selective_ac_every: with ``"selective"``, checkpoint every N-th block.
@@ -232,32 +250,46 @@ class ParallelModel:
 
 
 def build_parallel_model(
-    model: Transformer,
+    model: nn.Module,
     parallel_dims: ParallelDims,
     *,
     device: torch.device,
     pp_schedule: str = "1F1B",
     pp_microbatches: int = -1,
+    parallelize_fn: Callable[..., ContextParallelAttention | None] = parallelize_llama,
+    pipeline_split_fn: Callable[..., list[tuple[int, nn.Module]]] | None = split_llama_into_stages,
     **parallelize_kwargs: Any,
 ) -> ParallelModel:
-    """Split into pipeline stages when pp > 1, then :func:`parallelize_llama` every part.
+    """Split into pipeline stages when pp > 1, then parallelize every part.
 
     Args:
-        model: the whole model with initialized weights (identical on every rank).
+        model: the whole model (on the meta device, or with initialized weights identical on every rank).
         parallel_dims: degrees with a built mesh.
         device: the device the model lives on.
         pp_schedule: pipeline schedule name (``"1F1B"``, ``"GPipe"``, ``"Interleaved1F1B"``).
         pp_microbatches: microbatches per step; -1 means one per pipeline stage.
-        **parallelize_kwargs: forwarded to :func:`parallelize_llama`.
+        parallelize_fn: the model family's parallelize function (``ModelSpec.parallelize``); the default
+            serves Llama-structured models.
+        pipeline_split_fn: the family's stage split (``ModelSpec.pipeline_split``); None: the family cannot
+            be pipelined.
+        **parallelize_kwargs: forwarded to ``parallelize_fn``.
+
+    Raises:
+        ValueError: pp > 1 for a family without a pipeline split.
     """
     if not parallel_dims.pp_enabled:
-        cp_attention = parallelize_llama(model, parallel_dims, **parallelize_kwargs)
+        cp_attention = parallelize_fn(model, parallel_dims, **parallelize_kwargs)
         return ParallelModel([model], None, cp_attention)
+    if pipeline_split_fn is None:
+        raise ValueError(
+            f"pipeline_parallel_degree {parallel_dims.pp}: this model family ({type(model).__name__}) has no "
+            f"pipeline split; set parallelism.pipeline_parallel_degree = 1."
+        )
     per_rank = stages_per_rank(pp_schedule)
-    stages = split_llama_into_stages(model, parallel_dims, per_rank)
+    stages = pipeline_split_fn(model, parallel_dims, per_rank)
     cp_attention = None
     for _, stage in stages:
-        cp_attention = parallelize_llama(stage, parallel_dims, **parallelize_kwargs) or cp_attention
+        cp_attention = parallelize_fn(stage, parallel_dims, **parallelize_kwargs) or cp_attention
     n_stages = parallel_dims.pp * per_rank
     loss_fn = TokenMeanLoss()
     schedule = build_pipeline_schedule(

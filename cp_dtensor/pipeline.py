@@ -1,4 +1,4 @@
-"""Pipeline parallelism: split a Llama model into stages and build a ``torch.distributed.pipelining`` schedule.
+"""Pipeline parallelism: split a Llama-structured model into stages and build a ``torch.distributed.pipelining`` schedule.
 
 Note [Pipeline stages with CP]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -28,7 +28,6 @@ from torch.distributed.pipelining.schedules import (
     get_schedule_class,
 )
 
-from cp_dtensor.models.llama import Transformer
 from cp_dtensor.parallel_dims import ParallelDims
 
 __all__ = ["build_pipeline_schedule", "split_llama_into_stages", "stage_ids_for_rank", "stages_per_rank"]
@@ -68,9 +67,21 @@ def _split_layers(n_layers: int, n_stages: int) -> list[list[int]]:
 
 
 def split_llama_into_stages(
-    model: Transformer, parallel_dims: ParallelDims, stages_per_rank: int = 1
-) -> list[tuple[int, Transformer]]:
-    """This pp rank's ``(stage_index, stage_module)`` pairs, each a pruned deep copy of ``model``."""
+    model: nn.Module, parallel_dims: ParallelDims, stages_per_rank: int = 1
+) -> list[tuple[int, nn.Module]]:
+    """This pp rank's ``(stage_index, stage_module)`` pairs, each a pruned deep copy of ``model``.
+
+    The split of Llama-structured models (``tok_embeddings``, ``layers``, ``norm``, ``output``).
+
+    Raises:
+        ValueError: The model ties its output projection to its embedding (``args.tie_embeddings``): the
+            two would sit on different stages.
+    """
+    if getattr(getattr(model, "args", None), "tie_embeddings", False):
+        raise ValueError(
+            "this model ties its output projection to its token embedding (tie_word_embeddings), which pipeline "
+            "stages would split apart; set parallelism.pipeline_parallel_degree = 1 (use dp, cp or tp)."
+        )
     pp, pp_rank = parallel_dims.pp, parallel_dims.world_mesh.get_local_rank("pp")
     n_stages = pp * stages_per_rank
     layer_ids = _split_layers(len(model.layers), n_stages)

@@ -17,7 +17,7 @@ from cp_dtensor.models import (
     count_params,
     model_flops_per_token,
 )
-from cp_dtensor.models.llama import _matmul_params
+from cp_dtensor.models.llama import matmul_param_count
 
 
 def _model(
@@ -195,13 +195,13 @@ def test_llama3_param_counts_on_meta() -> None:
     for model in (m8, m70):
         args = model.args
         norms = (2 * args.n_layers + 1) * args.dim
-        assert _matmul_params(args) == count_params(model, exclude_embedding=True) - norms
+        assert matmul_param_count(args) == count_params(model, exclude_embedding=True) - norms
 
 
 def test_model_flops_per_token() -> None:
     args = LLAMA3_FLAVORS["8B"]
     seq = 8192
-    dense = 6 * _matmul_params(args)
+    dense = 6 * matmul_param_count(args)
     attn = 12 * args.n_layers * args.dim * seq
     assert model_flops_per_token(args, seq) == pytest.approx(dense + attn / 2)
     assert model_flops_per_token(args, seq, causal=False) == pytest.approx(dense + attn)

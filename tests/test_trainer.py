@@ -168,6 +168,14 @@ def test_synthetic_task_is_learned_with_cp2(tmp_path: Path, dist_pool) -> None:
     assert tail < 0.5 * chance, f"mean loss of the last 10 steps {tail:.3f} vs chance {chance:.3f}"
 
 
+# config.json of the model folder each model.flavor = "hf" config names (tests/data/hf_configs/).
+HF_CONFIGS = {
+    "llama3_1_8b_128k_hf.toml": "llama3_1_8b.json",
+    "qwen3_8b_128k_hf.toml": "qwen3_8b.json",
+    "tiny_hf_sft_cpu.toml": "tiny_llama.json",
+}
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "train_configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_configs_are_valid(path: Path, tmp_path: Path) -> None:
     from cp_dtensor.cli import local_world_size
@@ -176,7 +184,13 @@ def test_shipped_configs_are_valid(path: Path, tmp_path: Path) -> None:
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text\n")
-    cfg = load_config(["--config", str(path), "--data.paths", str(corpus)])  # GPU configs name a placeholder
+    argv = ["--config", str(path), "--data.paths", str(corpus)]  # GPU configs name a placeholder
+    if load_config(argv).model.flavor == "hf":  # the model folder's config.json, as published (no weights)
+        shutil.copyfile(
+            ROOT / "tests" / "data" / "hf_configs" / HF_CONFIGS[path.name], tmp_path / "config.json"
+        )
+        argv += ["--model.hf_assets_path", str(tmp_path), "--checkpoint.initial_load_in_hf", "false"]
+    cfg = load_config(argv)
     # The debug configs run here (this machine's memory); the others are checked against the GPU this
     # project's CUDA runs used, an H200 (141 GiB; see README "Status").
     gpu = None if path.name.startswith("debug") else MemoryBudget(141 * 2**30, "an H200")

@@ -2,7 +2,8 @@
 synthetic long-range recall task, a global batch loader.
 
 Modules: :mod:`~cp_dtensor.data.tokenizer` (``ByteTokenizer``, ``HFTokenizer``, ``load_tokenizer``),
-:mod:`~cp_dtensor.data.text` (``TextDataset``), :mod:`~cp_dtensor.data.recall` (``SyntheticRecallDataset``),
+:mod:`~cp_dtensor.data.text` (``TextDataset``), :mod:`~cp_dtensor.data.sft` (``SFTDataset``: loss-masked
+prompt/completion records), :mod:`~cp_dtensor.data.recall` (``SyntheticRecallDataset``),
 :mod:`~cp_dtensor.data.loader` (``GlobalBatchLoader``) and :mod:`~cp_dtensor.data.common` (the sample
 format and the helpers they share).
 
@@ -32,6 +33,7 @@ from cp_dtensor.data.common import (
 from cp_dtensor.data.loader import GlobalBatchLoader, MapDataset
 from cp_dtensor.data.packing import PackedTokenDataset, TokenStream, pack_window
 from cp_dtensor.data.recall import SyntheticRecallDataset
+from cp_dtensor.data.sft import SFTDataset
 from cp_dtensor.data.text import TextDataset
 from cp_dtensor.data.token_cache import TokenCache, build_token_cache
 from cp_dtensor.data.tokenizer import (
@@ -53,6 +55,7 @@ __all__ = [
     "HFTokenizer",
     "MapDataset",
     "PackedTokenDataset",
+    "SFTDataset",
     "Sample",
     "SyntheticRecallDataset",
     "TextDataset",

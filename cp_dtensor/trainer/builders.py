@@ -20,11 +20,12 @@ from cp_dtensor.data import (
     build_token_cache,
     load_tokenizer,
 )
+from cp_dtensor.data.sft import SFTDataset
 from cp_dtensor.layout import sequence_positions
-from cp_dtensor.models.llama import ModelArgs
+from cp_dtensor.models.args import ModelArgs
 from cp_dtensor.parallel_dims import ParallelDims
 
-__all__ = ["DataPlacement", "build_lr_lambda", "job_comm_choice", "token_cache_dir"]
+__all__ = ["DataPlacement", "build_lr_lambda", "job_comm_choice", "token_cache_dir", "tokenizer_name"]
 
 
 def build_lr_lambda(steps: int, warmup: int, schedule: str, min_ratio: float):
@@ -54,7 +55,7 @@ def job_comm_choice(cfg: JobConfig, pd: ParallelDims, args: ModelArgs, device: t
         par.context_parallel_comm,
         heads=args.n_heads // pd.tp,
         kv_heads=max(1, kv_heads // pd.tp),
-        head_dim=args.dim // args.n_heads,
+        head_dim=args.head_dim,
         seq_len=t.seq_len,
         cp=pd.cp,
         tp=pd.tp,
@@ -121,6 +122,14 @@ class DataPlacement:
     log: Callable[[str], None] | None = None
 
 
+def tokenizer_name(cfg: JobConfig) -> str:
+    """``data.tokenizer``, where a HuggingFace model brings its own: "byte" (the default) then means
+    ``model.hf_assets_path``'s tokenizer.json."""
+    if cfg.data.tokenizer == "byte" and cfg.model.hf_assets_path:
+        return cfg.model.hf_assets_path
+    return cfg.data.tokenizer
+
+
 def token_cache_dir(cfg: JobConfig) -> Path:
     """``data.cache_dir``, relative to ``job.dump_folder`` unless absolute."""
     path = Path(cfg.data.cache_dir).expanduser()
@@ -145,17 +154,38 @@ def _build_data(
     rows = {"dp_rank": where.dp_rank, "dp_degree": where.dp_degree}
     cp = par.context_parallel_degree
     document_mask = cfg.model.attention_mask == "document_causal"
-    if data.dataset in ("text", "hf"):
+    if data.dataset in ("text", "hf", "sft"):
+        name = tokenizer_name(cfg)
         try:
-            tokenizer = load_tokenizer(data.tokenizer)
+            tokenizer = load_tokenizer(name)
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"data.tokenizer: {e}") from None
         if tokenizer.vocab_size > vocab_size:
             raise ValueError(
-                f"data.tokenizer {data.tokenizer!r} uses token ids up to {tokenizer.vocab_size - 1} but flavor "
+                f"data.tokenizer {name!r} uses token ids up to {tokenizer.vocab_size - 1} but flavor "
                 f"{cfg.model.flavor!r} has vocab_size {vocab_size}; use a flavor with vocab_size >= "
                 f"{tokenizer.vocab_size} or a smaller tokenizer."
             )
+    if data.dataset == "sft":
+        sft = SFTDataset(
+            data.paths,
+            t.seq_len,
+            prompt_field=data.sft_prompt_field,
+            completion_field=data.sft_completion_field,
+            tokenizer=tokenizer,
+            reset_positions=data.reset_positions,
+        )
+        summary = (
+            f"sft, {sft.num_documents} prompt/completion records ({sft.num_truncated} cut to seq_len) in "
+            f"{len(sft)} samples of {t.seq_len} tokens, {sft.num_counted} completion tokens counted "
+            f"({tokenizer.name} tokenizer)"
+        )
+        if not document_mask:
+            summary += (
+                '; model.attention_mask is not "document_causal": packed records see the records before them'
+            )
+        return _Data(GlobalBatchLoader(sft, global_batch_size, seed=t.seed, **rows), None, summary)
+    if data.dataset in ("text", "hf"):
         cache = build_token_cache(
             data.paths,
             tokenizer=tokenizer,

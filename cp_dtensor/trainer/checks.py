@@ -13,12 +13,15 @@ import torch
 from cp_dtensor.attention.alltoall import heads_split
 from cp_dtensor.attention.comm_choice import hardware_for_device
 from cp_dtensor.config import JobConfig
+from cp_dtensor.models.hf.adapter import clean_param_name
+from cp_dtensor.models.hf.pretrained import check_hf_checkpoint
+from cp_dtensor.models.registry import ModelSpec, hf_architectures
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.pipeline import stages_per_rank
 from cp_dtensor.trainer.memory_estimate import MemoryBudget, _check_memory, local_memory_budget
-from cp_dtensor.trainer.model_factory import model_args_for
+from cp_dtensor.trainer.model_factory import build_model, model_args_for, model_spec_for
 
-__all__ = ["attention_mask_settings", "mask_change", "validate_job"]
+__all__ = ["attention_mask_settings", "initial_hf_path", "mask_change", "validate_job"]
 
 
 def validate_job(
@@ -52,12 +55,25 @@ def validate_job(
         cp_layout=cfg.cp_layout,
     )
     pd.validate_seq_len(cfg.training.seq_len)
+    spec = model_spec_for(cfg)
     args = model_args_for(cfg)
     if cfg.training.seq_len > args.max_seq_len:
         raise ValueError(
             f"training.seq_len {cfg.training.seq_len} exceeds max_seq_len {args.max_seq_len} of model flavor "
-            f"{cfg.model.flavor!r}; use --training.seq_len {args.max_seq_len} or less."
+            f"{cfg.model.flavor!r}; use --training.seq_len {args.max_seq_len} or less, or extend "
+            f"the context with a RoPE scaling (model.rope_type, model.rope_factor: the limit becomes the trained "
+            f"context x factor)."
         )
+    if pd.pp_enabled and spec.pipeline_split is None:
+        raise ValueError(
+            f"model.name {spec.name!r} has no pipeline split; set parallelism.pipeline_parallel_degree = 1."
+        )
+    if pd.pp_enabled and args.tie_embeddings:
+        raise ValueError(
+            f"model {cfg.model.name}/{cfg.model.flavor} ties its output projection to its token embedding, which "
+            f"pipeline stages would split apart; set parallelism.pipeline_parallel_degree = 1 (use dp, cp or tp)."
+        )
+    _check_initial_load(cfg, spec)
     kv_heads = args.n_kv_heads or args.n_heads
     if args.n_heads % kv_heads:
         raise ValueError(
@@ -122,7 +138,7 @@ def validate_job(
             f"{cfg.model.flavor!r}; use --validation.seq_len {args.max_seq_len} or less."
         )
     corpora = {
-        "data.paths": cfg.data.paths if cfg.data.dataset in ("text", "hf") else [],
+        "data.paths": cfg.data.paths if cfg.data.dataset in ("text", "hf", "sft") else [],
         "validation.paths": cfg.validation.paths if cfg.validation.enable else [],
     }
     for key, paths in corpora.items():
@@ -140,6 +156,39 @@ def validate_job(
         )
     _check_memory(cfg, pd, args, memory or local_memory_budget(world_size), warn)
     return pd
+
+
+def initial_hf_path(cfg: JobConfig) -> str | None:
+    """The HuggingFace folder the job starts from (``checkpoint.initial_load_path``, else
+    ``model.hf_assets_path``), or None when ``checkpoint.initial_load_in_hf`` is off."""
+    ckpt = cfg.checkpoint
+    if not ckpt.initial_load_in_hf:
+        return None
+    return ckpt.initial_load_path or cfg.model.hf_assets_path
+
+
+def _check_initial_load(cfg: JobConfig, spec: ModelSpec) -> None:
+    """The initial weights exist and fit the configured model (headers only; one line at the first problem)."""
+    ckpt = cfg.checkpoint
+    path = initial_hf_path(cfg)
+    if path is None:
+        if ckpt.initial_load_path and not Path(ckpt.initial_load_path).is_dir():
+            raise FileNotFoundError(
+                f"checkpoint.initial_load_path: {ckpt.initial_load_path} is not a folder (a cp_dtensor checkpoint "
+                f"step folder; for a HuggingFace folder also set checkpoint.initial_load_in_hf = true)."
+            )
+        return
+    if spec.hf_adapter is None:
+        raise ValueError(
+            f"checkpoint.initial_load_in_hf: model.name {spec.name!r} has no HuggingFace checkpoint adapter; use "
+            f"one of the families that read HF checkpoints ({sorted(hf_architectures().values())})."
+        )
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"checkpoint.initial_load_path: HuggingFace folder {path} does not exist.")
+    with torch.device("meta"):
+        model = build_model(cfg)
+    shapes = {clean_param_name(n): tuple(p.shape) for n, p in model.named_parameters()}
+    check_hf_checkpoint(shapes, path, spec.hf_adapter, model_name=f"{cfg.model.name}/{cfg.model.flavor}")
 
 
 def _has_cxx_compiler() -> bool:

@@ -24,13 +24,21 @@ from cp_dtensor.checkpoint import (
     ModelState,
     ObjectState,
     OptimizerState,
+    load_model_weights,
     model_fingerprint,
 )
 from cp_dtensor.config import JobConfig
 from cp_dtensor.data import validate_token_ids
 from cp_dtensor.layout import LayoutLike
 from cp_dtensor.metrics import MetricsLogger, StepMetrics, gpu_peak_tflops, peak_memory_bytes
-from cp_dtensor.models.llama import model_flops_per_token
+from cp_dtensor.models.accounting import model_flops_per_token
+from cp_dtensor.models.hf import (
+    load_hf_weights,
+    read_hf_config,
+    save_hf_weights,
+    write_hf_config,
+    write_index,
+)
 from cp_dtensor.parallelize import ParallelModel, build_parallel_model
 from cp_dtensor.sharding import shard_batch
 from cp_dtensor.train_step import StepResult, eval_step, train_step
@@ -38,17 +46,19 @@ from cp_dtensor.trainer.builders import DataPlacement, _build_data, build_lr_lam
 from cp_dtensor.trainer.checks import (
     _global_batch_size,
     attention_mask_settings,
+    initial_hf_path,
     mask_change,
     validate_job,
 )
-from cp_dtensor.trainer.model_factory import build_model
+from cp_dtensor.trainer.model_factory import build_model, model_spec_for
 from cp_dtensor.trainer.validation import build_validation_data
 
 __all__ = ["Trainer"]
 
 
 class Trainer:
-    """A torchtitan-style trainer for the Llama model with CP, TP, FSDP2, PP and AC from a :class:`JobConfig`.
+    """A torchtitan-style trainer for any registered model family with CP, TP, FSDP2, PP and AC from a
+    :class:`JobConfig`.
 
     Args:
         cfg: the validated job config.
@@ -134,6 +144,8 @@ class Trainer:
     # ---- construction ------------------------------------------------------------------------------
     def _build_model(self) -> tuple[Any, ParallelModel]:
         cfg, pd = self.cfg, self.parallel_dims
+        self.model_spec = model_spec_for(cfg)
+        self._initial_load = initial_hf_path(cfg) or cfg.checkpoint.initial_load_path or None
         with torch.device("meta"):
             model = build_model(cfg)
         self.model_fingerprint = model_fingerprint(
@@ -151,6 +163,8 @@ class Trainer:
             device=self.device,
             pp_schedule=cfg.parallelism.pipeline_parallel_schedule,
             pp_microbatches=cfg.parallelism.pipeline_parallel_microbatches,
+            parallelize_fn=self.model_spec.parallelize,
+            pipeline_split_fn=self.model_spec.pipeline_split,
             ac_mode=cfg.activation_checkpoint.mode,
             selective_ac_every=int(cfg.activation_checkpoint.selective_ac_option),
             cp_layout=self.cp_layout,
@@ -163,9 +177,14 @@ class Trainer:
             compile_backend=cfg.compile.backend if cfg.compile.enable else None,
             param_dtype=param_dtype,
         )
+        # Weights come from the seeded init, or (Note [Loading a HuggingFace checkpoint into a sharded model])
+        # from a checkpoint in resume(); the latter only need their buffers computed here.
         for part in pm.model_parts:
             part.to_empty(device=self.device)
-            part.init_weights(seed=cfg.training.seed)
+            if self._initial_load is None:
+                part.init_weights(seed=cfg.training.seed)
+            else:
+                part.init_buffers()
         n_params = sum(p.numel() for p in model.parameters())
         self.metrics.info(
             f"model {cfg.model.name}/{cfg.model.flavor} ({n_params / 1e6:.2f}M params, "
@@ -227,24 +246,91 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------
     def resume(self) -> int | None:
-        """Load the latest usable checkpoint (or ``checkpoint.load_step``); returns its step or None."""
-        if self.checkpoints is None:
-            return None
-        step = self.checkpoints.load(
-            self._checkpoint_state(), self.cfg.checkpoint.load_step, fingerprint=self.model_fingerprint
-        )
-        if step is None:
-            return None
-        folder = self.checkpoints.step_dir(step)
-        saved = json.loads((folder / MANIFEST).read_text()).get("fingerprint", {}).get("attention")
-        allowed = self.cfg.checkpoint.allow_mask_change
-        change = mask_change(saved, self.model_fingerprint["attention"], str(folder), allowed=allowed)
-        if change is not None and not allowed:
-            raise CheckpointError(change)
-        if change is not None:
-            self.metrics.info(f"warning: {change}")
-        self.metrics.info(f"resumed from {folder} (step {step})")
+        """Load the latest usable checkpoint (or ``checkpoint.load_step``); returns its step or None.
+
+        Without one, the initial weights are loaded when ``checkpoint.initial_load_path`` (or, with
+        ``initial_load_in_hf``, ``model.hf_assets_path``) names them. A checkpoint saved under other attention
+        mask settings is refused (or, with ``checkpoint.allow_mask_change``, loaded with a warning).
+        """
+        step = None
+        if self.checkpoints is not None:
+            step = self.checkpoints.load(
+                self._checkpoint_state(), self.cfg.checkpoint.load_step, fingerprint=self.model_fingerprint
+            )
+        if step is not None:
+            folder = self.checkpoints.step_dir(step)
+            saved = json.loads((folder / MANIFEST).read_text()).get("fingerprint", {}).get("attention")
+            allowed = self.cfg.checkpoint.allow_mask_change
+            change = mask_change(saved, self.model_fingerprint["attention"], str(folder), allowed=allowed)
+            if change is not None and not allowed:
+                raise CheckpointError(change)
+            if change is not None:
+                self.metrics.info(f"warning: {change}")
+            self.metrics.info(f"resumed from {folder} (step {step})")
+        elif self._initial_load is not None:
+            self.load_initial_weights(self._initial_load)
+            self._initial_load = None
         return step
+
+    def load_initial_weights(self, path: str) -> int:
+        """Load the model weights of ``path``: a HuggingFace folder (``checkpoint.initial_load_in_hf``), each rank
+        reading only its shards, or a cp_dtensor checkpoint step folder (weights only).
+
+        Returns:
+            Bytes this rank read from a HuggingFace folder (0 for a cp_dtensor checkpoint).
+        """
+        t0 = time.perf_counter()
+        parts = self.parallel_model.model_parts
+        read = 0
+        if self.cfg.checkpoint.initial_load_in_hf:
+            read = load_hf_weights(parts, path, self.model_spec.hf_adapter, self.model_args)
+            what = f"HuggingFace weights from {path} ({read / 2**20:.1f} MiB read by rank {self.rank})"
+        else:
+            load_model_weights(path, ModelState(parts), fingerprint=self.model_fingerprint)
+            what = f"model weights from checkpoint {path}"
+        self.metrics.info(f"loaded {what} in {time.perf_counter() - t0:.2f}s")
+        return read
+
+    def save_hf(self) -> Path:
+        """Write the current weights as a HuggingFace folder ``<checkpoint folder>/step-N-hf``.
+
+        Every rank takes part (the shards are gathered one parameter at a time); one rank per pipeline stage
+        writes that stage's tensors, rank 0 writes config.json, the index and the tokenizer files.
+        """
+        cfg, pd = self.cfg, self.parallel_dims
+        assert self.checkpoints is not None
+        path = self.checkpoints.step_dir(self.step).with_name(f"step-{self.step}-hf")
+        t0 = time.perf_counter()
+        dtype = getattr(torch, cfg.checkpoint.export_dtype)
+        mesh = pd.world_mesh
+        writer = all(mesh.get_local_rank(axis) == 0 for axis in ("dp", "cp", "tp"))
+        stage = mesh.get_local_rank("pp")
+        adapter = self.model_spec.hf_adapter
+        weight_map, total = save_hf_weights(
+            self.parallel_model.model_parts, path, adapter, self.model_args,
+            writer=writer, file_stem=f"model-pp{stage}", dtype=dtype,
+        )  # fmt: skip
+        gathered: list[Any] = [None] * pd.world_size if dist.is_initialized() else [None]
+        if dist.is_initialized():
+            dist.all_gather_object(gathered, (weight_map, total))
+        else:
+            gathered = [(weight_map, total)]
+        if self.rank == 0:
+            merged = {k: v for m, _ in gathered for k, v in m.items()}
+            base = read_hf_config(cfg.model.hf_assets_path) if cfg.model.hf_assets_path else None
+            write_hf_config(
+                path,
+                adapter,
+                self.model_args,
+                dtype=dtype,
+                base=base,
+                assets_from=cfg.model.hf_assets_path or None,
+            )
+            write_index(path, merged, sum(t for _, t in gathered))
+        if dist.is_initialized():
+            dist.barrier()
+        self.metrics.info(f"saved HuggingFace folder {path} in {time.perf_counter() - t0:.2f}s")
+        return path
 
     def save_checkpoint(self) -> None:
         """Save the current state as the checkpoint of the current step."""
@@ -418,6 +504,8 @@ class Trainer:
                     self.step % cfg.checkpoint.interval == 0 or self.step == cfg.training.steps
                 ):
                     self.save_checkpoint()
+            if self.checkpoints is not None and cfg.checkpoint.last_save_in_hf and results:
+                self.save_hf()
         finally:
             self.metrics.close()
         return results

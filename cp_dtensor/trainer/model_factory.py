@@ -1,65 +1,62 @@
-"""The model a job config names (``model.name``, ``model.flavor``, the attention mask): its shape and
-its module."""
+"""The model a job config names: its family in the model registry, its args and its module.
+
+Every family-specific decision is the family's :class:`~cp_dtensor.models.registry.ModelSpec` (Note [Model
+registry]); this module only turns the ``[model]`` section into the spec's inputs.
+"""
 
 from __future__ import annotations
-
-from dataclasses import replace
-from typing import Any
 
 from torch import nn
 
 from cp_dtensor.config import JobConfig
-from cp_dtensor.models.llama import LLAMA3_FLAVORS, ModelArgs, Transformer
+from cp_dtensor.models.args import ModelArgs
+from cp_dtensor.models.registry import ModelOptions, ModelSpec, get_model_spec
+from cp_dtensor.models.rope import RopeOverrides
 
-__all__ = ["build_model", "model_args_for"]
-
-
-def _torchtitan_integration() -> Any:
-    try:
-        from cp_dtensor.integrations import torchtitan
-    except ImportError as e:
-        raise ValueError(
-            f'model.name "torchtitan.llama3" needs the torchtitan extra: pip install "cp_dtensor[torchtitan]" '
-            f"(torchtitan>=0.2.2,<0.3); {e}"
-        ) from None
-    return torchtitan
+__all__ = ["build_model", "model_args_for", "model_options", "model_spec_for"]
 
 
-def model_args_for(cfg: JobConfig) -> ModelArgs:
-    """Shape of the model that ``cfg.model`` names (``name``, ``flavor``, ``attention_mask``).
+def model_spec_for(cfg: JobConfig) -> ModelSpec:
+    """The registered family ``model.name`` names.
 
     Raises:
-        ValueError: unknown flavor; for "torchtitan.llama3" also a missing extra or a bidirectional mask.
+        ValueError: An unregistered name (the message lists the registered ones).
     """
-    causal = cfg.model.attention_mask != "bidirectional"
-    if cfg.model.name == "torchtitan.llama3":
-        if cfg.model.attention_mask == "document_causal" or cfg.model.sliding_window:
-            raise ValueError(
-                'model.name "torchtitan.llama3" serves "causal" attention here; for packed documents use '
-                'model.name "llama3", or torchtitan\'s own block_causal mask through '
-                "python -m cp_dtensor.integrations.torchtitan."
-            )
-        return _torchtitan_integration().torchtitan_llama3_args(
-            cfg.model.flavor, seq_len=cfg.training.seq_len, causal=causal
-        )
-    if cfg.model.flavor not in LLAMA3_FLAVORS:
-        raise ValueError(
-            f"model.flavor {cfg.model.flavor!r} is unknown; choose one of {sorted(LLAMA3_FLAVORS)}."
-        )
-    return replace(
-        LLAMA3_FLAVORS[cfg.model.flavor],
-        causal=causal,
-        sliding_window=cfg.model.sliding_window,
-        sliding_window_layers=cfg.model.sliding_window_layers,
+    return get_model_spec(cfg.model.name)
+
+
+def model_options(cfg: JobConfig) -> ModelOptions:
+    """The job's settings a family applies to its flavor (mask, window, seq_len, HF folder, RoPE overrides)."""
+    m = cfg.model
+    return ModelOptions(
+        attention_mask=m.attention_mask,
+        sliding_window=m.sliding_window,
+        sliding_window_layers=m.sliding_window_layers,
+        seq_len=cfg.training.seq_len,
+        hf_assets_path=m.hf_assets_path,
+        rope=RopeOverrides(
+            theta=m.rope_theta,
+            type=m.rope_type,
+            factor=m.rope_factor,
+            original_max_position_embeddings=m.rope_original_max_position_embeddings,
+            low_freq_factor=m.rope_low_freq_factor,
+            high_freq_factor=m.rope_high_freq_factor,
+            beta_fast=m.rope_beta_fast,
+            beta_slow=m.rope_beta_slow,
+            attention_factor=m.rope_attention_factor,
+        ),
     )
 
 
+def model_args_for(cfg: JobConfig) -> ModelArgs:
+    """Shape of the model that ``cfg.model`` names (family, flavor or config.json, job options).
+
+    Raises:
+        ValueError: Unknown name or flavor, or an option the family refuses (the message names it).
+    """
+    return model_spec_for(cfg).model_args(cfg.model.flavor, model_options(cfg))
+
+
 def build_model(cfg: JobConfig) -> nn.Module:
-    """The model that ``cfg.model`` names, on the current default device: cp_dtensor's Llama ("llama3") or
-    torchtitan's Llama 3 behind cp_dtensor's model interface ("torchtitan.llama3")."""
-    args = model_args_for(cfg)
-    if cfg.model.name == "torchtitan.llama3":
-        return _torchtitan_integration().build_torchtitan_llama3(
-            cfg.model.flavor, seq_len=cfg.training.seq_len, causal=args.causal
-        )
-    return Transformer(args)
+    """The model that ``cfg.model`` names, built by its family on the current default device."""
+    return model_spec_for(cfg).build(model_args_for(cfg))

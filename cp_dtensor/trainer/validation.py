@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from cp_dtensor.config import JobConfig
 from cp_dtensor.data import GlobalBatchLoader, PackedTokenDataset, build_token_cache, load_tokenizer
-from cp_dtensor.trainer.builders import DataPlacement, token_cache_dir
+from cp_dtensor.trainer.builders import DataPlacement, token_cache_dir, tokenizer_name
 
 __all__ = ["ValidationData", "build_validation_data"]
 
@@ -57,7 +57,7 @@ def build_validation_data(cfg: JobConfig, vocab_size: int, placement: DataPlacem
     val, data = cfg.validation, cfg.data
     seq_len = val.seq_len if val.seq_len != -1 else cfg.training.seq_len
     rows = val.local_batch_size if val.local_batch_size != -1 else cfg.training.local_batch_size
-    tokenizer = load_tokenizer(data.tokenizer)
+    tokenizer = load_tokenizer(tokenizer_name(cfg))
     if tokenizer.vocab_size > vocab_size:
         raise ValueError(
             f"data.tokenizer {data.tokenizer!r} uses ids up to {tokenizer.vocab_size - 1} but the model's "

@@ -78,7 +78,9 @@ from cp_dtensor.integrations.torchtitan.model import (
     SeededLlama3,
     TorchtitanLlama3,
     build_torchtitan_llama3,
+    build_torchtitan_llama3_from_args,
     torchtitan_llama3_args,
+    torchtitan_llama3_flavors,
 )
 from cp_dtensor.integrations.torchtitan.parallelize import (
     apply_cp_dtensor,
@@ -111,6 +113,7 @@ __all__ = [
     "build_metrics_processor",
     "build_tokenizer",
     "build_torchtitan_llama3",
+    "build_torchtitan_llama3_from_args",
     "configure_torchtitan_for_cpu",
     "cp_layout_for_load_balancer",
     "eos_document_ids",
@@ -119,6 +122,7 @@ __all__ = [
     "parallelize_llama",
     "register_train_spec",
     "torchtitan_llama3_args",
+    "torchtitan_llama3_flavors",
     "uses_document_ids",
 ]
 

@@ -37,6 +37,7 @@ from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig as TorchtitanJobConfig
 from torchtitan.models import llama3 as tt_llama3
 from torchtitan.models.llama3.model import model as tt_model
+from torchtitan.models.llama3.model.args import RoPEScalingArgs
 from torchtitan.tools.logging import logger
 
 from cp_dtensor.integrations.torchtitan.documents import (
@@ -44,15 +45,18 @@ from cp_dtensor.integrations.torchtitan.documents import (
     eos_document_ids,
     uses_document_ids,
 )
-from cp_dtensor.models.llama import ModelArgs
+from cp_dtensor.models.args import ModelArgs
+from cp_dtensor.models.rope import RopeScaling
 
 __all__ = [
     "Llama3Args",
     "SeededLlama3",
     "TorchtitanLlama3",
     "build_torchtitan_llama3",
+    "build_torchtitan_llama3_from_args",
     "llama3_args",
     "torchtitan_llama3_args",
+    "torchtitan_llama3_flavors",
 ]
 
 
@@ -279,6 +283,7 @@ class TorchtitanLlama3(SeededLlama3):
 
 
 def _cp_dtensor_args(a: tt_llama3.TransformerModelArgs) -> ModelArgs:
+    scaling = a.rope_scaling_args  # torchtitan's Llama 3 always applies Llama 3.1's RoPE scaling
     return ModelArgs(
         dim=a.dim,
         n_layers=a.n_layers,
@@ -291,7 +296,68 @@ def _cp_dtensor_args(a: tt_llama3.TransformerModelArgs) -> ModelArgs:
         rope_theta=float(a.rope_theta),
         max_seq_len=a.max_seq_len,
         causal=True,
+        rope_scaling=RopeScaling(
+            "llama3",
+            factor=float(scaling.scaling_factor),
+            original_max_position_embeddings=int(scaling.original_max_position_embeddings),
+            low_freq_factor=float(scaling.low_freq_factor),
+            high_freq_factor=float(scaling.high_freq_factor),
+        ),
     )
+
+
+def torchtitan_llama3_flavors() -> dict[str, ModelArgs]:
+    """``{flavor: cp_dtensor ModelArgs}`` of torchtitan's Llama 3 flavors with SDPA attention."""
+    return {
+        name: _cp_dtensor_args(llama3_args(name))
+        for name, a in tt_llama3.llama3_args.items()
+        if a.attn_type == "sdpa"
+    }
+
+
+def build_torchtitan_llama3_from_args(args: ModelArgs) -> TorchtitanLlama3:
+    """torchtitan's Llama 3 with the shape of ``args`` (as :func:`torchtitan_llama3_flavors` gives them).
+
+    Raises:
+        ValueError: ``args`` asks for what torchtitan's Llama 3 does not have (bidirectional attention,
+            sliding windows, q/k norms, an explicit head size or SwiGLU width, tied embeddings, a RoPE
+            scaling other than Llama 3.1's).
+    """
+    scaling = args.rope_scaling
+    unsupported = {
+        "bidirectional attention": not args.causal,
+        "sliding windows": bool(args.sliding_window),
+        "q/k norms": args.qk_norm,
+        "an explicit head_dim": args.attention_head_dim is not None,
+        "an explicit SwiGLU width": args.ffn_hidden_size is not None,
+        "tied embeddings": args.tie_embeddings,
+        f"RoPE scaling {scaling.type!r}": scaling.type != "llama3",
+    }
+    refused = [what for what, bad in unsupported.items() if bad]
+    if refused:
+        raise ValueError(
+            f'model.name "torchtitan.llama3" cannot build a model with {", ".join(refused)}; use model.name '
+            f'"llama3" (or "qwen3") for that.'
+        )
+    tt_args = Llama3Args(
+        dim=args.dim,
+        n_layers=args.n_layers,
+        n_heads=args.n_heads,
+        n_kv_heads=args.n_kv_heads,
+        vocab_size=args.vocab_size,
+        multiple_of=args.multiple_of,
+        ffn_dim_multiplier=args.ffn_dim_multiplier,
+        norm_eps=args.norm_eps,
+        rope_theta=args.rope_theta,
+        max_seq_len=args.max_seq_len,
+        rope_scaling_args=RoPEScalingArgs(
+            scaling_factor=scaling.factor,
+            low_freq_factor=scaling.low_freq_factor,
+            high_freq_factor=scaling.high_freq_factor,
+            original_max_position_embeddings=scaling.original_max_position_embeddings,
+        ),
+    )
+    return TorchtitanLlama3(tt_args)
 
 
 def _sdpa_args(flavor: str, seq_len: int, causal: bool) -> Llama3Args:
