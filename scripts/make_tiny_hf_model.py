@@ -40,7 +40,15 @@ def documents() -> list[str]:
 
 
 def paragraphs(docs: list[str], min_words: int = 12) -> list[str]:
-    """Paragraphs of prose (blank-line separated, at least ``min_words`` words, whitespace collapsed)."""
+    """Paragraphs of prose (blank-line separated, at least ``min_words`` words, whitespace collapsed).
+
+    Args:
+        docs: Documents.
+        min_words: Shorter paragraphs (headings, grammar lines) are dropped.
+
+    Returns:
+        The paragraphs.
+    """
     out = []
     for doc in docs:
         for block in re.split(r"\n\s*\n", doc):
@@ -51,7 +59,15 @@ def paragraphs(docs: list[str], min_words: int = 12) -> list[str]:
 
 
 def build_tokenizer(docs: list[str], vocab_size: int) -> Any:
-    """A byte-level BPE tokenizer with BOS / EOS special tokens, trained on ``docs``."""
+    """A byte-level BPE tokenizer with BOS / EOS special tokens.
+
+    Args:
+        docs: Training text.
+        vocab_size: Vocabulary size, special tokens included.
+
+    Returns:
+        A ``tokenizers.Tokenizer``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -68,7 +84,18 @@ def build_tokenizer(docs: list[str], vocab_size: int) -> Any:
 
 
 def build_config(family: str, vocab_size: int, bos: int, eos: int, tie: bool = False) -> Any:
-    """A tiny transformers config: 2 layers, width 64, 4 query / 2 KV heads, context 256 (Qwen3: head_dim 32)."""
+    """A tiny transformers config: 2 layers, width 64, 4 query / 2 KV heads, context 256 (Qwen3: head_dim 32).
+
+    Args:
+        family: ``"llama"`` or ``"qwen3"``.
+        vocab_size: The tokenizer's size.
+        bos: BOS id.
+        eos: EOS id.
+        tie: Tie the output projection to the embedding.
+
+    Returns:
+        A ``LlamaConfig`` or ``Qwen3Config``.
+    """
     from transformers import LlamaConfig, Qwen3Config
 
     common = dict(
@@ -93,7 +120,17 @@ def build_config(family: str, vocab_size: int, bos: int, eos: int, tie: bool = F
 
 
 def token_stream(tokenizer: Any, docs: list[str], bos: int, eos: int) -> torch.Tensor:
-    """All documents as one stream, each wrapped in BOS ... EOS: (N,) int64."""
+    """All documents as one stream, each wrapped in BOS ... EOS.
+
+    Args:
+        tokenizer: The tokenizer.
+        docs: Documents.
+        bos: BOS id.
+        eos: EOS id.
+
+    Returns:
+        (N,) int64 ids.
+    """
     ids: list[int] = []
     for encoding in tokenizer.encode_batch(docs, add_special_tokens=False):
         ids += [bos, *encoding.ids, eos]
@@ -102,7 +139,17 @@ def token_stream(tokenizer: Any, docs: list[str], bos: int, eos: int) -> torch.T
 
 @torch.no_grad()
 def mean_loss(model: Any, stream: torch.Tensor, seq_len: int, windows: int = 32) -> float:
-    """Mean next-token loss of ``model`` on the first ``windows`` windows of ``stream``."""
+    """Mean next-token loss on the first windows of a stream.
+
+    Args:
+        model: A transformers causal LM.
+        stream: (N,) token ids.
+        seq_len: Window length.
+        windows: Number of windows.
+
+    Returns:
+        The loss.
+    """
     starts = torch.arange(windows) * seq_len
     batch = torch.stack([stream[s : s + seq_len + 1] for s in starts.tolist()])  # (W, S + 1)
     logits = model(batch[:, :-1]).logits  # (W, S, V)

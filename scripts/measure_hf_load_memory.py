@@ -41,7 +41,15 @@ def rss_gib() -> tuple[float, float]:
 
 
 def write_random_checkpoint(folder: Path, *, max_shard_bytes: int = 1 << 30) -> dict:
-    """A random bf16 checkpoint with Llama 3.2 1B's shapes (written tensor by tensor)."""
+    """A random bf16 checkpoint with Llama 3.2 1B's shapes (written tensor by tensor).
+
+    Args:
+        folder: Output folder.
+        max_shard_bytes: Largest safetensors file.
+
+    Returns:
+        ``{"params", "bytes"}``.
+    """
     from cp_dtensor.models import ModelArgs, Transformer
     from cp_dtensor.models.hf import (
         LLAMA_ADAPTER,
@@ -69,8 +77,32 @@ def write_random_checkpoint(folder: Path, *, max_shard_bytes: int = 1 << 30) -> 
     return {"params": sum(p.numel() for p in model.parameters()), "bytes": writer.total_bytes}
 
 
-def measure_rank(folder: str, dp: int, cp: int, out_dir: str) -> None:
-    """On every rank: build the trainer, load the checkpoint, write this rank's numbers."""
+def _load_with_dcp(trainer: object, folder: str) -> int:
+    """The same tensors through DCP's ``HuggingFaceStorageReader`` (for comparison only: it copies HF rows as
+    they are, without the q/k permutation, so the model it fills is not the checkpoint's)."""
+    import torch.distributed.checkpoint as dcp
+
+    from cp_dtensor.models.hf import LLAMA_ADAPTER, clean_param_name
+
+    state = {
+        LLAMA_ADAPTER.hf_name(clean_param_name(n)): p
+        for part in trainer.parallel_model.model_parts
+        for n, p in part.named_parameters()
+    }
+    dcp.load(state, storage_reader=dcp.HuggingFaceStorageReader(folder))
+    return 0
+
+
+def measure_rank(folder: str, dp: int, cp: int, out_dir: str, reader: str = "ours") -> None:
+    """On every rank: build the trainer, load the checkpoint, write this rank's numbers.
+
+    Args:
+        folder: The checkpoint folder.
+        dp: Data-parallel degree.
+        cp: Context-parallel degree.
+        out_dir: Where ``rank{r}.json`` goes.
+        reader: ``"ours"`` (the trainer's load) or ``"dcp"`` (DCP's HuggingFaceStorageReader).
+    """
     import torch.distributed as dist
 
     from cp_dtensor.config import JobConfig
@@ -97,7 +129,8 @@ def measure_rank(folder: str, dp: int, cp: int, out_dir: str) -> None:
     )
     dist.barrier()
     t0 = time.perf_counter()
-    read = trainer.load_initial_weights(folder)  # what resume() does when there is no checkpoint
+    # ours: what resume() does when there is no checkpoint to resume
+    read = _load_with_dcp(trainer, folder) if reader == "dcp" else trainer.load_initial_weights(folder)
     seconds = time.perf_counter() - t0
     loaded = rss_gib()
     record = {
@@ -123,6 +156,10 @@ def main() -> None:
     parser.add_argument("--dp", type=int, default=2)
     parser.add_argument("--cp", type=int, default=2)
     parser.add_argument("--json", default="", help="also write the numbers to this file")
+    parser.add_argument(
+        "--reader", default="ours", choices=["ours", "dcp"],
+        help="ours: the trainer's sliced safetensors reads; dcp: DCP's HuggingFaceStorageReader (comparison)",
+    )  # fmt: skip
     args = parser.parse_args()
     folder = Path(args.folder)
     if not (folder / "config.json").is_file():
@@ -134,13 +171,16 @@ def main() -> None:
     from cp_dtensor.launch import run_distributed
 
     with tempfile.TemporaryDirectory(prefix="cpd_rss_") as out:
-        run_distributed(measure_rank, args.dp * args.cp, str(folder), args.dp, args.cp, out, timeout_s=1200)
+        run_distributed(
+            measure_rank, args.dp * args.cp, str(folder), args.dp, args.cp, out, args.reader, timeout_s=1200
+        )
         records = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(args.dp * args.cp)]
     fp32_model = (
         2 * json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     )
     print(f"checkpoint {folder}: {size / GIB:.2f} GiB of safetensors (bf16); the whole model in fp32: "
-          f"{fp32_model / GIB:.2f} GiB; dp {args.dp} x cp {args.cp}, FSDP2 over {args.dp * args.cp} ranks")  # fmt: skip
+          f"{fp32_model / GIB:.2f} GiB; dp {args.dp} x cp {args.cp}, FSDP2 over {args.dp * args.cp} ranks; "
+          f"reader {args.reader}")  # fmt: skip
     print("rank | RSS start | RSS built | peak built | RSS loaded | peak loaded | fp32 shard | read | load s")
     for r in records:
         print(

@@ -195,3 +195,12 @@ def test_a_taken_name_cannot_be_registered_again_with_another_spec() -> None:
     other = ModelSpec(name="test.toy_gpt", flavors={}, build=ToyGPT, parallelize=parallelize_toy)
     with pytest.raises(ValueError, match="already registered"):
         register_model(other)
+
+
+def test_hf_options_need_a_family_with_an_hf_adapter() -> None:
+    from cp_dtensor.trainer import validate_job
+
+    cfg = _config()
+    cfg["checkpoint"] = {"enable": True, "last_save_in_hf": True}
+    with pytest.raises(ValueError, match=r"last_save_in_hf: model\.name 'test\.toy_gpt' has no HuggingFace"):
+        validate_job(JobConfig.from_dict(cfg), 1)

@@ -28,7 +28,14 @@ def count_params(model: nn.Module, *, exclude_embedding: bool = False) -> int:
 
 
 def matmul_param_count(args: ModelArgs) -> int:
-    """Parameters that take part in a matmul per token: all linear layers incl. `output`, not embeddings/norms."""
+    """Parameters that take part in a matmul per token: all linear layers incl. `output`, not embeddings/norms.
+
+    Args:
+        args: Model shape.
+
+    Returns:
+        The count `N` of :func:`training_flops_per_token`.
+    """
     dim, hidden = args.dim, args.ffn_hidden_dim
     per_layer = 2 * dim * args.q_dim + 2 * dim * args.kv_dim + 3 * dim * hidden  # wq, wo, wk, wv, w1, w2, w3
     return args.n_layers * per_layer + dim * args.vocab_size

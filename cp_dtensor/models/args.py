@@ -114,7 +114,14 @@ class ModelArgs:
             )
 
     def window_size(self, layer_id: int) -> tuple[int, int]:
-        """``(left, right)`` attention window of layer ``layer_id`` (flash-attn convention; -1 = none)."""
+        """``(left, right)`` attention window of a layer (flash-attn convention; -1 = none).
+
+        Args:
+            layer_id: Index of the layer.
+
+        Returns:
+            The window; ``(-1, -1)`` for a global layer.
+        """
         local = self.sliding_window > 0 and (self.sliding_window_layers == "all" or layer_id % 2 == 0)
         if not local:
             return (-1, -1)

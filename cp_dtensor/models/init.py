@@ -22,13 +22,28 @@ __all__ = ["copy_full_into_", "init_ones_", "init_trunc_normal_", "local_device"
 
 
 def param_seed(seed: int, key: str) -> int:
-    """A 63-bit seed derived from the model seed and a parameter's structural name."""
+    """A 63-bit seed derived from the model seed and a parameter's structural name.
+
+    Args:
+        seed: The model seed.
+        key: The parameter's structural name, e.g. ``"layers.3.attention.wq.weight"``.
+
+    Returns:
+        The seed.
+    """
     digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def local_device(param: torch.Tensor) -> torch.device:
-    """Device of the data behind `param` (the local shard's device for a DTensor)."""
+    """Device of the data behind `param` (the local shard's device for a DTensor).
+
+    Args:
+        param: A tensor or DTensor.
+
+    Returns:
+        The device.
+    """
     local = param.to_local() if hasattr(param, "to_local") else param
     return local.device
 
@@ -41,6 +56,15 @@ def init_trunc_normal_(param: torch.Tensor, std: float, key: str, seed: int | No
     (seed, key) on the parameter's device type and then sliced to the local shard, so the weights do not
     depend on how the model is sharded, on the parameter dtype (up to rounding), nor on which other
     parameters exist (pipeline stages delete layers).
+
+    Args:
+        param: The parameter (plain or DTensor), allocated.
+        std: Standard deviation.
+        key: Structural name (part of the per-parameter seed).
+        seed: Model seed, or None for the global RNG.
+
+    Raises:
+        RuntimeError: The parameter is on the meta device.
     """
     if seed is None:
         nn.init.trunc_normal_(param, mean=0.0, std=std, a=-3 * std, b=3 * std)
@@ -59,12 +83,21 @@ def init_trunc_normal_(param: torch.Tensor, std: float, key: str, seed: int | No
 
 
 def init_ones_(param: torch.Tensor) -> None:
-    """Fill `param` with ones (works for plain tensors and DTensors)."""
+    """Fill `param` with ones (works for plain tensors and DTensors).
+
+    Args:
+        param: The parameter.
+    """
     nn.init.ones_(param)
 
 
 def copy_full_into_(param: torch.Tensor, full: torch.Tensor) -> None:
-    """Copy the full (unsharded) tensor `full` into `param`, slicing it if `param` is a DTensor."""
+    """Copy the full (unsharded) tensor `full` into `param`, slicing it if `param` is a DTensor.
+
+    Args:
+        param: The destination (plain or DTensor).
+        full: The whole tensor, the same on every rank.
+    """
     if hasattr(param, "device_mesh") and hasattr(param, "placements"):
         from torch.distributed.tensor import distribute_tensor
 

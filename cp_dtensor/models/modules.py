@@ -134,6 +134,7 @@ class ScaledDotProductAttention(nn.Module):
         )  # fmt: skip
 
     def extra_repr(self) -> str:
+        """Causality and window, for ``print(model)``."""
         window = "" if self.window_size == (-1, -1) else f", window_size={self.window_size}"
         return f"causal={self.causal}{window}"
 

@@ -145,7 +145,14 @@ class RopeScaling:
         return text
 
     def with_dynamic_seq_len(self, seq_len: int) -> RopeScaling:
-        """This scaling with ``dynamic_seq_len`` fixed to ``seq_len`` (no change unless type is dynamic)."""
+        """This scaling with ``dynamic_seq_len`` fixed (no change unless the type is ``"dynamic"``).
+
+        Args:
+            seq_len: The sequence length every forward scales for.
+
+        Returns:
+            The scaling.
+        """
         return replace(self, dynamic_seq_len=seq_len) if self.type == "dynamic" else self
 
 
@@ -233,7 +240,8 @@ def _yarn_ramp(
     """Per pair, 0 where yarn keeps the frequency and 1 where it interpolates (Note [RoPE scaling])."""
     context = scaling.original_max_position_embeddings
 
-    def pair(turns: float) -> float:  # the (fractional) pair index that turns `turns` times over `context`
+    def pair(turns: float) -> float:
+        """The (fractional) pair index that turns ``turns`` times over ``context`` tokens."""
         return head_dim * math.log(context / (turns * 2 * math.pi)) / (2 * math.log(theta))
 
     lo, hi = pair(scaling.beta_fast), pair(scaling.beta_slow)
@@ -350,6 +358,7 @@ class RotaryEmbedding(nn.Module):
         return table if scale == 1.0 else table * scale
 
     def extra_repr(self) -> str:
+        """Head size, base and scaling, for ``print(model)``."""
         return f"head_dim={self.head_dim}, theta={self.theta:g}, scaling={self.scaling.describe()}"
 
 

@@ -159,8 +159,14 @@ def validate_job(
 
 
 def initial_hf_path(cfg: JobConfig) -> str | None:
-    """The HuggingFace folder the job starts from (``checkpoint.initial_load_path``, else
-    ``model.hf_assets_path``), or None when ``checkpoint.initial_load_in_hf`` is off."""
+    """The HuggingFace folder the job starts from, or None when ``checkpoint.initial_load_in_hf`` is off.
+
+    Args:
+        cfg: The job config.
+
+    Returns:
+        ``checkpoint.initial_load_path``, else ``model.hf_assets_path``; None without an HF initial load.
+    """
     ckpt = cfg.checkpoint
     if not ckpt.initial_load_in_hf:
         return None
@@ -170,6 +176,11 @@ def initial_hf_path(cfg: JobConfig) -> str | None:
 def _check_initial_load(cfg: JobConfig, spec: ModelSpec) -> None:
     """The initial weights exist and fit the configured model (headers only; one line at the first problem)."""
     ckpt = cfg.checkpoint
+    if ckpt.last_save_in_hf and spec.hf_adapter is None:
+        raise ValueError(
+            f"checkpoint.last_save_in_hf: model.name {spec.name!r} has no HuggingFace checkpoint adapter; set "
+            f"it to false, or use a family that writes HF checkpoints ({sorted(hf_architectures().values())})."
+        )
     path = initial_hf_path(cfg)
     if path is None:
         if ckpt.initial_load_path and not Path(ckpt.initial_load_path).is_dir():

@@ -19,6 +19,12 @@ __all__ = ["build_model", "model_args_for", "model_options", "model_spec_for"]
 def model_spec_for(cfg: JobConfig) -> ModelSpec:
     """The registered family ``model.name`` names.
 
+    Args:
+        cfg: The job config.
+
+    Returns:
+        Its spec.
+
     Raises:
         ValueError: An unregistered name (the message lists the registered ones).
     """
@@ -26,7 +32,14 @@ def model_spec_for(cfg: JobConfig) -> ModelSpec:
 
 
 def model_options(cfg: JobConfig) -> ModelOptions:
-    """The job's settings a family applies to its flavor (mask, window, seq_len, HF folder, RoPE overrides)."""
+    """The job's settings a family applies to its flavor (mask, window, seq_len, HF folder, RoPE overrides).
+
+    Args:
+        cfg: The job config.
+
+    Returns:
+        The options.
+    """
     m = cfg.model
     return ModelOptions(
         attention_mask=m.attention_mask,
@@ -51,6 +64,12 @@ def model_options(cfg: JobConfig) -> ModelOptions:
 def model_args_for(cfg: JobConfig) -> ModelArgs:
     """Shape of the model that ``cfg.model`` names (family, flavor or config.json, job options).
 
+    Args:
+        cfg: The job config.
+
+    Returns:
+        The model args.
+
     Raises:
         ValueError: Unknown name or flavor, or an option the family refuses (the message names it).
     """
@@ -58,5 +77,12 @@ def model_args_for(cfg: JobConfig) -> ModelArgs:
 
 
 def build_model(cfg: JobConfig) -> nn.Module:
-    """The model that ``cfg.model`` names, built by its family on the current default device."""
+    """The model that ``cfg.model`` names, built by its family on the current default device.
+
+    Args:
+        cfg: The job config.
+
+    Returns:
+        The plain model (use ``with torch.device("meta"):`` for a shape-only one).
+    """
     return model_spec_for(cfg).build(model_args_for(cfg))

@@ -78,7 +78,14 @@ _LAYER = re.compile(r"^layers\.(\d+)\.(.*)$")
 
 
 def clean_param_name(name: str) -> str:
-    """A parameter's name without the levels that wrappers insert (activation checkpointing, compile)."""
+    """A parameter's name without the levels that wrappers insert (activation checkpointing, compile).
+
+    Args:
+        name: A name from ``named_parameters()``.
+
+    Returns:
+        E.g. ``"layers.0.attention.wq.weight"`` for ``"layers.0._checkpoint_wrapped_module.attention.wq.weight"``.
+    """
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
     return name
@@ -210,16 +217,42 @@ class HFAdapter:
         raise KeyError(f"parameter {name!r} has no HuggingFace {self.architecture} counterpart")
 
     def permuted_head_dim(self, name: str, args: ModelArgs) -> int | None:
-        """The head size whose rows are renumbered for ``name`` (q, k, and their norms), else None."""
+        """The head size whose rows are renumbered for a parameter (q, k and their norms), else None.
+
+        Args:
+            name: Our parameter name.
+            args: The model's args.
+
+        Returns:
+            ``args.head_dim`` or None.
+        """
         return args.head_dim if clean_param_name(name).endswith(_PERMUTED) else None
 
     def from_hf(self, name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-        """A whole HuggingFace tensor in our layout (for one of our parameter names)."""
+        """A whole HuggingFace tensor in our layout.
+
+        Args:
+            name: Our parameter name.
+            tensor: The checkpoint's tensor.
+            args: The model's args.
+
+        Returns:
+            The tensor, q/k rows renumbered (Note [q/k permutation]).
+        """
         head_dim = self.permuted_head_dim(name, args)
         return tensor if head_dim is None else permute_from_hf(tensor, head_dim)
 
     def to_hf(self, name: str, tensor: torch.Tensor, args: ModelArgs) -> torch.Tensor:
-        """One of our whole tensors in HuggingFace's layout."""
+        """One of our whole tensors in HuggingFace's layout.
+
+        Args:
+            name: Our parameter name.
+            tensor: The whole (gathered) tensor.
+            args: The model's args.
+
+        Returns:
+            The tensor, q/k rows renumbered back.
+        """
         head_dim = self.permuted_head_dim(name, args)
         return tensor if head_dim is None else permute_to_hf(tensor, head_dim)
 

@@ -164,9 +164,14 @@ def load_hf_weights(parts: Sequence[nn.Module], path: str | Path, adapter: HFAda
         Bytes read from the files by this rank.
     """
     with HFCheckpointReader(path) as ckpt:
-        for part in parts:
-            for name, param in _unique_params(part):
-                _load_param(param, ckpt, adapter.hf_name(name), adapter.permuted_head_dim(name, args))
+        jobs = [
+            (adapter.hf_name(name), name, param) for part in parts for name, param in _unique_params(part)
+        ]
+        for file in sorted({ckpt.file_of(key) for key, _, _ in jobs}):  # file by file: bounded mapped pages
+            for key, name, param in jobs:
+                if ckpt.file_of(key) == file:
+                    _load_param(param, ckpt, key, adapter.permuted_head_dim(name, args))
+            ckpt.close_file(file)
         return ckpt.bytes_read
 
 

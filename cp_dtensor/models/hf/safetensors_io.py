@@ -11,8 +11,9 @@ one DCP uses, covers FSDP2, TP and both together)::
     read:                                   | head 1 | head 2 |   (whole heads: Note [q/k permutation])
     permute inside each head, cut the rank's rows, copy into the local tensor
 
-Pages of the mapped file that are touched count towards a process's RSS until they are unmapped; a
-reader is closed (its maps dropped) when the load ends.
+Pages of a mapped file that are touched count towards a process's RSS until the file is closed, so a load
+reads file by file and closes each one when its tensors are done: at most one file's touched pages are
+resident at a time.
 """
 
 from __future__ import annotations
@@ -85,6 +86,28 @@ class HFCheckpointReader:
                 exit_fn(None, None, None)
         self._handles.clear()
 
+    def file_of(self, key: str) -> Path:
+        """The file that holds a tensor.
+
+        Args:
+            key: Tensor name.
+
+        Returns:
+            Its file.
+        """
+        return self._files[key]
+
+    def close_file(self, file: Path) -> None:
+        """Close one file (its mapped pages leave this process's RSS); it reopens on the next read.
+
+        Args:
+            file: A file of this checkpoint.
+        """
+        handle = self._handles.pop(file, None)
+        exit_fn = getattr(handle, "__exit__", None)
+        if exit_fn is not None:
+            exit_fn(None, None, None)
+
     def _open(self, file: Path) -> Any:
         handle = self._handles.get(file)
         if handle is None:
@@ -101,7 +124,14 @@ class HFCheckpointReader:
         return iter(self._files)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """Shape of tensor ``key`` (read from the header; no data is touched)."""
+        """Shape of a tensor, from the file's header (no data is touched).
+
+        Args:
+            key: Tensor name.
+
+        Returns:
+            The shape.
+        """
         return tuple(self._open(self._files[key]).get_slice(key).get_shape())
 
     def read(self, key: str, index: tuple[slice, ...] | None = None) -> torch.Tensor:
@@ -143,7 +173,12 @@ class HFShardWriter:
         self._files = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        """Queue ``tensor`` (a CPU copy is kept) under ``key``; flushes a full file first."""
+        """Queue a tensor (a contiguous CPU copy is kept); writes the queued file first when it is full.
+
+        Args:
+            key: Tensor name in the checkpoint.
+            tensor: The whole tensor.
+        """
         size = tensor.numel() * tensor.element_size()
         if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
             self.flush()
