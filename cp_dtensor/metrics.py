@@ -161,6 +161,34 @@ class MetricsLogger:
         if self.progress:
             self._draw_progress(m.step)
 
+    def log_validation(self, step: int, loss: float, tokens: int, seconds: float) -> None:
+        """Print and record one validation run: its loss per token after training step ``step``.
+
+        The metrics log gets ``{"step", "validation_loss", "validation_tokens", "validation_time_s"}`` (no
+        ``"loss"`` key, so tools reading training losses skip it); TensorBoard gets ``validation_loss``.
+        """
+        if not self.is_rank0:
+            return
+        if self.progress:
+            sys.stdout.write("\r\033[K")
+        width = len(str(self.total_steps))
+        print(
+            f"validation step {step:>{width}}/{self.total_steps} | loss {loss:.4f} | tokens {tokens:,} | "
+            f"{seconds:.2f}s",
+            flush=True,
+        )
+        record = {
+            "step": step,
+            "validation_loss": loss,
+            "validation_tokens": tokens,
+            "validation_time_s": seconds,
+        }
+        if self._file is not None:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.add_scalar("validation_loss", loss, step)
+
     def info(self, message: str) -> None:
         """Print a message on rank 0."""
         if self.is_rank0:

@@ -20,6 +20,7 @@ the global view is the natural order.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from typing import Literal
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -67,6 +68,7 @@ def shard_batch(
     layout: LayoutLike | LayoutRule = "zigzag",
     seq_dim: int = 1,
     whole: Collection[str] = ("document_ids",),
+    rows: Literal["global", "local"] = "global",
 ) -> dict[str, DTensor]:
     """This rank's part of a global batch, as DTensors on ``mesh`` (the one batch sharder).
 
@@ -88,9 +90,13 @@ def shard_batch(
             plans with.
         seq_dim: the sequence dim of every tensor.
         whole: names of entries that are not sequence-sharded.
+        rows: "global": ``batch`` is the global batch, identical on every rank, and this rank takes its dp
+            row block; "local": ``batch`` already holds only this dp rank's rows (a loader that reads only
+            its share, e.g. ``GlobalBatchLoader(..., dp_rank=, dp_degree=)``), identical on the ranks of
+            one dp rank, and a layout object describes those rows.
 
     Returns:
-        ``{name: DTensor}`` with local shards (B / dp, S / cp, ...).
+        ``{name: DTensor}`` with local shards (B / dp, S / cp, ...); (B, S / cp, ...) for ``rows="local"``.
     """
     if not batch:
         raise ValueError("shard_batch got an empty batch.")
@@ -101,18 +107,22 @@ def shard_batch(
     shapes = {name: (t.shape[0], t.shape[seq_dim]) for name, t in batch.items()}
     if len(set(shapes.values())) != 1:
         raise ValueError(f"shard_batch: tensors disagree on (rows, sequence length): {shapes}.")
-    rows, seq_len = next(iter(shapes.values()))
+    n_rows, seq_len = next(iter(shapes.values()))
     if isinstance(layout, LayoutRule):
         ids = batch.get("document_ids")
-        layout = layout(ids if ids is not None else torch.zeros(rows, seq_len, dtype=torch.int64), cp)
+        layout = layout(ids if ids is not None else torch.zeros(n_rows, seq_len, dtype=torch.int64), cp)
     validate_seq_len(seq_len, cp, layout)
-    if rows % dp:
-        raise ValueError(f"shard_batch: {rows} rows cannot be split over the dp axis of size {dp}.")
+    if rows not in ("global", "local"):
+        raise ValueError(f'shard_batch: rows must be "global" or "local", got {rows!r}.')
+    if rows == "local":  # this dp rank's rows already: nothing to cut on the dp axis
+        dp, dp_rank = 1, 0
+    if n_rows % dp:
+        raise ValueError(f"shard_batch: {n_rows} rows cannot be split over the dp axis of size {dp}.")
     batch = dict(batch)
     if "positions" not in batch and seq_dim == 1:
         device = next(iter(batch.values())).device
-        batch["positions"] = torch.arange(seq_len, device=device).expand(rows, seq_len)
-    per = rows // dp
+        batch["positions"] = torch.arange(seq_len, device=device).expand(n_rows, seq_len)
+    per = n_rows // dp
     placements = activation_placements(mesh, seq_dim, sequence_parallel=False)
     whole_placements = list(placements)
     whole_placements[cp_axis] = Replicate()

@@ -33,6 +33,7 @@ __all__ = [
     "TokenMeanLoss",
     "clip_grad_norm_",
     "count_global_tokens",
+    "eval_step",
     "token_loss_sum",
     "train_step",
 ]
@@ -229,3 +230,57 @@ def train_step(
     for opt in optimizers:
         opt.step()
     return result
+
+
+@torch.no_grad()
+def eval_step(
+    model_parts: list[nn.Module],
+    batch: dict[str, torch.Tensor],
+    *,
+    loss_mesh: DeviceMesh | None,
+    pipeline: PipelineState | None = None,
+) -> tuple[float, int]:
+    """Forward only: the summed cross entropy and the valid-token count of one batch, over all ranks.
+
+    The batch goes through the model exactly as in :func:`train_step` (CP DTensors from ``shard_batch``,
+    pipeline schedules with ``schedule.eval``), without gradients; ``loss_sum / tokens`` summed over batches
+    is the loss per token (Note [Global token mean]).
+
+    Args:
+        model_parts: the model, or this pp rank's stage modules.
+        batch: this rank's ``tokens``, ``labels``, ``positions`` (+ ``document_ids``, ``rope_positions``).
+        loss_mesh: the dp x cp mesh the sums are reduced over (None: single process).
+        pipeline: the pipeline schedule and this rank's stage roles (pp > 1), else None.
+
+    Returns:
+        ``(loss_sum, tokens)``: identical on every rank.
+    """
+    tokens, labels, positions = (batch[k] for k in ("tokens", "labels", "positions"))
+    document_ids, rope_positions = batch.get("document_ids"), batch.get("rope_positions")
+    labels = _local(labels)
+    n_global = count_global_tokens(labels, loss_mesh)
+    if pipeline is None:
+        (model,) = model_parts
+        logits = _local(model(tokens, positions, document_ids, rope_positions))  # (B, S_local, V)
+        loss_sum = token_loss_sum(logits, labels).to(torch.float64)
+    else:
+        extra = {
+            name: _local(t)
+            for name, t in (("document_ids", document_ids), ("rope_positions", rope_positions))
+            if t is not None
+        }
+        pipeline.loss_fn.normalizer = 1.0  # sums; train_step sets its own normalizer every step
+        losses: list[torch.Tensor] = []
+        args = (_local(tokens),) if pipeline.has_first_stage else ()
+        target = labels if pipeline.has_last_stage else None
+        pipeline.schedule.eval(*args, positions=_local(positions), target=target, losses=losses, **extra)
+        loss_sum = (
+            torch.stack(losses).sum().to(torch.float64)
+            if pipeline.has_last_stage
+            else torch.zeros((), dtype=torch.float64, device=labels.device)
+        )
+    if loss_mesh is not None and loss_mesh.size() > 1:
+        dist.all_reduce(loss_sum, group=loss_mesh.get_group())
+    if pipeline is not None and pipeline.mesh.size() > 1:
+        dist.all_reduce(loss_sum, group=pipeline.mesh.get_group())  # only the last stage contributes
+    return loss_sum.item(), int(n_global.item())

@@ -25,7 +25,8 @@ def read_log(path: Path) -> tuple[list[int], list[float]]:
             continue
         try:
             record = json.loads(line)
-            by_step[int(record["step"])] = float(record["loss"])
+            if "loss" in record:  # validation records carry "validation_loss" instead
+                by_step[int(record["step"])] = float(record["loss"])
         except (ValueError, KeyError) as e:
             raise SystemExit(f"error: {path}:{n} is not a train.py log record ({e})") from None
     if not by_step:

@@ -579,3 +579,20 @@ def test_dump_reload_round_trip(tmp_path: Path) -> None:
     assert dump_toml(reloaded) == text
     # The defaults round-trip too.
     assert load_config(["--config", _write(tmp_path, dump_toml(JobConfig()), name="d.toml")]) == JobConfig()
+
+
+def test_a_window_layer_pattern_without_a_window_is_refused() -> None:
+    """Issue 25 item 10: sliding_window_layers = "alternate" without sliding_window was accepted and ignored."""
+    message = _error(["--model.sliding_window_layers", "alternate"])
+    assert (
+        message.startswith('model.sliding_window_layers = "alternate" needs a window')
+        and "sliding_window" in message
+    )
+    assert load_config(["--model.sliding_window_layers", "alternate", "--model.sliding_window", "64"])
+
+
+def test_reset_positions_is_documented_as_working_with_documents_and_windows() -> None:
+    """Issue 25 item 10: the reference said "Not yet with document_causal or a sliding window", but both train
+    with cp1 = cp2 (test_trainer.py::test_reset_positions_with_documents_and_a_window_train_equal_at_cp1_and_cp2)."""
+    doc = field_docs(Data)["reset_positions"]
+    assert "not yet" not in doc.lower() and "document_causal" in doc and "sliding windows" in doc

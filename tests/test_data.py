@@ -645,6 +645,7 @@ def _config(*args: str):
 def test_build_data_text_with_documents_and_tokenizer(tmp_path: Path) -> None:
     path, _ = _documents_corpus(tmp_path)
     text = ("--data.dataset", "text", "--data.paths", str(path), "--training.seq_len", "16")
+    text += ("--job.dump_folder", str(tmp_path))  # the token cache goes under it
     data = _build_data(_config(*text), 258, 2)
     assert data.chance_loss is None and "10 documents" in data.summary and "byte tokenizer" in data.summary
     assert set(next(data.loader)) == {"tokens", "labels", "positions", "document_ids"}
@@ -663,6 +664,7 @@ def test_build_data_refuses_a_tokenizer_larger_than_the_model(tmp_path: Path) ->
     tok_path = _train_bpe(tmp_path / "tokenizer.json")
     vocab = HFTokenizer(tok_path).vocab_size
     args = ("--data.dataset", "text", "--data.paths", str(corpus), "--data.tokenizer", str(tok_path))
+    args += ("--job.dump_folder", str(tmp_path))
     data = _build_data(_config(*args, "--training.seq_len", "16"), vocab, 2)
     batch = next(data.loader)
     assert int(batch["tokens"].max()) < vocab and set(batch) == {
@@ -695,6 +697,7 @@ def test_build_data_recall_documents_and_reset_positions(tmp_path: Path) -> None
     # them to the model as rope_positions and keeps the tokens' places as positions).
     path, _ = _documents_corpus(tmp_path)
     text = ("--data.dataset", "text", "--data.paths", str(path), "--training.seq_len", "16")
+    text += ("--job.dump_folder", str(tmp_path))
     for extra in ((), mask):
         batch = next(_build_data(_config(*text, *extra, "--data.reset_positions"), 258, 4).loader)
         assert torch.equal(batch["positions"], document_positions(batch["document_ids"]))

@@ -202,3 +202,22 @@ def test_mismatching_checkpoint_is_refused_in_one_line(tiny_models, tmp_path: Pa
         validate_job(JobConfig.from_dict(cfg), 1)
     assert "\n" not in str(err.value)
     assert "in the HuggingFace checkpoint at" in str(err.value) and "llama3/debug" in str(err.value)
+
+
+def test_weights_only_load_of_a_step_folder_equals_the_hf_export(
+    tiny_models, tmp_path: Path, dist_pool
+) -> None:
+    """checkpoint.initial_load_path without initial_load_in_hf loads a cp_dtensor step folder's weights: the
+    same weights as the HF folder written by last_save_in_hf at that step (reference: the step-1 loss of a
+    job started from that export; fp32, the same weights and batch, so the same tolerance as above)."""
+    llama = tiny_models["llama"]["path"]
+    first = _with_export(_config(llama, tmp_path / "a", context_parallel_degree=2))
+    from_step = _config(llama, tmp_path / "b", context_parallel_degree=2)
+    from_step["checkpoint"] = {"initial_load_path": str(tmp_path / "a" / "checkpoint" / "step-1")}
+    from_export = _config(
+        str(tmp_path / "a" / "checkpoint" / "step-1-hf"), tmp_path / "c", context_parallel_degree=2
+    )
+    from_export["data"] = first["data"]  # the same corpus file (the export folder holds only the model)
+    losses = dist_pool(2).run(run_trainers, [first, from_step, from_export])[0]
+    assert losses[1] != losses[0]  # trained weights, not the initial ones
+    assert abs(losses[1] - losses[2]) <= LOSS_RTOL * losses[2], losses

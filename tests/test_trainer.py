@@ -397,7 +397,7 @@ def test_job_comm_auto_prices_this_jobs_attention_and_heads_that_cannot_split_fa
         ["--parallelism.context_parallel_degree", "2", "--parallelism.context_parallel_comm", "auto"]
     )
     unknown.parallelism.context_parallel_cost_hardware = "tpu"
-    with pytest.raises(ValueError, match=r"Unknown hardware 'tpu': not a preset"):
+    with pytest.raises(ValueError, match=r"cost_hardware: Unknown hardware 'tpu': not a preset"):
         validate_job(unknown, 2)
 
 
@@ -411,3 +411,176 @@ def test_compile_with_tensor_parallelism_is_refused_in_one_line() -> None:
         ValueError, match=r"compile\.enable with tensor_parallel_degree > 1 is not supported yet"
     ):
         validate_job(cfg, 4)
+
+
+def test_an_unknown_cost_hardware_is_refused_whatever_the_comm() -> None:
+    """Issue 25 item 10: accepted and ignored before (comm p2p, or cp 1, never priced)."""
+    from cp_dtensor.config import load_config
+    from cp_dtensor.trainer import validate_job
+
+    for cp, comm in ((2, "p2p"), (2, "allgather"), (1, "p2p")):
+        cfg = load_config(
+            ["--parallelism.context_parallel_degree", str(cp), "--parallelism.context_parallel_comm", comm]
+        )
+        cfg.parallelism.context_parallel_cost_hardware = "h1000"
+        with pytest.raises(
+            ValueError, match=r"^parallelism\.context_parallel_cost_hardware: Unknown hardware 'h1000'"
+        ):
+            validate_job(cfg, cp)
+        cfg.parallelism.context_parallel_cost_hardware = "h100"  # a preset passes
+        validate_job(cfg, cp)
+
+
+def _resume_under_other_masks(dump: str) -> dict[str, object]:
+    """On every rank: 2 causal steps (checkpoint at 2), then resumes under other mask settings."""
+    from cp_dtensor.checkpoint import CheckpointError
+    from cp_dtensor.trainer import Trainer
+
+    base = _config(
+        dump, training={"steps": 2, "seq_len": 64, "local_batch_size": 2}, checkpoint={"interval": 2}
+    )
+    Trainer(JobConfig.from_dict(base)).train()
+    out: dict[str, object] = {}
+    changes = {
+        "document": {"attention_mask": "document_causal"},
+        "window": {"sliding_window": 16, "sliding_window_layers": "alternate"},
+    }
+    for name, model in changes.items():
+        cfg = _config(dump, training={**base["training"], "steps": 3}, model=model)
+        try:
+            Trainer(JobConfig.from_dict(cfg)).train()
+            out[name] = "trained on"
+        except CheckpointError as e:
+            out[name] = str(e)
+    allowed = _config(
+        dump, training={**base["training"], "steps": 3}, model=changes["document"],
+        checkpoint={"interval": 2, "allow_mask_change": True},
+    )  # fmt: skip
+    trainer = Trainer(JobConfig.from_dict(allowed))
+    lines: list[str] = []
+    trainer.metrics.info = lines.append  # collect the log lines of this instance
+    out["allowed"] = (len(trainer.train()), [line for line in lines if line.startswith("warning")])
+    return out
+
+
+def test_resuming_under_another_attention_mask_is_refused_unless_allowed(tmp_path: Path, dist_pool) -> None:
+    """Issue 25 item 4: before, a resume with another mask or window trained on without a word."""
+    for rank_out in dist_pool(2).run(_resume_under_other_masks, str(tmp_path)):
+        document, window = rank_out["document"], rank_out["window"]
+        assert "\n" not in document and re.search(
+            r"was trained with another attention mask: model\.attention_mask 'causal' in the checkpoint, "
+            r"'document_causal' now; resume with --model\.attention_mask causal, or set "
+            r"checkpoint\.allow_mask_change = true",
+            document,
+        ), document
+        assert (
+            "model.sliding_window 0 in the checkpoint, 16 now, model.sliding_window_layers 'all' in the "
+            "checkpoint, 'alternate' now" in window
+        ), window
+        steps, warnings = rank_out["allowed"]
+        assert steps == 1  # step 3 trained after one warning line
+        assert len(warnings) == 1 and "continuing under the new mask" in warnings[0], warnings
+
+
+def test_reset_positions_with_documents_and_a_window_train_equal_at_cp1_and_cp2(
+    tmp_path: Path, dist_pool
+) -> None:
+    """What the config reference claims for data.reset_positions (issue 25 item 10): per-document RoPE
+    positions under the document mask and a sliding window give the losses of a run without CP."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"text": f"doc {i} " + "fox jumps " * (3 + 7 * (i % 4))}) + "\n" for i in range(40)
+        )
+    )
+    common = {
+        "model": {"attention_mask": "document_causal", "sliding_window": 24},
+        "data": {"dataset": "text", "paths": [str(corpus)], "reset_positions": True},
+        "checkpoint": {"enable": False},
+    }
+    cp2 = _config(str(tmp_path / "cp2"), training={"steps": 4, "local_batch_size": 2}, **common)
+    cp1 = _config(
+        str(tmp_path / "cp1"), training={"steps": 4, "local_batch_size": 1},
+        parallelism={"context_parallel_degree": 1, "data_parallel_degree": 2}, **common,
+    )  # fmt: skip
+    want = dist_pool(2).run(run_trainer, cp1)[0]
+    _assert_losses_match(dist_pool(2).run(run_trainer, cp2)[0], want, LOSS_RTOL)
+
+
+def _train_with_validation(cfg: dict) -> tuple[list[float], list[tuple[int, float]]]:
+    from cp_dtensor.trainer import Trainer
+
+    trainer = Trainer(JobConfig.from_dict(cfg))
+    losses = [r.loss for r in trainer.train()]
+    return losses, trainer.validation_losses
+
+
+def test_validation_loss_is_the_same_at_cp1_cp2_and_pp2(tmp_path: Path, dist_pool) -> None:
+    """Issue 24 item 2: validation every 2 steps, forward only under the job's layout; the loss per token of
+    the held-out batches equals the run without CP (cp1 x dp2) within LOSS_RTOL, also under pp2. Each pair
+    reads the same global batches (cp2: 2 rows on one dp rank; dp2: 1 row on each of two)."""
+    train, held_out = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train.write_text(
+        "".join(json.dumps({"text": f"doc {i} " + "fox jumps " * (3 + i % 9)}) + "\n" for i in range(60))
+    )
+    held_out.write_text(
+        "".join(json.dumps({"text": f"held {i} " + "dog naps " * (2 + i % 7)}) + "\n" for i in range(30))
+    )
+    data = {"dataset": "text", "paths": [str(train)]}
+    validation = {"enable": True, "freq": 2, "steps": 2, "paths": [str(held_out)]}
+    runs = {
+        "cp2": ({"context_parallel_degree": 2}, 2, {"seq_len": 64, "local_batch_size": 2}),
+        "dp2": (
+            {"context_parallel_degree": 1, "data_parallel_degree": 2},
+            1,
+            {"seq_len": 64, "local_batch_size": 1},
+        ),
+        "cp2_full": ({"context_parallel_degree": 2}, 2, {}),
+        "pp2": ({"context_parallel_degree": 1, "pipeline_parallel_degree": 2}, 2, {}),
+    }
+    got = {}
+    for name, (parallelism, rows, shape) in runs.items():
+        cfg = _config(
+            str(tmp_path / name), training={"steps": 4, "local_batch_size": rows}, parallelism=parallelism,
+            data=data, validation={**validation, **shape}, checkpoint={"enable": False},
+            model={"attention_mask": "document_causal"},
+        )  # fmt: skip
+        got[name] = dist_pool(2).run(_train_with_validation, cfg)[0]
+    for name, reference in (("cp2", "dp2"), ("pp2", "cp2_full")):
+        (losses, val), (want_losses, want_val) = got[name], got[reference]
+        assert [s for s, _ in val] == [s for s, _ in want_val] == [2, 4]
+        _assert_losses_match([v for _, v in val], [v for _, v in want_val], LOSS_RTOL, [2, 4])
+        _assert_losses_match(losses, want_losses, LOSS_RTOL)
+    assert got["cp2"][1][0][1] > got["cp2"][1][1][1]  # training lowers the held-out loss too
+    records = [json.loads(line) for line in (tmp_path / "cp2" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["validation_loss"]) for r in records if "validation_loss" in r] == got["cp2"][1]
+
+
+def test_validation_log_line_and_config_checks(tmp_path: Path, capsys) -> None:
+    from cp_dtensor.config import ConfigError, load_config
+    from cp_dtensor.metrics import MetricsLogger
+
+    log = MetricsLogger(
+        is_rank0=True, total_steps=10, log_freq=5, log_file=tmp_path / "log.jsonl", progress=False
+    )
+    log.log_validation(4, 2.5, 1024, 0.5)
+    log.close()
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("validation step  4/10 | loss 2.5000 | tokens 1,024"), line
+    assert json.loads((tmp_path / "log.jsonl").read_text()) == {
+        "step": 4, "validation_loss": 2.5, "validation_tokens": 1024, "validation_time_s": 0.5,
+    }  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^validation\.paths: validation\.enable needs held-out files"):
+        load_config(["--validation.enable"])
+    on = [
+        "--validation.enable",
+        "--validation.paths",
+        "v.jsonl",
+        "--parallelism.context_parallel_degree",
+        "2",
+    ]
+    with pytest.raises(ConfigError, match=r"validation\.seq_len"):
+        load_config([*on, "--validation.seq_len", "6"])  # zigzag at cp 2 needs a multiple of 4
+    with pytest.raises(ConfigError, match=r"must equal training's .* under pipeline parallelism"):
+        load_config([*on, "--validation.seq_len", "64", "--parallelism.pipeline_parallel_degree", "2",
+                     "--training.local_batch_size", "2"])  # fmt: skip

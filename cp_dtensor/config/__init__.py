@@ -1,13 +1,14 @@
 """Job configuration: TOML sections as dataclasses, command-line overrides, validation.
 
-Modules: :mod:`~cp_dtensor.config.schema` (the section dataclasses, :class:`JobConfig` and its validation),
+Modules: :mod:`~cp_dtensor.config.sections` (the section dataclasses), :mod:`~cp_dtensor.config.schema`
+(:class:`JobConfig` and its validation),
 :mod:`~cp_dtensor.config.parsing` (TOML and command-line overrides, :func:`load_config`, :func:`dump_toml`),
 :mod:`~cp_dtensor.config.docs` (``--help`` and the markdown reference from the field docstrings) and
 :mod:`~cp_dtensor.config.fields` (field ranges, type checks and value conversions they share).
 
 A job is one TOML file with one table per section (``[job]``, ``[model]``, ``[training]``, ...). Each
-section is a dataclass in :mod:`~cp_dtensor.config.schema`; every field carries an attribute docstring (the string literal right after
-it), which ``--help`` prints. The same keys can be overridden from the command line as
+section is a dataclass in :mod:`~cp_dtensor.config.sections`; every field carries an attribute docstring
+(the string literal right after it), which ``--help`` prints. The same keys can be overridden from the command line as
 ``--section.key VALUE`` or ``--section.key=VALUE``.
 
 Note [Config precedence]
@@ -44,6 +45,7 @@ from cp_dtensor.config.schema import (
     Parallelism,
     Timeouts,
     Training,
+    Validation,
 )
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "Parallelism",
     "Timeouts",
     "Training",
+    "Validation",
     "dump_toml",
     "field_docs",
     "format_help",

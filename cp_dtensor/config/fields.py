@@ -6,11 +6,12 @@ the help text print values with :func:`_toml_value`.
 """
 
 import dataclasses
+import difflib
 import functools
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -197,3 +198,65 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(item) for item in value) + "]"
     raise TypeError(f"cannot write {value!r} ({type(value).__name__}) as TOML")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Unknown names
+# --------------------------------------------------------------------------------------------------------
+
+
+def _closest(name: str, candidates: Sequence[str]) -> str | None:
+    """The closest candidate to ``name`` by :mod:`difflib`, or None."""
+    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _all_keys(sections: Mapping[str, type]) -> list[str]:
+    """Every ``section.key``."""
+    return [f"{name}.{key}" for name, cls in sections.items() for key in _field_types(cls)]
+
+
+RENAMED: dict[str, str] = {
+    "parallelism.context_parallel_a2a_degree": "parallelism.context_parallel_a2a_size",
+    "comm.init_timeout_seconds": "timeouts.init_seconds",
+    "comm.train_timeout_seconds": "timeouts.train_seconds",
+}
+"""Keys renamed since an earlier release (one name per concept): old name -> new name."""
+
+
+def _unknown_section_error(sections: Mapping[str, type], name: str, prefix: str, where: str) -> ConfigError:
+    """Error for an unknown section; suggests the closest section, or the section that owns a bare key."""
+    if name == "comm":
+        return ConfigError(
+            f"config section {name!r} {where} was renamed to 'timeouts' (keys init_seconds, train_seconds)"
+        )
+    owners = [section for section, cls in sections.items() if name in _field_types(cls)]
+    if owners:
+        fix = f"{name} belongs in a section: use {prefix}{owners[0]}.{name}"
+    else:
+        close = _closest(name, list(sections))
+        fix = f"did you mean {prefix}{close}?" if close else f"valid sections: {', '.join(sections)}"
+    return ConfigError(f"unknown config section {name!r} {where}; {fix}")
+
+
+def _unknown_key_error(
+    sections: Mapping[str, type], section: str, key: str, prefix: str, where: str
+) -> ConfigError:
+    """Error for an unknown key, with a suggestion.
+
+    Suggests, in order: the same key in another section, the closest key of this section, the closest
+    ``section.key`` overall.
+    """
+    full = f"{section}.{key}"
+    if full in RENAMED:
+        return ConfigError(f"config key {prefix}{full} {where} was renamed to {prefix}{RENAMED[full]}")
+    elsewhere = [k for k in _all_keys(sections) if k.endswith(f".{key}")]
+    own = _closest(key, list(_field_types(sections[section])))
+    close = elsewhere[0] if elsewhere else f"{section}.{own}" if own else _closest(full, _all_keys(sections))
+    fix = f"did you mean {prefix}{close}?" if close else f"see --help for the keys of [{section}]"
+    return ConfigError(f"unknown config key {prefix}{full} {where}; {fix}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------

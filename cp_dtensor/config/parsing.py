@@ -8,14 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from cp_dtensor.config.docs import format_help
-from cp_dtensor.config.fields import ConfigError, _field_types, _parse_text, _toml_value
-from cp_dtensor.config.schema import (
-    JobConfig,
-    _apply_mapping,
-    _section_types,
+from cp_dtensor.config.fields import (
+    ConfigError,
+    _field_types,
+    _parse_text,
+    _toml_value,
     _unknown_key_error,
     _unknown_section_error,
 )
+from cp_dtensor.config.schema import JobConfig, _apply_mapping, _section_types
 
 try:
     import tomli
@@ -93,10 +94,10 @@ def _parse_override(name: str, text: str | None) -> tuple[str, str, Any]:
         fix = f"did you mean --{owners[0]}.{name}?" if owners else "options are --section.key (see --help)"
         raise ConfigError(f"unknown option --{name}; {fix}")
     if section not in sections:
-        raise _unknown_section_error(section, prefix="--", where=f"in option --{name}")
+        raise _unknown_section_error(sections, section, prefix="--", where=f"in option --{name}")
     hints = _field_types(sections[section])
     if key not in hints:
-        raise _unknown_key_error(section, key, prefix="--", where="on the command line")
+        raise _unknown_key_error(sections, section, key, prefix="--", where="on the command line")
     tp = hints[key]
     if text is None:
         if tp is not bool:

@@ -1,17 +1,33 @@
-"""The job config schema: one dataclass per TOML section, :class:`JobConfig`, and its validation.
-
-Every field carries an attribute docstring (the string literal right after it), which ``--help`` and the
-README's config reference print (:mod:`cp_dtensor.config.docs`).
-"""
+"""The job config schema: :class:`JobConfig` (one attribute per TOML section, the section dataclasses of
+:mod:`cp_dtensor.config.sections`), its validation, and applying a ``{section: {key: value}}`` mapping."""
 
 import dataclasses
-import difflib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 from cp_dtensor.attention.strategy import get_strategy
-from cp_dtensor.config.fields import ConfigError, _bounded, _check_type, _field_types, _Range
+from cp_dtensor.config.fields import (
+    ConfigError,
+    _check_type,
+    _field_types,
+    _Range,
+    _unknown_key_error,
+    _unknown_section_error,
+)
+from cp_dtensor.config.sections import (
+    ActivationCheckpoint,
+    Checkpoint,
+    Compile,
+    Data,
+    Job,
+    Metrics,
+    Model,
+    Parallelism,
+    Timeouts,
+    Training,
+    Validation,
+)
 from cp_dtensor.parallel_dims import seq_len_problem
 
 __all__ = [
@@ -26,276 +42,13 @@ __all__ = [
     "Parallelism",
     "Timeouts",
     "Training",
+    "Validation",
 ]
 
 
 # --------------------------------------------------------------------------------------------------------
-# Sections
+# The job config
 # --------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    """Where the run writes its outputs and what it is."""
-
-    dump_folder: str = "./outputs"
-    """Root folder for logs, checkpoints and TensorBoard files; relative paths of other sections are under it."""
-
-    description: str = ""
-    """Free-text description of the run, recorded with its outputs."""
-
-
-@dataclass
-class Model:
-    """Which model to train."""
-
-    name: str = "llama3"
-    """Model family, a name in the model registry (cp_dtensor.models.model_names()): "llama3" (cp_dtensor's Llama 3), "qwen3" (Qwen3 dense), "torchtitan.llama3" (torchtitan's Llama 3 definition; needs pip install "cp_dtensor[torchtitan]"; flavors debugmodel, 8B, 70B, 405B), or a family registered with cp_dtensor.models.register_model."""
-
-    flavor: str = "debug"
-    """Size preset of the model family (e.g. "debug", "8B"), or "hf": the architecture of the HuggingFace config.json in hf_assets_path; see cp_dtensor.models for the lists."""
-
-    hf_assets_path: str = ""
-    """HuggingFace model folder (config.json, tokenizer.json, *.safetensors): the architecture for flavor "hf", the tokenizer when data.tokenizer is "byte" (the default), and the weights for checkpoint.initial_load_in_hf when checkpoint.initial_load_path is empty."""
-
-    rope_theta: float = _bounded(0.0, ge=0.0)
-    """RoPE base replacing the flavor's / config.json's (context extension, e.g. a larger theta); 0 keeps it."""
-
-    rope_type: Literal["", "default", "linear", "dynamic", "llama3", "yarn"] = ""
-    """RoPE scaling replacing the model's: "linear", "dynamic" (NTK), "llama3" (Llama 3.1), "yarn", "default" (none); "" keeps it. Unset rope_* values come from the model's scaling (the trained context: its original_max_position_embeddings, else its max_seq_len)."""
-
-    rope_factor: float = _bounded(0.0, ge=0.0)
-    """RoPE scaling factor (context extension ratio); 0 keeps the model's."""
-
-    rope_original_max_position_embeddings: int = _bounded(0, ge=0)
-    """Context the model was trained on, that the RoPE scaling extends; 0 keeps the model's."""
-
-    rope_low_freq_factor: float = _bounded(0.0, ge=0.0)
-    """RoPE "llama3": wavelengths above original context / this are interpolated; 0 keeps the model's."""
-
-    rope_high_freq_factor: float = _bounded(0.0, ge=0.0)
-    """RoPE "llama3": wavelengths below original context / this are kept; 0 keeps the model's."""
-
-    rope_beta_fast: float = _bounded(0.0, ge=0.0)
-    """RoPE "yarn": pairs turning more often than this over the original context are kept; 0 keeps the model's (32)."""
-
-    rope_beta_slow: float = _bounded(0.0, ge=0.0)
-    """RoPE "yarn": pairs turning less often than this are interpolated; 0 keeps the model's (1)."""
-
-    rope_attention_factor: float = _bounded(0.0, ge=0.0)
-    """RoPE "yarn": multiplier of cos and sin; 0 keeps the model's (default 0.1 ln(factor) + 1)."""
-
-    attention_mask: Literal["causal", "bidirectional", "document_causal"] = "causal"
-    """Attention mask: "causal" (decoder, each token sees itself and earlier tokens), "bidirectional", or "document_causal" (causal within each packed document: a token sees only earlier tokens of its own document)."""
-
-    sliding_window: int = _bounded(0, ge=0)
-    """Sliding-window attention of the local layers, in tokens (a query sees that many keys up to itself); 0 = off."""
-
-    sliding_window_layers: Literal["all", "alternate"] = "all"
-    """With sliding_window: which layers are local, "all" or "alternate" (even layers local, odd layers global)."""
-
-
-@dataclass
-class Training:
-    """Batch shape, optimizer, learning-rate schedule and training-loop settings."""
-
-    seq_len: int = _bounded(2048, ge=1)
-    """Tokens per sequence (the global sequence, before context-parallel sharding)."""
-
-    global_batch_size: int = _bounded(-1, ge=1, sentinel=-1)
-    """Sequences per optimizer step over all data-parallel ranks; -1 means local_batch_size x data-parallel degree."""
-
-    local_batch_size: int = _bounded(1, ge=1)
-    """Sequences per data-parallel rank per forward/backward pass."""
-
-    steps: int = _bounded(100, ge=1)
-    """Number of optimizer steps to train."""
-
-    lr: float = _bounded(3e-4, gt=0)
-    """Peak learning rate of AdamW."""
-
-    warmup_steps: int = _bounded(10, ge=0)
-    """Steps of linear warmup from 0 to lr (a run shorter than this ends during warmup)."""
-
-    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    """Decay of the learning rate after warmup, down to min_lr_ratio x lr ("constant" keeps lr)."""
-
-    min_lr_ratio: float = _bounded(0.1, ge=0, le=1)
-    """Final learning rate as a fraction of lr, for the "cosine" and "linear" schedules."""
-
-    weight_decay: float = _bounded(0.1, ge=0)
-    """AdamW decoupled weight decay."""
-
-    beta1: float = _bounded(0.9, ge=0, lt=1)
-    """AdamW beta1 (decay rate of the first-moment estimate)."""
-
-    beta2: float = _bounded(0.95, ge=0, lt=1)
-    """AdamW beta2 (decay rate of the second-moment estimate)."""
-
-    max_norm: float = _bounded(1.0, ge=0)
-    """Gradient clipping: maximum global gradient norm; 0 disables clipping."""
-
-    seed: int = 0
-    """Random seed for weight init and data; the same seed gives the same full weights for any degrees."""
-
-    mixed_precision_param: Literal["float32", "bfloat16"] = "float32"
-    """Dtype of parameters in forward/backward compute (FSDP mixed precision); reductions stay float32."""
-
-    deterministic: bool = False
-    """Use deterministic algorithms (torch.use_deterministic_algorithms), trading speed for repeatability."""
-
-    on_nonfinite: Literal["stop", "skip"] = "stop"
-    """What to do on a NaN/Inf loss or gradient norm: "stop" the run with an error, or "skip" the step."""
-
-
-@dataclass
-class Parallelism:
-    """Parallel degrees; their product is the world size (data_parallel_degree -1 absorbs the rest)."""
-
-    data_parallel_degree: int = _bounded(-1, ge=1, sentinel=-1)
-    """Data-parallel (FSDP) degree; -1 infers it as world size / (cp x tp x pp)."""
-
-    context_parallel_degree: int = _bounded(1, ge=1)
-    """Context-parallel degree: ranks that split each sequence; 1 turns CP off."""
-
-    context_parallel_layout: Literal["auto", "zigzag", "contiguous", "balanced"] = "auto"
-    """How tokens map to CP ranks: "zigzag" balances causal work over one sequence, "contiguous" cuts it in cp pieces, "balanced" plans each batch from its documents (equal attention work, documents kept whole where possible); "auto" = "balanced" for document_causal, else "zigzag"."""
-
-    context_parallel_comm: str = "p2p"
-    """The CP strategy (any name of cp_dtensor.strategy_names(), or "auto"): "p2p" ring passes of keys/values (overlapped with compute), one "allgather" of all keys/values, "alltoall" (Ulysses: heads sharded over the whole sequence; query heads per tp rank must divide by cp), "hybrid" (all-to-all inside groups of context_parallel_a2a_size consecutive ranks, the ring across groups), or "auto": the cost model picks one (and the group size) from heads, KV heads, head dim, seq_len, cp, tp, dtype and the hardware; the log shows the choice and every alternative's predicted time."""
-
-    context_parallel_a2a_size: int = _bounded(0, ge=0)
-    """Ranks per all-to-all group of comm "hybrid" (a divisor of context_parallel_degree, 1 < k < cp); 0: the cost model picks it. Only with comm "hybrid"."""
-
-    context_parallel_cost_hardware: str = "auto"
-    """Hardware the cost model of comm "auto" / "hybrid" prices: "auto" (by device: cpu, or h200 / h100 / a100 by GPU name), a preset name, or a calibration JSON from scripts/plan.py --calibrate."""
-
-    context_parallel_backend: Literal["auto", "flash", "cudnn", "efficient", "cpu_flash", "math"] = "auto"
-    """Attention kernel of the CP ring: "auto" picks from device and dtype (CPU: cpu_flash; CUDA bf16/fp16:
-    flash; CUDA fp32: efficient); flash, cudnn and efficient need CUDA, cpu_flash a CPU; math is a slow check."""
-
-    tensor_parallel_degree: int = _bounded(1, ge=1)
-    """Tensor-parallel degree (with sequence parallelism); 1 turns TP off."""
-
-    pipeline_parallel_degree: int = _bounded(1, ge=1)
-    """Pipeline-parallel degree (number of stages); 1 turns PP off."""
-
-    pipeline_parallel_schedule: Literal["1F1B", "GPipe", "Interleaved1F1B"] = "1F1B"
-    """Pipeline schedule (torch.distributed.pipelining) when pipeline_parallel_degree > 1."""
-
-    pipeline_parallel_microbatches: int = _bounded(-1, ge=1, sentinel=-1)
-    """Microbatches per local batch under PP; -1 uses pipeline_parallel_degree. Must divide local_batch_size."""
-
-
-@dataclass
-class ActivationCheckpoint:
-    """Activation checkpointing (recompute activations in backward to save memory)."""
-
-    mode: Literal["none", "selective", "full"] = "none"
-    """Which blocks to checkpoint: "none", "selective" (every N-th, see selective_ac_option) or "full" (all)."""
-
-    selective_ac_option: str = "2"
-    """For mode "selective": checkpoint every N-th transformer block, N a positive integer written as a string."""
-
-
-@dataclass
-class Compile:
-    """torch.compile of the transformer blocks (one graph per block, CP attention inside it as custom ops)."""
-
-    enable: bool = False
-    """Compile every transformer block with torch.compile(fullgraph=True), after TP, CP and activation checkpointing and before FSDP2. On CPU inductor needs a C++ compiler (g++ or $CXX)."""
-
-    backend: Literal["inductor", "aot_eager"] = "inductor"
-    """torch.compile backend: "inductor" (generated kernels; fuses norms, rotary and SwiGLU) or "aot_eager" (traces and runs the same ops eagerly: a quick check that a model compiles)."""
-
-
-@dataclass
-class Data:
-    """Training data."""
-
-    dataset: Literal["synthetic_recall", "text", "sft"] = "synthetic_recall"
-    """Dataset: "synthetic_recall" (generated key-value recall task, no files), "text" (files in data.paths), or "sft" (JSONL prompt/completion records in data.paths, packed whole; the loss counts completion tokens only)."""
-
-    sft_prompt_field: str = "prompt"
-    """Dataset "sft": the JSONL field holding the prompt (no loss on its tokens)."""
-
-    sft_completion_field: str = "completion"
-    """Dataset "sft": the JSONL field holding the completion (the loss counts its tokens and the EOS after it)."""
-
-    paths: list[str] = field(default_factory=list)
-    """Text or JSONL files for dataset "text"; on the command line, comma-separated."""
-
-    jsonl_field: str = "text"
-    """Field of each JSONL record that holds the text (for .jsonl files)."""
-
-    tokenizer: str = "byte"
-    """Tokenizer of datasets "text" and "sft": "byte" (UTF-8 bytes + BOS/EOS, 258 ids) or the path of a HuggingFace tokenizer.json (or of the folder holding it, e.g. torchtitan's hf_assets_path); needs pip install "cp_dtensor[hf]", and the model's vocab_size must cover its ids. With model.hf_assets_path set, "byte" means that folder's tokenizer.json."""
-
-    reset_positions: bool = False
-    """Restart the rotary positions at 0 at each document start in a sample; false: the global positions 0..seq_len-1. Not yet with document_causal or a sliding window (their attention takes the positions as the tokens' places in the sequence)."""
-
-    recall_documents: Literal["same", "split"] = "same"
-    """Documents of each synthetic_recall sample: "same" (one) or "split" (two, cut after the cue region, so that under model.attention_mask "document_causal" the queries cannot see their cue and the loss stays at chance)."""
-
-
-@dataclass
-class Checkpoint:
-    """Distributed checkpointing (torch.distributed.checkpoint)."""
-
-    enable: bool = False
-    """Save checkpoints, and resume from the latest one in folder if there is one."""
-
-    folder: str = "checkpoint"
-    """Checkpoint folder, relative to job.dump_folder."""
-
-    interval: int = _bounded(500, ge=1)
-    """Save a checkpoint every this many steps (and at the last step)."""
-
-    keep_latest_k: int = _bounded(0, ge=0)
-    """Keep only the newest k checkpoints; 0 keeps all."""
-
-    load_step: int = _bounded(-1, ge=0, sentinel=-1)
-    """Step of the checkpoint to resume from; -1 takes the latest."""
-
-    initial_load_path: str = ""
-    """Weights to start from when folder holds no checkpoint to resume: a HuggingFace folder (with initial_load_in_hf) or a cp_dtensor checkpoint step folder (model weights only)."""
-
-    initial_load_in_hf: bool = False
-    """initial_load_path is a HuggingFace folder (safetensors); each rank reads only its shards. With initial_load_path empty, model.hf_assets_path is loaded."""
-
-    last_save_in_hf: bool = False
-    """Also write the last checkpoint as a HuggingFace folder (config.json + safetensors, loadable by transformers) in folder/step-N-hf."""
-
-    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype of the weights written by last_save_in_hf."""
-
-
-@dataclass
-class Metrics:
-    """Logging of loss, throughput and memory."""
-
-    log_freq: int = _bounded(10, ge=1)
-    """Log metrics every this many steps (and at the first and last step)."""
-
-    enable_tensorboard: bool = False
-    """Also write metrics as TensorBoard events."""
-
-    save_tb_folder: str = "tb"
-    """TensorBoard folder, relative to job.dump_folder."""
-
-    log_file: str = "train_log.jsonl"
-    """Metrics log, relative to job.dump_folder; one JSON line per logged step."""
-
-
-@dataclass
-class Timeouts:
-    """Process-group timeouts."""
-
-    init_seconds: int = _bounded(300, ge=1)
-    """Timeout of process-group initialization and the first collectives, in seconds."""
-
-    train_seconds: int = _bounded(100, ge=1)
-    """Collective timeout during training, in seconds; a failed rank makes the others exit within this."""
 
 
 @dataclass
@@ -323,6 +76,9 @@ class JobConfig:
     data: Data = field(default_factory=Data)
     """[data] section."""
 
+    validation: Validation = field(default_factory=Validation)
+    """[validation] section."""
+
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     """[checkpoint] section."""
 
@@ -330,7 +86,7 @@ class JobConfig:
     """[metrics] section."""
 
     timeouts: Timeouts = field(default_factory=Timeouts)
-    """[comm] section."""
+    """[timeouts] section."""
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The config as ``{section: {key: value}}`` (a deep copy)."""
@@ -388,6 +144,14 @@ class JobConfig:
     def _validate_combinations(self) -> None:
         """Cross-field checks; ranges and types are already valid."""
         training, parallel = self.training, self.parallelism
+
+        model = self.model
+        if model.sliding_window_layers != "all" and not model.sliding_window:
+            raise ConfigError(
+                f'model.sliding_window_layers = "{model.sliding_window_layers}" needs a window, but '
+                f"model.sliding_window = 0 (off); set model.sliding_window to the window in tokens, or remove "
+                f"sliding_window_layers"
+            )
 
         option = self.activation_checkpoint.selective_ac_option
         if not (option.isascii() and option.isdigit() and int(option) >= 1):
@@ -453,12 +217,46 @@ class JobConfig:
                     f"{_suggest_multiples(training.local_batch_size, microbatches)} or change the microbatches"
                 )
 
-        if self.data.dataset in ("text", "sft") and not self.data.paths:
+        self._validate_validation()
+
+        if self.data.dataset in ("text", "hf", "sft") and not self.data.paths:
+            example = "corpus.parquet" if self.data.dataset == "hf" else "corpus.jsonl"
             raise ConfigError(
                 f'data.paths: dataset "{self.data.dataset}" needs at least one file; set data.paths = '
-                '["corpus.jsonl"] in TOML or --data.paths a.txt,b.jsonl'
+                f'["{example}"] in TOML or --data.paths a,b on the command line'
             )
         self._validate_model_choice()
+
+    def _validate_validation(self) -> None:
+        """The [validation] section against training and the parallel degrees."""
+        val, training, parallel = self.validation, self.training, self.parallelism
+        if not val.enable:
+            return
+        if not val.paths:
+            raise ConfigError(
+                'validation.paths: validation.enable needs held-out files; set validation.paths = ["val.jsonl"] '
+                "in TOML or --validation.paths a.txt,b.jsonl"
+            )
+        seq_len = val.seq_len if val.seq_len != -1 else training.seq_len
+        problem = seq_len_problem(
+            seq_len,
+            cp=parallel.context_parallel_degree,
+            tp=parallel.tensor_parallel_degree,
+            layout=self.cp_layout,
+            name="validation.seq_len",
+        )
+        if problem is not None:
+            raise ConfigError(problem)
+        rows = val.local_batch_size if val.local_batch_size != -1 else training.local_batch_size
+        if parallel.pipeline_parallel_degree > 1 and (seq_len, rows) != (
+            training.seq_len,
+            training.local_batch_size,
+        ):
+            raise ConfigError(
+                f"validation.seq_len={seq_len} and validation.local_batch_size={rows} must equal training's "
+                f"({training.seq_len}, {training.local_batch_size}) under pipeline parallelism (its stages keep "
+                f"the shapes of the training microbatches); set them to -1"
+            )
 
     def _validate_model_choice(self) -> None:
         """model.name in the registry; what flavor "hf" and the HuggingFace checkpoint options need."""
@@ -504,68 +302,12 @@ def _suggest_multiples(value: int, unit: int) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
-def _closest(name: str, candidates: Sequence[str]) -> str | None:
-    """The closest candidate to ``name`` by :mod:`difflib`, or None."""
-    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return matches[0] if matches else None
-
-
-def _all_keys() -> list[str]:
-    """Every ``section.key``."""
-    return [f"{name}.{key}" for name, cls in _section_types().items() for key in _field_types(cls)]
-
-
-RENAMED: dict[str, str] = {
-    "parallelism.context_parallel_a2a_degree": "parallelism.context_parallel_a2a_size",
-    "comm.init_timeout_seconds": "timeouts.init_seconds",
-    "comm.train_timeout_seconds": "timeouts.train_seconds",
-}
-"""Keys renamed since an earlier release (one name per concept): old name -> new name."""
-
-
-def _unknown_section_error(name: str, prefix: str, where: str) -> ConfigError:
-    """Error for an unknown section; suggests the closest section, or the section that owns a bare key."""
-    if name == "comm":
-        return ConfigError(
-            f"config section {name!r} {where} was renamed to 'timeouts' (keys init_seconds, train_seconds)"
-        )
-    sections = list(_section_types())
-    owners = [section for section, cls in _section_types().items() if name in _field_types(cls)]
-    if owners:
-        fix = f"{name} belongs in a section: use {prefix}{owners[0]}.{name}"
-    else:
-        close = _closest(name, sections)
-        fix = f"did you mean {prefix}{close}?" if close else f"valid sections: {', '.join(sections)}"
-    return ConfigError(f"unknown config section {name!r} {where}; {fix}")
-
-
-def _unknown_key_error(section: str, key: str, prefix: str, where: str) -> ConfigError:
-    """Error for an unknown key, with a suggestion.
-
-    Suggests, in order: the same key in another section, the closest key of this section, the closest
-    ``section.key`` overall.
-    """
-    full = f"{section}.{key}"
-    if full in RENAMED:
-        return ConfigError(f"config key {prefix}{full} {where} was renamed to {prefix}{RENAMED[full]}")
-    elsewhere = [k for k in _all_keys() if k.endswith(f".{key}")]
-    own = _closest(key, list(_field_types(_section_types()[section])))
-    close = elsewhere[0] if elsewhere else f"{section}.{own}" if own else _closest(full, _all_keys())
-    fix = f"did you mean {prefix}{close}?" if close else f"see --help for the keys of [{section}]"
-    return ConfigError(f"unknown config key {prefix}{full} {where}; {fix}")
-
-
-# --------------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------------
-
-
 def _apply_mapping(config: JobConfig, data: Mapping[str, Any], source: str) -> None:
     """Type-check ``{section: {key: value}}`` and set it on ``config`` (no range checks yet)."""
     sections = _section_types()
     for name, table in data.items():
         if name not in sections:
-            raise _unknown_section_error(name, prefix="", where=f"in {source}")
+            raise _unknown_section_error(sections, name, prefix="", where=f"in {source}")
         if not isinstance(table, Mapping):
             raise ConfigError(
                 f"{name}: expected a table in {source}, got {table!r}; write a [{name}] header "
@@ -575,5 +317,5 @@ def _apply_mapping(config: JobConfig, data: Mapping[str, Any], source: str) -> N
         hints = _field_types(sections[name])
         for key, value in table.items():
             if key not in hints:
-                raise _unknown_key_error(name, key, prefix="", where=f"in {source}")
+                raise _unknown_key_error(sections, name, key, prefix="", where=f"in {source}")
             setattr(section, key, _check_type(f"{name}.{key}", value, hints[key]))

@@ -31,9 +31,11 @@ from cp_dtensor.data.common import (
     validate_token_ids,
 )
 from cp_dtensor.data.loader import GlobalBatchLoader, MapDataset
+from cp_dtensor.data.packing import PackedTokenDataset, TokenStream, pack_window
 from cp_dtensor.data.recall import SyntheticRecallDataset
 from cp_dtensor.data.sft import SFTDataset
 from cp_dtensor.data.text import TextDataset
+from cp_dtensor.data.token_cache import TokenCache, build_token_cache
 from cp_dtensor.data.tokenizer import (
     HF_BOS_TOKENS,
     HF_EOS_TOKENS,
@@ -52,12 +54,17 @@ __all__ = [
     "GlobalBatchLoader",
     "HFTokenizer",
     "MapDataset",
+    "PackedTokenDataset",
     "SFTDataset",
     "Sample",
     "SyntheticRecallDataset",
     "TextDataset",
+    "TokenCache",
+    "TokenStream",
     "Tokenizer",
+    "build_token_cache",
     "document_positions",
     "load_tokenizer",
+    "pack_window",
     "validate_token_ids",
 ]

@@ -5,9 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from cp_dtensor.data.common import Sample, _mix_seed
+from cp_dtensor.data.common import Sample
+from cp_dtensor.data.shuffle import permute_indices
 
 __all__ = ["GlobalBatchLoader", "MapDataset"]
 
@@ -21,12 +23,20 @@ class MapDataset(Protocol):
 
 
 class GlobalBatchLoader:
-    """Deterministic global batches: batch k depends only on (dataset, seed, k).
+    """Deterministic global batches: batch k depends only on (dataset, seed, k), never on the parallel degrees.
 
     The sample slots of batch k are `k * G ... (k + 1) * G - 1` of an endless stream that visits the dataset
-    epoch after epoch; slot j reads sample `perm_e[j % N]` with `e = j // N` and `perm_e` a permutation seeded
-    by (seed, e) (identity when `shuffle=False`). A batch may straddle two epochs. The loader is an endless
-    iterator; `state_dict()` holds the number of batches consumed.
+    epoch after epoch; slot j reads sample `p_e(j % N)` with `e = j // N` and `p_e` the permutation of
+    `range(N)` that (seed, e) selects (Note [Index permutation without a table]; identity when
+    `shuffle=False`). A batch may straddle two epochs. The loader is an endless iterator; `state_dict()`
+    holds the number of batches consumed, so a resumed run continues with exactly the next batch.
+
+    With `dp_degree > 1` the loader yields only the rows of data-parallel rank `dp_rank`: rows
+    `dp_rank * G / dp ... (dp_rank + 1) * G / dp - 1` of the global batch (the contiguous row block that
+    `shard_batch` gives that rank), so each rank reads only its share of the data::
+
+        global batch k:  row 0  row 1 | row 2  row 3        G = 4, dp = 2
+                         dp rank 0    | dp rank 1
 
     Args:
         dataset: Map-style dataset of `{"tokens", "labels", "positions"}` samples (plus any other (S,)
@@ -34,30 +44,39 @@ class GlobalBatchLoader:
         global_batch_size: Samples per global batch (all data-parallel ranks together).
         seed: Shuffling seed.
         shuffle: Shuffle sample indices each epoch.
+        dp_rank: This rank's index on the data-parallel axis.
+        dp_degree: Data-parallel ranks; must divide `global_batch_size`.
     """
 
     def __init__(
-        self, dataset: MapDataset, global_batch_size: int, seed: int = 0, shuffle: bool = True
+        self,
+        dataset: MapDataset,
+        global_batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        *,
+        dp_rank: int = 0,
+        dp_degree: int = 1,
     ) -> None:
         if global_batch_size <= 0:
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
         if len(dataset) <= 0:
             raise ValueError("GlobalBatchLoader got an empty dataset")
+        if dp_degree < 1 or not 0 <= dp_rank < dp_degree or global_batch_size % dp_degree:
+            raise ValueError(
+                f"GlobalBatchLoader: dp_rank {dp_rank} of dp_degree {dp_degree} does not split "
+                f"global_batch_size {global_batch_size}; use a dp_degree that divides it"
+            )
         self.dataset = dataset
         self.global_batch_size = global_batch_size
         self.seed = seed
         self.shuffle = shuffle
+        self.dp_rank = dp_rank
+        self.dp_degree = dp_degree
         self.batches_consumed = 0
-        self._perm_cache: tuple[int, torch.Tensor] | None = None
-
-    def _epoch_permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm_cache is None or self._perm_cache[0] != epoch:
-            gen = torch.Generator().manual_seed(_mix_seed("loader-epoch", self.seed, epoch))
-            self._perm_cache = (epoch, torch.randperm(len(self.dataset), generator=gen))
-        return self._perm_cache[1]
 
     def sample_indices(self, batch_index: int) -> list[int]:
-        """Dataset indices of the samples of global batch `batch_index`, in row order.
+        """Dataset indices of the samples of global batch `batch_index`, in row order (all dp ranks).
 
         Args:
             batch_index: Non-negative batch number.
@@ -67,27 +86,50 @@ class GlobalBatchLoader:
         """
         if batch_index < 0:
             raise ValueError(f"batch_index must be >= 0, got {batch_index}")
+        return self._indices(batch_index * self.global_batch_size, (batch_index + 1) * self.global_batch_size)
+
+    def local_sample_indices(self, batch_index: int) -> list[int]:
+        """Dataset indices of this dp rank's rows of global batch `batch_index`.
+
+        Args:
+            batch_index: Non-negative batch number.
+
+        Returns:
+            `global_batch_size / dp_degree` dataset indices.
+        """
+        if batch_index < 0:
+            raise ValueError(f"batch_index must be >= 0, got {batch_index}")
+        per = self.global_batch_size // self.dp_degree
+        first = batch_index * self.global_batch_size + self.dp_rank * per
+        return self._indices(first, first + per)
+
+    def _indices(self, first_slot: int, stop_slot: int) -> list[int]:
         n = len(self.dataset)
-        indices = []
-        for slot in range(batch_index * self.global_batch_size, (batch_index + 1) * self.global_batch_size):
-            epoch, within = divmod(slot, n)
-            indices.append(int(self._epoch_permutation(epoch)[within]) if self.shuffle else within)
-        return indices
+        slots = np.arange(first_slot, stop_slot, dtype=np.int64)
+        epochs, within = np.divmod(slots, n)
+        if not self.shuffle:
+            return within.tolist()
+        out = np.empty_like(within)
+        for epoch in np.unique(epochs).tolist():
+            here = epochs == epoch
+            out[here] = permute_indices(within[here], n, seed=self.seed, epoch=epoch)
+        return out.tolist()
 
     def get_batch(self, batch_index: int) -> Sample:
-        """Global batch `batch_index` (does not move the iterator).
+        """This dp rank's rows of global batch `batch_index` (all of it when `dp_degree` is 1); does not
+        move the iterator.
 
         Args:
             batch_index: Non-negative batch number.
 
         Returns:
             The samples' entries stacked (`tokens`, `labels`, `positions`, and `document_ids` where the
-            dataset has them), each (G, S) int64.
+            dataset has them), each (G / dp_degree, S) int64.
 
         Raises:
             ValueError: The samples of the batch do not have the same entries.
         """
-        indices = self.sample_indices(batch_index)
+        indices = self.local_sample_indices(batch_index)
         samples = [self.dataset[i] for i in indices]
         keys = list(samples[0])
         for index, sample in zip(indices, samples):

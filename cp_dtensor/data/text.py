@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from cp_dtensor.data.common import Sample, document_positions
+from cp_dtensor.data.common import Sample
+from cp_dtensor.data.packing import pack_window
 from cp_dtensor.data.tokenizer import ByteTokenizer, Tokenizer
 
 __all__ = ["TextDataset"]
@@ -85,28 +86,9 @@ def _read_documents(path: Path, text_field: str) -> list[str]:
 class TextDataset:
     """Local `.txt` / `.jsonl` documents, tokenized and packed into fixed windows with their boundaries.
 
-    Note [Packed documents]
-    -----------------------
-    Each document becomes `[BOS] + tokens + [EOS]`; documents are concatenated in file order into one stream,
-    which is cut into windows of `seq_len + 1` tokens. Consecutive windows overlap by one token (window i
-    starts at `i * seq_len`), so every token of the stream except the first is a label exactly once.
-    Sample i is `tokens = window[:-1]`, `labels = window[1:]`. A document longer than what is left of a
-    window continues in the next sample; nothing is dropped except the stream's last `(N - 1) % seq_len`
-    labels, which do not fill a window. `document_ids` number the documents of a sample 0, 1, 2, ...
-    along it (a continued document starts the next sample with id 0); with `reset_positions` the positions
-    restart at 0 with each id (RoPE positions inside the document, as far as this sample holds it), else
-    they are `arange(seq_len)`. seq_len 8, documents a (6 tokens with BOS/EOS), b (7), c, ...:
-
-    ```
-                        sample 0            sample 1
-    tokens              B a a a a E B b  |  b b b b E B c c      (B = BOS, E = EOS)
-    document_ids        0 0 0 0 0 0 1 1  |  0 0 0 0 0 1 1 1
-    positions           0 1 2 3 4 5 6 7  |  0 1 2 3 4 5 6 7
-    reset_positions     0 1 2 3 4 5 0 1  |  0 1 2 3 4 0 1 2
-    ```
-
-    The label of a document's EOS is the next document's BOS (as before document ids existed); a model
-    with the `document_causal` mask predicts it from its own document, which ends there.
+    Samples are packed as Note [Packed documents] in :mod:`cp_dtensor.data.packing` says; the whole
+    corpus is tokenized into memory, so this class suits small corpora and tests. The trainer reads
+    ``data.dataset = "text"`` through the memory-mapped token cache instead (Note [Token cache]).
 
     Args:
         paths: A file, a directory (its `.txt` and `.jsonl` files, sorted) or a list of them. A `.txt` file is
@@ -181,17 +163,7 @@ class TextDataset:
             raise IndexError(f"sample index {index} out of range for a dataset of {len(self)} samples")
         start = index * self.seq_len
         window = self.tokens[start : start + self.seq_len + 1].to(torch.int64)  # (S + 1,)
-        offsets = torch.arange(start, start + self.seq_len)  # (S,) stream offsets of the tokens
-        document = torch.searchsorted(self.document_starts, offsets, right=True) - 1  # (S,) global index
-        document_ids = document - document[0]  # (S,) 0, 1, 2, ... along the sample
-        positions = (
-            document_positions(document_ids)
-            if self.reset_positions
-            else torch.arange(self.seq_len, dtype=torch.int64)
-        )  # (S,)
-        return {
-            "tokens": window[:-1],  # (S,)
-            "labels": window[1:],  # (S,)
-            "positions": positions,  # (S,)
-            "document_ids": document_ids,  # (S,)
-        }
+        low = int(torch.searchsorted(self.document_starts, start, right=True))
+        high = int(torch.searchsorted(self.document_starts, start + self.seq_len))
+        starts = self.document_starts[low:high] - start  # (K,) document starts inside the sample
+        return pack_window(window, starts, reset_positions=self.reset_positions)

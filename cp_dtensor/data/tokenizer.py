@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 
-__all__ = ["HF_BOS_TOKENS", "HF_EOS_TOKENS", "ByteTokenizer", "HFTokenizer", "Tokenizer", "load_tokenizer"]
+__all__ = [
+    "HF_BOS_TOKENS",
+    "HF_EOS_TOKENS",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "Tokenizer",
+    "encode_flat",
+    "load_tokenizer",
+    "tokenizer_fingerprint",
+]
 
 
 class Tokenizer(Protocol):
@@ -210,6 +221,18 @@ class HFTokenizer:
         encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
         return [head + enc.ids + tail for enc in encodings]
 
+    def encode_batch_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text without BOS/EOS, through the library's fastest batch encoder (no offsets).
+
+        Args:
+            texts: The texts.
+
+        Returns:
+            Token ids per text.
+        """
+        encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # tokenizers >= 0.20
+        return [enc.ids for enc in encode(list(texts), add_special_tokens=False)]
+
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Decode ids back to text; special tokens (BOS, EOS, ...) are dropped.
 
@@ -246,3 +269,59 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
             'tokenizer: got an empty string; use "byte" or the path of a HuggingFace tokenizer.json'
         )
     return HFTokenizer(spec)
+
+
+def tokenizer_fingerprint(tokenizer: Tokenizer) -> str:
+    """What identifies a tokenizer's output: its kind, vocabulary size, BOS/EOS and (for a tokenizer.json) a
+    digest of the file, so that a token cache built with another tokenizer is never reused."""
+    text = f"{type(tokenizer).__name__}:{tokenizer.vocab_size}:{tokenizer.BOS}:{tokenizer.EOS}"
+    if isinstance(tokenizer, HFTokenizer):
+        text += ":" + hashlib.sha256(Path(tokenizer.name).read_bytes()).hexdigest()
+    return text
+
+
+def encode_flat(
+    tokenizer: Tokenizer, texts: Sequence[str], *, bos: bool, eos: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Encode texts into one flat id array (the pre-tokenizer's hot path).
+
+    The byte tokenizer and HF tokenizers take a vectorized path (one buffer of UTF-8 bytes; the `tokenizers`
+    library's multi-threaded batch encoder); any other tokenizer goes through its ``encode_batch``.
+
+    Args:
+        tokenizer: The tokenizer.
+        texts: The texts.
+        bos: Prepend ``BOS`` to each text's ids.
+        eos: Append ``EOS`` to each text's ids.
+
+    Returns:
+        ``(ids, lengths)``: (N,) int64 ids of all texts one after the other, and (len(texts),) int64 ids
+        per text (BOS/EOS included).
+    """
+    if not texts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    if isinstance(tokenizer, ByteTokenizer):
+        encoded = [text.encode("utf-8") for text in texts]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        ids = np.frombuffer(b"".join(encoded), dtype=np.uint8).astype(np.int64)
+        starts = np.cumsum(lengths) - lengths  # (T,) offset of each text in ids
+        where, values = [], []
+        if bos:
+            where.append(starts)
+            values.append(np.full(len(texts), tokenizer.BOS))
+        if eos:
+            where.append(starts + lengths)
+            values.append(np.full(len(texts), tokenizer.EOS))
+        if where:  # interleave per text (BOS_i before EOS_i, EOS_i before BOS_{i+1}); np.insert is stable
+            order = np.stack(where, axis=1).reshape(-1)
+            ids = np.insert(ids, order, np.stack(values, axis=1).reshape(-1))
+        return ids, lengths + int(bos) + int(eos)
+    if isinstance(tokenizer, HFTokenizer):
+        batch = tokenizer.encode_batch_ids(texts)
+    else:
+        batch = tokenizer.encode_batch(texts)
+    head, tail = [tokenizer.BOS] if bos else [], [tokenizer.EOS] if eos else []
+    lists = [head + list(ids) + tail for ids in batch]
+    lengths = np.fromiter(map(len, lists), dtype=np.int64, count=len(lists))
+    ids = np.fromiter((i for ids in lists for i in ids), dtype=np.int64, count=int(lengths.sum()))
+    return ids, lengths

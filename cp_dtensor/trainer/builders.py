@@ -4,7 +4,9 @@ CP strategy of the job."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -13,8 +15,9 @@ from cp_dtensor.config import JobConfig
 from cp_dtensor.data import (
     RECALL_CUE_START_FRACTION,
     GlobalBatchLoader,
+    PackedTokenDataset,
     SyntheticRecallDataset,
-    TextDataset,
+    build_token_cache,
     load_tokenizer,
 )
 from cp_dtensor.data.sft import SFTDataset
@@ -22,7 +25,7 @@ from cp_dtensor.layout import sequence_positions
 from cp_dtensor.models.args import ModelArgs
 from cp_dtensor.parallel_dims import ParallelDims
 
-__all__ = ["build_lr_lambda", "job_comm_choice"]
+__all__ = ["DataPlacement", "build_lr_lambda", "job_comm_choice", "token_cache_dir", "tokenizer_name"]
 
 
 def build_lr_lambda(steps: int, warmup: int, schedule: str, min_ratio: float):
@@ -98,25 +101,61 @@ def _ranks(ranks: list[int]) -> str:
     return f"rank {ranks[0]}" if len(ranks) == 1 else "ranks " + ", ".join(map(str, ranks))
 
 
-def _build_data(cfg: JobConfig, vocab_size: int, global_batch_size: int) -> _Data:
-    """The job's data: packed text documents (``data.tokenizer``) or the synthetic recall task.
+@dataclass(frozen=True)
+class DataPlacement:
+    """Where this process sits for data loading.
+
+    Attributes:
+        dp_rank: This rank's index on the data-parallel axis: the loader reads only its rows.
+        dp_degree: Data-parallel ranks.
+        rank: Global rank: the share of the corpus it tokenizes when the token cache is built.
+        world_size: Ranks that build the token cache together.
+        barrier: Waits for every rank (required when ``world_size > 1``).
+        log: Receives progress lines (rank 0's).
+    """
+
+    dp_rank: int = 0
+    dp_degree: int = 1
+    rank: int = 0
+    world_size: int = 1
+    barrier: Callable[[], None] | None = None
+    log: Callable[[str], None] | None = None
+
+
+def tokenizer_name(cfg: JobConfig) -> str:
+    """``data.tokenizer``, where a HuggingFace model brings its own: "byte" (the default) then means
+    ``model.hf_assets_path``'s tokenizer.json."""
+    if cfg.data.tokenizer == "byte" and cfg.model.hf_assets_path:
+        return cfg.model.hf_assets_path
+    return cfg.data.tokenizer
+
+
+def token_cache_dir(cfg: JobConfig) -> Path:
+    """``data.cache_dir``, relative to ``job.dump_folder`` unless absolute."""
+    path = Path(cfg.data.cache_dir).expanduser()
+    return path if path.is_absolute() else Path(cfg.job.dump_folder) / path
+
+
+def _build_data(
+    cfg: JobConfig, vocab_size: int, global_batch_size: int, placement: DataPlacement | None = None
+) -> _Data:
+    """The job's data: packed documents of a corpus (``data.tokenizer``) or the synthetic recall task.
+
+    The loader yields this dp rank's rows of each global batch (``placement``; all rows by default).
 
     Raises:
         ValueError: ``data.recall_documents = "split"`` without the document_causal mask,
-            a tokenizer whose ids exceed the model's vocab_size, a missing ``tokenizers`` library, or what
-            :class:`TextDataset` raises for the files.
+            a tokenizer whose ids exceed the model's vocab_size, a missing ``tokenizers`` / ``datasets``
+            library, or what reading the corpus raises (the file named).
         FileNotFoundError: No tokenizer.json at ``data.tokenizer``, or a missing data file.
     """
     t, par, data = cfg.training, cfg.parallelism, cfg.data
+    where = placement or DataPlacement()
+    rows = {"dp_rank": where.dp_rank, "dp_degree": where.dp_degree}
     cp = par.context_parallel_degree
     document_mask = cfg.model.attention_mask == "document_causal"
-    if data.dataset in ("text", "sft"):
-        # A HuggingFace model brings its tokenizer: "byte" (the default) then means hf_assets_path's.
-        name = (
-            cfg.model.hf_assets_path
-            if data.tokenizer == "byte" and cfg.model.hf_assets_path
-            else data.tokenizer
-        )
+    if data.dataset in ("text", "hf", "sft"):
+        name = tokenizer_name(cfg)
         try:
             tokenizer = load_tokenizer(name)
         except (ValueError, FileNotFoundError) as e:
@@ -145,21 +184,26 @@ def _build_data(cfg: JobConfig, vocab_size: int, global_batch_size: int) -> _Dat
             summary += (
                 '; model.attention_mask is not "document_causal": packed records see the records before them'
             )
-        return _Data(GlobalBatchLoader(sft, global_batch_size, seed=t.seed), None, summary)
-    if data.dataset == "text":
-        dataset = TextDataset(
+        return _Data(GlobalBatchLoader(sft, global_batch_size, seed=t.seed, **rows), None, summary)
+    if data.dataset in ("text", "hf"):
+        cache = build_token_cache(
             data.paths,
-            t.seq_len,
-            text_field=data.jsonl_field,
             tokenizer=tokenizer,
-            reset_positions=data.reset_positions,
+            cache_dir=token_cache_dir(cfg),
+            kind=data.dataset,
+            text_field=data.jsonl_field,
+            rank=where.rank,
+            world_size=where.world_size,
+            barrier=where.barrier,
+            log=where.log,
         )
+        dataset = PackedTokenDataset(cache, t.seq_len, reset_positions=data.reset_positions)
         summary = (
-            f"text, {dataset.num_documents} documents, {dataset.num_tokens} tokens ({tokenizer.name} tokenizer, "
-            f"BOS {tokenizer.BOS}, EOS {tokenizer.EOS}), {len(dataset)} samples of {t.seq_len} tokens, "
-            f"{'per-document' if data.reset_positions else 'global'} positions"
+            f"{data.dataset}, {dataset.num_documents} documents, {dataset.num_tokens} tokens ({tokenizer.name} "
+            f"tokenizer, BOS {tokenizer.BOS}, EOS {tokenizer.EOS}; cache {cache.path}), {len(dataset)} samples "
+            f"of {t.seq_len} tokens, {'per-document' if data.reset_positions else 'global'} positions"
         )
-        return _Data(GlobalBatchLoader(dataset, global_batch_size, seed=t.seed), None, summary)
+        return _Data(GlobalBatchLoader(dataset, global_batch_size, seed=t.seed, **rows), None, summary)
     if data.recall_documents == "split" and not document_mask:
         raise ValueError(
             f'data.recall_documents "split" puts the cue and the queries in different documents, but '
@@ -198,4 +242,5 @@ def _build_data(cfg: JobConfig, vocab_size: int, global_batch_size: int) -> _Dat
                 f"cue and ranks {query_ranks} its queries; see Note [Recall across CP ranks] in cp_dtensor/trainer/builders.py."
             )
         summary += f"; cue on CP {_ranks(cue_ranks)}, queries on CP {_ranks(query_ranks)}"
-    return _Data(GlobalBatchLoader(recall, global_batch_size, seed=t.seed), recall.chance_loss, summary + ")")
+    loader = GlobalBatchLoader(recall, global_batch_size, seed=t.seed, **rows)
+    return _Data(loader, recall.chance_loss, summary + ")")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -20,7 +21,7 @@ from cp_dtensor.pipeline import stages_per_rank
 from cp_dtensor.trainer.memory_estimate import MemoryBudget, _check_memory, local_memory_budget
 from cp_dtensor.trainer.model_factory import build_model, model_args_for, model_spec_for
 
-__all__ = ["initial_hf_path", "validate_job"]
+__all__ = ["attention_mask_settings", "initial_hf_path", "mask_change", "validate_job"]
 
 
 def validate_job(
@@ -94,9 +95,11 @@ def validate_job(
                 f"n_kv_heads {kv_heads}, tp {pd.tp}): the query heads must divide by {size} and the KV heads "
                 f'divide it or divide by it; use comm "p2p", "auto", or another degree.'
             )
-    priced = comm == "auto" or (comm == "hybrid" and not a2a)
-    if pd.cp_enabled and priced and par.context_parallel_cost_hardware != "auto":
-        hardware_for_device("cpu", par.context_parallel_cost_hardware)  # an unknown preset / file: one line
+    if par.context_parallel_cost_hardware != "auto":  # checked for every comm: a typo must not pass silently
+        try:
+            hardware_for_device("cpu", par.context_parallel_cost_hardware)
+        except ValueError as e:
+            raise ValueError(f"parallelism.context_parallel_cost_hardware: {e}") from None
     stages = pd.pp * stages_per_rank(par.pipeline_parallel_schedule)
     if stages > args.n_layers:
         raise ValueError(
@@ -128,12 +131,22 @@ def validate_job(
             'parallelism.context_parallel_backend "cpu_flash" runs on CPU tensors but training runs on the GPU; '
             'use "auto", "flash", "cudnn" or "efficient".'
         )
-    if cfg.data.dataset in ("text", "sft"):
-        for path in map(Path, cfg.data.paths):
+    val_seq_len = cfg.validation.seq_len if cfg.validation.seq_len != -1 else cfg.training.seq_len
+    if cfg.validation.enable and val_seq_len > args.max_seq_len:
+        raise ValueError(
+            f"validation.seq_len {val_seq_len} exceeds max_seq_len {args.max_seq_len} of model flavor "
+            f"{cfg.model.flavor!r}; use --validation.seq_len {args.max_seq_len} or less."
+        )
+    corpora = {
+        "data.paths": cfg.data.paths if cfg.data.dataset in ("text", "hf", "sft") else [],
+        "validation.paths": cfg.validation.paths if cfg.validation.enable else [],
+    }
+    for key, paths in corpora.items():
+        for path in map(Path, paths):
             if not path.exists():
-                raise FileNotFoundError(f"data.paths: {path} does not exist.")
+                raise FileNotFoundError(f"{key}: {path} does not exist.")
             if path.is_file() and path.stat().st_size == 0:
-                raise ValueError(f"data.paths: {path} is empty.")
+                raise ValueError(f"{key}: {path} is empty.")
     gbs = _global_batch_size(cfg, pd)
     local_rows = gbs // pd.dp
     if gbs % pd.dp or local_rows % cfg.training.local_batch_size:
@@ -204,3 +217,37 @@ def _has_cxx_compiler() -> bool:
 def _global_batch_size(cfg: JobConfig, pd: ParallelDims) -> int:
     gbs = cfg.training.global_batch_size
     return cfg.training.local_batch_size * pd.dp if gbs == -1 else gbs
+
+
+def attention_mask_settings(cfg: JobConfig) -> dict[str, Any]:
+    """The settings that decide which keys a query sees, as a checkpoint records them."""
+    model = cfg.model
+    return {
+        "model.attention_mask": model.attention_mask,
+        "model.sliding_window": model.sliding_window,
+        "model.sliding_window_layers": model.sliding_window_layers,
+    }
+
+
+def mask_change(
+    saved: dict[str, Any] | None, now: dict[str, Any], checkpoint: str, *, allowed: bool
+) -> str | None:
+    """One line naming each mask setting that differs between a checkpoint and this job, or None.
+
+    Args:
+        saved: :func:`attention_mask_settings` recorded with the checkpoint (None: not recorded, no check).
+        now: This job's settings.
+        checkpoint: The checkpoint's folder, for the message.
+        allowed: ``checkpoint.allow_mask_change``: the line is a warning, not a refusal with its fix.
+    """
+    if not saved:
+        return None
+    changed = [k for k in now if k in saved and saved[k] != now[k]]
+    if not changed:
+        return None
+    what = ", ".join(f"{k} {saved[k]!r} in the checkpoint, {now[k]!r} now" for k in changed)
+    line = f"checkpoint {checkpoint} was trained with another attention mask: {what}"
+    if allowed:
+        return f"{line}; continuing under the new mask (checkpoint.allow_mask_change = true)"
+    back = " ".join(f"--{k} {saved[k]}" for k in changed)
+    return f"{line}; resume with {back}, or set checkpoint.allow_mask_change = true to continue under the new mask"

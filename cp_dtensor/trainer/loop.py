@@ -4,6 +4,7 @@ the steps (see Note [Trainer step] in :mod:`cp_dtensor.trainer`)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +19,8 @@ from cp_dtensor.attention.settings import CPSettings
 from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.balance import BalancedLayoutRule, layout_work, to_sequence_layout
 from cp_dtensor.checkpoint import (
+    MANIFEST,
+    CheckpointError,
     CheckpointManager,
     ModelState,
     ObjectState,
@@ -39,10 +42,17 @@ from cp_dtensor.models.hf import (
 )
 from cp_dtensor.parallelize import ParallelModel, build_parallel_model
 from cp_dtensor.sharding import shard_batch
-from cp_dtensor.train_step import StepResult, train_step
-from cp_dtensor.trainer.builders import _build_data, build_lr_lambda, job_comm_choice
-from cp_dtensor.trainer.checks import _global_batch_size, initial_hf_path, validate_job
+from cp_dtensor.train_step import StepResult, eval_step, train_step
+from cp_dtensor.trainer.builders import DataPlacement, _build_data, build_lr_lambda, job_comm_choice
+from cp_dtensor.trainer.checks import (
+    _global_batch_size,
+    attention_mask_settings,
+    initial_hf_path,
+    mask_change,
+    validate_job,
+)
 from cp_dtensor.trainer.model_factory import build_model, model_spec_for
+from cp_dtensor.trainer.validation import build_validation_data
 
 __all__ = ["Trainer"]
 
@@ -100,7 +110,22 @@ class Trainer:
         ]
         lr_lambda = build_lr_lambda(t.steps, t.warmup_steps, t.lr_schedule, t.min_lr_ratio)
         self.schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) for opt in self.optimizers]
-        self.data = _build_data(cfg, self.model_args.vocab_size, _global_batch_size(cfg, self.parallel_dims))
+        pd = self.parallel_dims
+        placement = DataPlacement(
+            dp_rank=pd.world_mesh["dp"].get_local_rank() if dist.is_initialized() else 0,
+            dp_degree=pd.dp,
+            rank=self.rank,
+            world_size=world,
+            barrier=dist.barrier if dist.is_initialized() else None,
+            log=self.metrics.info,
+        )
+        self.data = _build_data(cfg, self.model_args.vocab_size, _global_batch_size(cfg, pd), placement)
+        self.validation = (
+            build_validation_data(cfg, self.model_args.vocab_size, placement)
+            if cfg.validation.enable
+            else None
+        )
+        self.validation_losses: list[tuple[int, float]] = []  # (step, loss per token) of each run
         self.step = 0
         self.checkpoints = (
             CheckpointManager(
@@ -129,6 +154,7 @@ class Trainer:
             f"{cfg.model.name}/{cfg.model.flavor}",
             {"model.name": cfg.model.name, "model.flavor": cfg.model.flavor},
         )  # the whole model's parameter shapes, before PP splits it
+        self.model_fingerprint["attention"] = attention_mask_settings(cfg)  # checked on resume
         param_dtype = torch.bfloat16 if cfg.training.mixed_precision_param == "bfloat16" else None
         comm = job_comm_choice(cfg, pd, model.args, self.device) if pd.cp_enabled else CommChoice("p2p", None)
         self.cp_comm = comm
@@ -227,7 +253,8 @@ class Trainer:
         """Load the latest usable checkpoint (or ``checkpoint.load_step``); returns its step or None.
 
         Without one, the initial weights are loaded when ``checkpoint.initial_load_path`` (or, with
-        ``initial_load_in_hf``, ``model.hf_assets_path``) names them.
+        ``initial_load_in_hf``, ``model.hf_assets_path``) names them. A checkpoint saved under other attention
+        mask settings is refused (or, with ``checkpoint.allow_mask_change``, loaded with a warning).
         """
         step = None
         if self.checkpoints is not None:
@@ -235,7 +262,15 @@ class Trainer:
                 self._checkpoint_state(), self.cfg.checkpoint.load_step, fingerprint=self.model_fingerprint
             )
         if step is not None:
-            self.metrics.info(f"resumed from {self.checkpoints.step_dir(step)} (step {step})")
+            folder = self.checkpoints.step_dir(step)
+            saved = json.loads((folder / MANIFEST).read_text()).get("fingerprint", {}).get("attention")
+            allowed = self.cfg.checkpoint.allow_mask_change
+            change = mask_change(saved, self.model_fingerprint["attention"], str(folder), allowed=allowed)
+            if change is not None and not allowed:
+                raise CheckpointError(change)
+            if change is not None:
+                self.metrics.info(f"warning: {change}")
+            self.metrics.info(f"resumed from {folder} (step {step})")
         elif self._initial_load is not None:
             self.load_initial_weights(self._initial_load)
             self._initial_load = None
@@ -313,16 +348,8 @@ class Trainer:
         cfg, pd = self.cfg, self.parallel_dims
         t0 = time.perf_counter()
         ring_before = dataclasses.replace(self.ring_stats) if self.ring_stats is not None else None
-        global_batch = next(self.data.loader)
-        validate_token_ids(global_batch["tokens"], self.model_args.vocab_size)
-        if not self.use_documents:
-            global_batch.pop("document_ids", None)
-        if cfg.data.reset_positions:  # rotary positions restart per document; "positions" stay the tokens'
-            global_batch["rope_positions"] = global_batch.pop("positions")  # places (shard_batch adds them)
-        layout = self._batch_layout(global_batch)
-        batch = shard_batch(
-            {k: v.to(self.device) for k, v in global_batch.items()}, pd.batch_mesh, layout=layout
-        )
+        local_batch = next(self.data.loader)
+        batch, layout = self._shard(local_batch)
         try:
             result = train_step(
                 self.parallel_model.model_parts,
@@ -364,29 +391,74 @@ class Trainer:
                 peak_memory_gib=peak_memory_bytes(self.device) / 2**30,
                 step_time_s=dt,
                 skipped=result.skipped,
-                cp_work_imbalance=self._work_imbalance(global_batch, layout),
+                cp_work_imbalance=self._work_imbalance(local_batch, layout),
                 **self._ring_metrics(ring_before),
             )
         )
         return result
 
-    def _batch_layout(self, global_batch: dict[str, torch.Tensor]) -> LayoutLike:
+    def _shard(self, local_batch: dict[str, torch.Tensor]) -> tuple[dict[str, Any], LayoutLike]:
+        """This dp rank's rows of a batch as the model takes them: mask inputs, positions, CP layout, DTensors.
+
+        The one path from loader rows to the model, for training and validation batches alike.
+        """
+        validate_token_ids(local_batch["tokens"], self.model_args.vocab_size)
+        if not self.use_documents:
+            local_batch.pop("document_ids", None)
+        if self.cfg.data.reset_positions:
+            # Rotary positions restart per document; "positions" stay the tokens' places (shard_batch adds them).
+            local_batch["rope_positions"] = local_batch.pop("positions")
+        layout = self._batch_layout(local_batch)
+        batch = shard_batch(  # the loader read only this dp rank's rows
+            {k: v.to(self.device) for k, v in local_batch.items()},
+            self.parallel_dims.batch_mesh,
+            layout=layout,
+            rows="local",
+        )
+        return batch, layout
+
+    def validate(self) -> float:
+        """Loss per token of the validation batches, forward only (Note [Validation loss]); logs it.
+
+        Raises:
+            RuntimeError: ``validation.enable`` is false.
+        """
+        if self.validation is None:
+            raise RuntimeError("Trainer.validate needs validation.enable = true and validation.paths")
+        t0 = time.perf_counter()
+        loss_sum, tokens = 0.0, 0
+        for k in range(self.validation.steps):
+            batch, _ = self._shard(self.validation.loader.get_batch(k))
+            part_sum, part_tokens = eval_step(
+                self.parallel_model.model_parts,
+                batch,
+                loss_mesh=self.parallel_dims.loss_mesh,
+                pipeline=self.parallel_model.pipeline,
+            )
+            loss_sum, tokens = loss_sum + part_sum, tokens + part_tokens
+        loss = loss_sum / max(tokens, 1)
+        self.validation_losses.append((self.step, loss))
+        self.metrics.log_validation(self.step, loss, tokens, time.perf_counter() - t0)
+        return loss
+
+    def _batch_layout(self, local_batch: dict[str, torch.Tensor]) -> LayoutLike:
         """The CP layout of this batch: the configured name, or the balanced rule applied to its documents."""
         if not callable(self.cp_layout):
             return self.cp_layout
-        ids = global_batch.get("document_ids")
+        ids = local_batch.get("document_ids")
         if ids is None:  # no document boundaries in this data: one document per row
-            ids = torch.zeros_like(global_batch["tokens"])
-        global_batch["document_ids"] = ids
+            ids = torch.zeros_like(local_batch["tokens"])
+        local_batch["document_ids"] = ids
         return self.cp_layout(ids, self.parallel_dims.cp)
 
-    def _work_imbalance(self, global_batch: dict[str, torch.Tensor], layout: LayoutLike) -> float | None:
-        """max / mean attention work over the CP ranks for this batch (visible pairs of the global layers)."""
+    def _work_imbalance(self, local_batch: dict[str, torch.Tensor], layout: LayoutLike) -> float | None:
+        """max / mean attention work over the CP ranks for this rank's rows of the batch (visible pairs of the
+        global layers; logged from rank 0, i.e. dp rank 0's rows)."""
         cp = self.parallel_dims.cp
         if cp == 1 or self.rank != 0:  # only rank 0 logs
             return None
-        mask = AttentionMask(self.model_args.causal, (-1, -1), global_batch.get("document_ids"))
-        rows, seq_len = global_batch["tokens"].shape
+        mask = AttentionMask(self.model_args.causal, (-1, -1), local_batch.get("document_ids"))
+        rows, seq_len = local_batch["tokens"].shape
         work = layout_work(to_sequence_layout(layout, cp, batch=rows, seq_len=seq_len), mask)
         return float(work.max() / work.float().mean())
 
@@ -415,12 +487,23 @@ class Trainer:
             return []
         if self.data.summary:
             self.metrics.info(f"data: {self.data.summary}")
+        if self.validation is not None:
+            val = self.validation
+            self.metrics.info(
+                f"validation: every {cfg.validation.freq} steps, {val.steps} batch(es) of "
+                f"{val.loader.global_batch_size} x {val.seq_len} tokens from {val.loader.dataset.num_documents} "
+                f"held-out documents"
+            )
         results = []
         try:
             while self.step < cfg.training.steps:
                 results.append(self.train_one_step())
                 if len(results) == 1:
                     self._set_train_timeouts()
+                if self.validation is not None and (
+                    self.step % cfg.validation.freq == 0 or self.step == cfg.training.steps
+                ):
+                    self.validate()
                 if self.checkpoints is not None and (
                     self.step % cfg.checkpoint.interval == 0 or self.step == cfg.training.steps
                 ):
