@@ -20,12 +20,14 @@ global. The same pieces as the ring, so the same work; the bytes are an all-gath
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 
 from cp_dtensor.attention.kernels import AttentionKernel
 from cp_dtensor.attention.merge import accumulation_dtype, merge_block_
+from cp_dtensor.attention.packing import packed_backward, packed_forward, pieces_packing
 from cp_dtensor.attention.plan import Piece, RingPlan, buffer_slice, piece_backward, piece_forward
 from cp_dtensor.attention.schedule import build_gather_pieces
 from cp_dtensor.attention.stats import AttentionStats
@@ -47,6 +49,7 @@ class AllGatherPlan:
         segments: the rest of the buffer, in order: ``(src, start, length)`` runs of src's gathered rows.
         covers_all: whether the segments hold every gathered row once (the unmasked case).
         pieces: the kernel calls, kv rows in buffer coordinates.
+        cache: the packing of ``pieces`` per batch size and device (Note [Piece packing]).
     """
 
     rank: int
@@ -58,6 +61,7 @@ class AllGatherPlan:
     segments: tuple[tuple[int, int, int], ...]
     covers_all: bool
     pieces: tuple[Piece, ...]
+    cache: dict = field(default_factory=dict, repr=False)
 
 
 def build_allgather_plan(
@@ -69,15 +73,31 @@ def build_allgather_plan(
     layout: str | None = None,
     is_causal: bool = True,
 ) -> AllGatherPlan:
-    """The all-gather plan from a masked ring plan (``ring``), or for an unmasked named ``layout``."""
+    """The all-gather plan from a masked ring plan (``ring``), or for an unmasked named ``layout``.
+
+    Memoized (a plan is a pure function of its arguments, and keeps its packing, Note [Piece packing]):
+    in the ring plan's cache, or per (rank, cp, s_local, layout, is_causal) for the unmasked plans.
+    """
     if ring is None:
         assert layout is not None
-        n_chunks = seq_len_multiple(cp, layout)
-        chunk = s_local * cp // n_chunks
-        owner = {c: (r, j) for r in range(cp) for j, c in enumerate(layout_chunk_ids(r, cp, layout))}
-        segments = tuple((owner[c][0], owner[c][1] * chunk, chunk) for c in range(n_chunks))  # natural order
-        pieces = build_gather_pieces(rank, cp, layout, is_causal, s_local)
-        return AllGatherPlan(rank, cp, s_local, None, s_local, False, segments, True, pieces)
+        return _unmasked_allgather_plan(rank, cp, s_local, layout, is_causal)
+    plan = ring.cache.get("allgather")
+    if plan is None:
+        plan = ring.cache["allgather"] = _masked_allgather_plan(ring, rank, cp, s_local)
+    return plan
+
+
+@functools.lru_cache(maxsize=256)
+def _unmasked_allgather_plan(rank: int, cp: int, s_local: int, layout: str, is_causal: bool) -> AllGatherPlan:
+    n_chunks = seq_len_multiple(cp, layout)
+    chunk = s_local * cp // n_chunks
+    owner = {c: (r, j) for r in range(cp) for j, c in enumerate(layout_chunk_ids(r, cp, layout))}
+    segments = tuple((owner[c][0], owner[c][1] * chunk, chunk) for c in range(n_chunks))  # natural order
+    pieces = build_gather_pieces(rank, cp, layout, is_causal, s_local)
+    return AllGatherPlan(rank, cp, s_local, None, s_local, False, segments, True, pieces)
+
+
+def _masked_allgather_plan(ring: RingPlan, rank: int, cp: int, s_local: int) -> AllGatherPlan:
     shared = [rows if rows is not None else torch.arange(s_local) for rows in ring.shared_rows]
     width = max(rows.numel() for rows in shared)
     runs, pieces, offset = [], list(ring.pieces[0]), s_local
@@ -130,6 +150,10 @@ def allgather_forward(
     out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # (B, Hq, S_local, D)
     lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)  # (B, Hq, S_local)
     kv = _gather(k, v, transport, plan)  # (2, B, Hkv, buffer rows, D)
+    packed = pieces_packing(plan.cache, plan.pieces, q.shape[0], q.device) if kernel.pack_pieces else None
+    if packed is not None:  # Note [Piece packing]
+        packed_forward(kernel, q, kv[0], kv[1], packed, scale, out_acc, lse_acc, stats, fresh=True)
+        return out_acc.to(q.dtype), lse_acc
     for piece in plan.pieces:
         out_blk, lse_blk = piece_forward(kernel, q, kv[0], kv[1], piece.kv, piece, scale)
         _count(stats, "forward", q, piece)
@@ -156,7 +180,11 @@ def allgather_backward(
     dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     kv = _gather(k, v, transport, plan)
     dkv = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)  # (2, B, Hkv, buffer rows, D)
-    for piece in plan.pieces:
+    packed = pieces_packing(plan.cache, plan.pieces, q.shape[0], q.device) if kernel.pack_pieces else None
+    if packed is not None:  # Note [Piece packing]: kv rows and dK/dV rows are both the buffer's
+        for grad in packed_backward(kernel, dout, q, kv[0], kv[1], out, lse, packed, scale, dq_acc, stats):
+            grad.add_into(dkv[0], dkv[1])
+    for piece in plan.pieces if packed is None else ():
         dq, dk, dv = piece_backward(kernel, dout, q, kv[0], kv[1], piece.kv, out, lse, piece, scale)
         _count(stats, "backward", q, piece)
         dq_acc[piece.batch, :, piece.q] += dq

@@ -10,7 +10,7 @@ Every path to the kernels goes through :func:`build_call`, which returns a froze
       -> strategy    settings.comm, or the cost model's choice for "auto" (cp_dtensor.attention.choice)
       -> validate    shapes, dtypes, mask, layout, the strategy's own head / group-size rule, positions
       -> check       the same call on every rank (Note [Cross-rank call check]), before any transfer
-      -> kernel      the adapter for device, dtype and backend
+      -> kernel      the adapter for device, dtype and backend; packed or per-piece steps (Note [Piece packing])
       -> algorithm   the strategy's plan for this rank (Note [Strategy registry])
     CPAttentionCall.forward(q, k, v) -> (out, lse);  .backward(dout, q, k, v, out, lse) -> (dq, dk, dv)
 
@@ -32,6 +32,7 @@ from cp_dtensor.attention.choice import resolve_comm
 from cp_dtensor.attention.consistency import CallSignature, verify_call_across_ranks
 from cp_dtensor.attention.kernels import AttentionKernel, select_kernel
 from cp_dtensor.attention.mask import AttentionMask, validate_mask_inputs
+from cp_dtensor.attention.packing import apply_piece_packing
 from cp_dtensor.attention.settings import CPSettings
 from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.attention.strategy import Algorithm, get_strategy
@@ -240,7 +241,9 @@ def build_call(
     if error is not None:
         raise error
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    kernel: AttentionKernel = select_kernel(q.device, q.dtype, settings.backend)
+    kernel: AttentionKernel = apply_piece_packing(
+        select_kernel(q.device, q.dtype, settings.backend), settings.piece_packing
+    )
     algorithm = get_strategy(comm).build(
         layout=layout, mask=mask, rank=rank, cp=cp, s_local=q.shape[2], a2a_size=a2a_size, scale=scale,
         kernel=kernel,

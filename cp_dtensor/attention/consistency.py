@@ -16,6 +16,10 @@ one small collective *before* any of the call's communication::
                  all_gather_object((sig, error message)) and raise on every rank, naming the failing
                  rank's message or each field that differs with every rank's value
 
+Not in the signature: ``CPSettings.piece_packing`` - ranks that differ in it send the same bytes and compute
+the same values up to the order of fp32 sums (Note [Piece packing]), so a mismatch can neither hang nor
+corrupt a call.
+
 Whether the check runs never depends on what a rank has seen before, so a rank that changes its mask
 when the others repeat theirs raises instead of hanging. Because a rank that fails its local validation
 still joins the collective, its peers fail fast with its message instead of waiting in the ring. Cost:

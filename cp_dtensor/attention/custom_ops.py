@@ -49,7 +49,8 @@ class OpCall:
 
     ``layout`` is a layout name, ``"default:<name>"`` (the settings named none) or ``"positions"`` (the
     ``layout_positions`` tensor holds it); ``group_name`` "" means one process; ``a2a_size`` 0 means None;
-    ``backend`` "" means chosen from device and dtype; ``scale`` < 0 means ``1 / sqrt(D)``.
+    ``backend`` "" means chosen from device and dtype; ``scale`` < 0 means ``1 / sqrt(D)``;
+    ``piece_packing`` as ``CPSettings.piece_packing``.
     """
 
     group_name: str
@@ -63,6 +64,7 @@ class OpCall:
     window_right: int
     scale: float
     stats_id: int
+    piece_packing: str = "auto"
 
     def run(
         self,
@@ -88,7 +90,8 @@ class OpCall:
             layout = self.layout
         settings = CPSettings(
             layout=layout, comm=self.comm, a2a_size=self.a2a_size or None, backend=self.backend or None,
-            cost_hardware=self.cost_hardware, stats=stats_by_handle(self.stats_id),
+            cost_hardware=self.cost_hardware, piece_packing=self.piece_packing,
+            stats=stats_by_handle(self.stats_id),
         )  # fmt: skip
         mask = AttentionMask(self.is_causal, (self.window_left, self.window_right), document_ids)
         return build_call(
@@ -116,6 +119,7 @@ def attention_forward(
     window_right: int,
     scale: float,
     stats_id: int,
+    piece_packing: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CP attention forward on local shards: ``(out (B, Hq, S_local, D), lse (B, Hq, S_local) fp32)``.
 
@@ -132,7 +136,9 @@ def attention_forward(
         window_left,
         window_right,
     )
-    call = OpCall(*primitives, scale, stats_id).run(q, k, v, document_ids, layout_positions, token_positions)
+    call = OpCall(*primitives, scale, stats_id, piece_packing).run(
+        q, k, v, document_ids, layout_positions, token_positions
+    )
     out, lse = call.forward(q, k, v)
     return out.contiguous(), lse.contiguous()
 
@@ -164,6 +170,7 @@ def attention_backward(
     window_right: int,
     scale: float,
     stats_id: int,
+    piece_packing: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CP attention backward on local shards: ``(dq, dk, dv)`` like q, k, v."""
     primitives = (
@@ -177,7 +184,9 @@ def attention_backward(
         window_left,
         window_right,
     )
-    call = OpCall(*primitives, scale, stats_id).run(q, k, v, document_ids, layout_positions, check=False)
+    call = OpCall(*primitives, scale, stats_id, piece_packing).run(
+        q, k, v, document_ids, layout_positions, check=False
+    )
     dq, dk, dv = call.backward(dout.contiguous(), q, k, v, out, lse)
     # dK and dV may be views of one (2, ...) accumulator: custom-op outputs must not alias each other.
     return (
@@ -240,6 +249,6 @@ def compiled_attention(
         q, k, v, mask.document_ids, positions, token_positions, group.group_name if group is not None else "",
         name, settings.comm, settings.a2a_size or 0, settings.backend or "", settings.cost_hardware,
         bool(mask.is_causal), int(mask.window[0]), int(mask.window[1]), -1.0 if scale is None else float(scale),
-        stats.handle if stats is not None else 0,
+        stats.handle if stats is not None else 0, settings.piece_packing,
     )  # fmt: skip
     return out

@@ -29,7 +29,7 @@ so no masked score is ever computed and the kernels only ever see "no mask" or "
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -99,6 +99,8 @@ class RingPlan:
         home_rows: rows of this rank's own accumulator arriving home at the end; None = all rows.
         shared_rows: per rank, its local KV rows that some other rank needs (what an all-gather must carry);
             None = all rows.
+        cache: facts derived from the plan and kept with it (the packing per batch size and device, Note
+            [Piece packing]); each a pure function of the plan and its key.
     """
 
     rank: int
@@ -111,6 +113,7 @@ class RingPlan:
     acc_in_rows: tuple[torch.Tensor | None, ...]
     home_rows: torch.Tensor | None
     shared_rows: tuple[torch.Tensor | None, ...]
+    cache: dict = field(default_factory=dict, repr=False)
 
     def score_elements(self, batch_size: int) -> int:
         """Visible pairs per head this rank computes (forward; backward the same)."""

@@ -33,6 +33,7 @@ import torch
 
 from cp_dtensor.attention.kernels import AttentionKernel
 from cp_dtensor.attention.merge import accumulation_dtype, merge_block_
+from cp_dtensor.attention.packing import PackedGrad, packed_backward, packed_forward, ring_packing
 from cp_dtensor.attention.plan import Piece, RingPlan, buffer_slice, piece_backward, piece_forward
 from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.attention.transport import (
@@ -88,9 +89,20 @@ def ring_forward(
     out_acc: torch.Tensor | None = None  # (B, Hq, S_local, D)
     lse_acc: torch.Tensor | None = None  # (B, Hq, S_local)
     kv: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = pack_kv(k, v) if plan.cp > 1 else (k, v)
+    packing = ring_packing(plan, batch, q.device) if kernel.pack_pieces else (None,) * plan.cp
     for step in range(plan.cp):
         pending = _exchange(transport, plan, kv, k, step)  # type: ignore[arg-type]
-        for piece in plan.pieces[step]:
+        if packing[step] is not None:  # one varlen call per mask class, Note [Piece packing]
+            assert kv is not None
+            fresh = out_acc is None
+            if out_acc is None:
+                out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+                lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
+            assert lse_acc is not None
+            packed_forward(
+                kernel, q, kv[0], kv[1], packing[step], scale, out_acc, lse_acc, stats, fresh=fresh
+            )
+        for piece in plan.pieces[step] if packing[step] is None else ():
             assert kv is not None
             rows = buffer_slice(plan.held_rows[step], piece.kv)
             out_blk, lse_blk = piece_forward(kernel, q, kv[0], kv[1], rows, piece, scale)
@@ -134,6 +146,7 @@ def ring_backward(
     dv_own: torch.Tensor | None = None
     acc_shape = (2, *k.shape[:2])
     sends = SendWindow(lambda p: timed_wait(p, stats))
+    packing = ring_packing(plan, batch, q.device) if kernel.pack_pieces else (None,) * plan.cp
     for step in range(plan.cp):
         # Order matters for order-matched transports: accumulator recv, then the KV exchange (the Note).
         acc_in = None
@@ -142,8 +155,14 @@ def ring_backward(
             acc_in = transport.send_recv(None, (*acc_shape, n_in, k.shape[3]), acc_dtype, q.device, DKV_TAG)
         pending_kv = _exchange(transport, plan, kv, k, step)  # type: ignore[arg-type]
         sends.drain()  # the previous step's dK/dV buffer is free before this step computes
-        grads = []
-        for piece in plan.pieces[step]:
+        grads: list[PieceGrads] = []
+        packed = packing[step]
+        if packed is not None:  # Note [Piece packing]
+            assert kv is not None
+            if dq_acc is None:
+                dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+            grads += packed_backward(kernel, dout, q, kv[0], kv[1], out, lse, packed, scale, dq_acc, stats)
+        for piece in plan.pieces[step] if packed is None else ():
             assert kv is not None
             rows = buffer_slice(plan.held_rows[step], piece.kv)
             dq, dk, dv = piece_backward(kernel, dout, q, kv[0], kv[1], rows, out, lse, piece, scale)
@@ -191,18 +210,36 @@ def _covers_kv(piece: Piece, batch: int, s_local: int) -> bool:
     return piece.batch.indices(batch) == (0, batch, 1) and piece.kv == slice(0, s_local)
 
 
+PieceGrads = tuple[Piece, torch.Tensor, torch.Tensor] | PackedGrad
+"""A step's dK/dV: one piece's (piece, dk, dv), or one packed call's (Note [Piece packing])."""
+
+
+def _add_grads(
+    dk_acc: torch.Tensor, dv_acc: torch.Tensor, grads: list[PieceGrads], rows: torch.Tensor | None
+) -> None:
+    """Add a step's dK/dV into (B, Hkv, n, D) accumulators holding the sorted local ``rows`` (None: all);
+    a packed call's rows in them were fixed when its step was packed (``kv_acc_row``)."""
+    for grad in grads:
+        if isinstance(grad, PackedGrad):
+            grad.add_into(dk_acc, dv_acc)
+            continue
+        piece, dk, dv = grad
+        at = buffer_slice(rows, piece.kv)
+        dk_acc[piece.batch, :, at] += dk
+        dv_acc[piece.batch, :, at] += dv
+
+
 def _own_accumulators(
-    k: torch.Tensor, dtype: torch.dtype, grads: list[tuple[Piece, torch.Tensor, torch.Tensor]], s_local: int
+    k: torch.Tensor, dtype: torch.dtype, grads: list[PieceGrads], s_local: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's own dK/dV (fp32) from its step-0 pieces: the one piece's gradients when it covers every
     KV row (one converting copy, none for fp32), else zeros plus each piece."""
-    if len(grads) == 1 and _covers_kv(grads[0][0], k.shape[0], s_local):
-        return grads[0][1].to(dtype), grads[0][2].to(dtype)
+    first = grads[0] if len(grads) == 1 else None
+    if isinstance(first, tuple) and _covers_kv(first[0], k.shape[0], s_local):
+        return first[1].to(dtype), first[2].to(dtype)
     dk_own = torch.zeros(k.shape, dtype=dtype, device=k.device)
     dv_own = torch.zeros(k.shape, dtype=dtype, device=k.device)
-    for piece, dk, dv in grads:
-        dk_own[piece.batch, :, piece.kv] += dk
-        dv_own[piece.batch, :, piece.kv] += dv
+    _add_grads(dk_own, dv_own, grads, None)
     return dk_own, dv_own
 
 
@@ -210,7 +247,7 @@ def _travelling_accumulator(
     plan: RingPlan,
     step: int,
     received: torch.Tensor | None,
-    grads: list[tuple[Piece, torch.Tensor, torch.Tensor]],
+    grads: list[PieceGrads],
     acc_shape: tuple[int, ...],
     k: torch.Tensor,
     dtype: torch.dtype,
@@ -224,9 +261,9 @@ def _travelling_accumulator(
     same_rows = received is not None and (rows_out is None or received.shape[3] == n_out)
     if same_rows:
         acc = received  # add in place: the received buffer travels on
-    elif received is None and rows_out is None and len(grads) == 1 and grads[0][0].batch == slice(None):
+    elif received is None and rows_out is None and len(grads) == 1 and _whole_batch(grads[0]):
         # the first hop of an all-rows accumulator: one block's dK/dV in its rows, zeros elsewhere
-        piece, dk, dv = grads[0]
+        piece, dk, dv = grads[0]  # type: ignore[misc]
         acc = torch.empty((*acc_shape, n_out, k.shape[3]), dtype=dtype, device=k.device)
         acc[:, :, :, : piece.kv.start].zero_()
         acc[:, :, :, piece.kv.stop :].zero_()
@@ -239,8 +276,9 @@ def _travelling_accumulator(
             assert rows_out is not None
             acc.index_copy_(3, torch.searchsorted(rows_out, plan.acc_in_rows[step]), received)
     assert acc is not None
-    for piece, dk, dv in grads:
-        at = buffer_slice(rows_out, piece.kv)
-        acc[0][piece.batch, :, at] += dk
-        acc[1][piece.batch, :, at] += dv
+    _add_grads(acc[0], acc[1], grads, rows_out)
     return acc
+
+
+def _whole_batch(grad: PieceGrads) -> bool:
+    return isinstance(grad, tuple) and grad[0].batch == slice(None)

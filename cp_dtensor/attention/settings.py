@@ -1,4 +1,5 @@
-"""One settings object for CP attention: layout, strategy and its group size, kernel backend, cost hardware.
+"""One settings object for CP attention: layout, strategy and its group size, kernel backend, cost hardware,
+piece packing.
 
 Built once (by the user, the trainer from its config, or the torchtitan integration) and passed whole to
 the styles, the mode, ``parallelize`` and the op; the mask (causal, documents, window) is the other value a
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cp_dtensor.attention.kernels import KERNELS
+from cp_dtensor.attention.packing import PIECE_PACKING
 from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.attention.strategy import AUTO, get_strategy
 from cp_dtensor.layout import LayoutLike, LayoutRule, validate_layout
@@ -37,6 +39,10 @@ class CPSettings:
             from device and dtype.
         cost_hardware: what ``comm="auto"`` prices against: ``"auto"`` (by device), a preset name (``h100``,
             ``h200``, ``a100``, ``cpu``) or a calibration JSON from ``scripts/plan.py --calibrate``.
+        piece_packing: how the kernels run a ring step's pieces (Note [Piece packing]): ``"packed"`` (one
+            varlen call per mask class), ``"per_piece"`` (one call per piece) or ``"auto"`` (packed where the
+            kernel adapter has a varlen kernel - CUDA flash - per piece otherwise, as measured on CPU). The
+            results agree up to the order of fp32 sums; the bytes sent are the same.
         stats: optional :class:`~cp_dtensor.AttentionStats` that every call adds its bytes and work to (an
             observer, not a setting: it does not take part in equality).
     """
@@ -46,6 +52,7 @@ class CPSettings:
     a2a_size: int | None = None
     backend: str | None = None
     cost_hardware: str = "auto"
+    piece_packing: str = "auto"
     stats: AttentionStats | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -64,6 +71,11 @@ class CPSettings:
             raise ValueError(
                 f"Unknown attention kernel backend {self.backend!r}; expected one of {sorted(KERNELS)} or None "
                 f"(chosen from device and dtype)."
+            )
+        if self.piece_packing not in PIECE_PACKING:
+            raise ValueError(
+                f'piece_packing must be one of {PIECE_PACKING}, got {self.piece_packing!r} ("auto": packed '
+                f"varlen calls where the kernel has them, one call per piece otherwise)."
             )
         if not isinstance(self.cost_hardware, str) or not self.cost_hardware:
             raise ValueError(

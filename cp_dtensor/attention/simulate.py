@@ -75,6 +75,7 @@ def simulate_context_parallel_attention(
     backend: str | None = None,
     timeout_s: float = 300.0,
     a2a_size: int | None = None,
+    piece_packing: str = "auto",
 ) -> SimulationResult:
     """Shard full ``q, k, v`` (B, H, S, D) over ``cp`` simulated ranks, run CP attention, unshard results.
 
@@ -86,6 +87,7 @@ def simulate_context_parallel_attention(
             :func:`cp_dtensor.ring_attention` (``comm="hybrid"`` needs ``a2a_size``; its subgroups are
             sub-hubs of the simulation's hub).
         timeout_s: how long a simulated rank waits for a message before failing.
+        piece_packing: ``CPSettings.piece_packing`` (Note [Piece packing]).
 
     Returns:
         :class:`SimulationResult` with full ``out`` (and ``dq, dk, dv`` when ``grad_out`` is given).
@@ -104,7 +106,12 @@ def simulate_context_parallel_attention(
         try:
             shard = [shard_sequence_for_rank(t, rank, cp, 2, concrete) for t in (q, k, v)]
             settings = CPSettings(
-                layout=concrete, comm=comm, a2a_size=a2a_size, backend=backend, stats=stats[rank]
+                layout=concrete,
+                comm=comm,
+                a2a_size=a2a_size,
+                backend=backend,
+                piece_packing=piece_packing,
+                stats=stats[rank],
             )
             call = build_call(*shard, ThreadTransport(hub, rank), settings=settings, mask=mask, scale=scale)
             out, lse = call.forward(*shard)
