@@ -188,3 +188,93 @@ def test_comm_wait_on_cuda_is_timed_by_events() -> None:
     assert stats.comm_wait_seconds == 0.0
     stats.settle()
     assert stats.comm_wait_seconds > 0.005
+
+
+# ---- packed varlen calls (Note [Piece packing]): written without a GPU, to be run by scripts/check_cuda.sh ----
+
+
+def _segments(causal: bool) -> list[tuple[int, int]]:
+    """(len_q, len_k) per segment: repeated shapes (the default loop batches them), one-row segments."""
+    if causal:
+        return [(1, 1), (37, 37), (128, 128), (255, 255), (37, 37), (600, 600)]
+    return [(3, 70), (128, 64), (300, 1), (3, 70), (1, 513)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_flash_varlen_matches_fp64_per_segment(dtype: torch.dtype, causal: bool) -> None:
+    """The flash adapter's varlen forward / backward (one aten varlen flash call, lse (Hq, Tq) transposed)
+    against fp64 math segment by segment (the default varlen loop of the math kernel), GQA 8 / 2. Bound:
+    2x the error of the default loop of dense flash calls on the same packed rows, or the dtype's floor."""
+    from cp_dtensor.attention.kernels import KERNELS, AttentionKernel, MathKernel
+
+    lengths = _segments(causal)
+    cu_q = torch.tensor([0, *torch.tensor([a for a, _ in lengths]).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor([b for _, b in lengths]).cumsum(0).tolist()], dtype=torch.int32)
+    cu_q, cu_k = cu_q.cuda(), cu_k.cuda()
+    max_q, max_k = max(a for a, _ in lengths), max(b for _, b in lengths)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    q, dout = (torch.randn(int(cu_q[-1]), HQ, D, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+    k, v = (torch.randn(int(cu_k[-1]), 2, D, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+    args = (cu_q, cu_k, max_q, max_k)
+    opts = {"is_causal": causal, "scale": 1.0 / math.sqrt(D)}
+    flash = KERNELS["flash"]
+    ref_out, ref_lse = MathKernel().varlen_forward(q.double(), k.double(), v.double(), *args, **opts)
+    out, lse = flash.varlen_forward(q, k, v, *args, **opts)
+    loop_out, loop_lse = AttentionKernel.varlen_forward(
+        flash, q, k, v, *args, **opts
+    )  # dense flash per shape
+    assert out.shape == q.shape and lse.shape == q.shape[:2] and lse.dtype == torch.float32
+    for name, got, loop, ref in (("out", out, loop_out, ref_out), ("lse", lse, loop_lse, ref_lse)):
+        e, e_loop = _max_err(got, ref), _max_err(loop, ref)
+        ERRORS[f"varlen-{'causal' if causal else 'full'}-{dtype}-{name}"] = ([e], [e_loop])
+        assert e <= max(2.0 * e_loop, FLOOR[dtype]), f"{name}: varlen {e:.2e}, dense loop {e_loop:.2e}"
+    ref_grads = MathKernel().varlen_backward(
+        dout.double(), q.double(), k.double(), v.double(), ref_out, ref_lse, *args, **opts
+    )
+    grads = flash.varlen_backward(dout, q, k, v, out, lse, *args, **opts)
+    loop_grads = AttentionKernel.varlen_backward(flash, dout, q, k, v, out, lse, *args, **opts)
+    for name, got, loop, ref in zip(("dq", "dk", "dv"), grads, loop_grads, ref_grads):
+        assert got.shape == ref.shape, name
+        e, e_loop = _max_err(got, ref), _max_err(loop, ref)
+        ERRORS[f"varlen-{'causal' if causal else 'full'}-{dtype}-{name}"] = ([e], [e_loop])
+        assert e <= max(2.0 * e_loop, FLOOR[dtype]), f"{name}: varlen {e:.2e}, dense loop {e_loop:.2e}"
+
+
+@pytest.mark.parametrize("comm", ["p2p", "allgather"])
+@pytest.mark.parametrize("mask", ["documents", "documents+window"])
+def test_masked_ring_packed_varlen_matches_fp64(comm: str, mask: str) -> None:
+    """The masked ring of CP = 4 with packed varlen flash calls against fp64 dense-mask SDPA (bound: 3x the
+    monolithic bf16 masked call, or the floor, as above), the per-piece ring alike, and fewer kernel calls
+    packed than per piece."""
+    from cp_dtensor.attention.mask import AttentionMask
+
+    dtype, cp = torch.bfloat16, 4
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    q, dout = (torch.randn(B, HQ, S, D, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+    k, v = (torch.randn(B, 2, S, D, device="cuda", dtype=dtype, generator=gen) for _ in range(2))
+    ids = torch.zeros(B, S, dtype=torch.int64)
+    for cut in (5, 6, 97, 130, 300, 301, 480, 700, 712, 900):  # short documents, one-token documents
+        ids[:, cut:] += 1
+    window = (63, 0) if "window" in mask else (-1, -1)
+    dense_mask = AttentionMask(True, window, ids).dense(S).unsqueeze(1).cuda()
+
+    def dense(dt: torch.dtype) -> list[torch.Tensor]:
+        qq, kk, vv = (t.detach().to(dt).requires_grad_() for t in (q, k, v))
+        out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=dense_mask, enable_gqa=True)
+        out.backward(dout.to(dt))
+        return [out.detach(), qq.grad, kk.grad, vv.grad]
+
+    want, single = dense(torch.float64), dense(dtype)
+    calls = {}
+    for mode in ("per_piece", "packed"):
+        got = cp_dtensor.simulate_context_parallel_attention(
+            q, k, v, cp, grad_out=dout, is_causal=True, document_ids=ids, window_size=window, comm=comm,
+            backend="flash", piece_packing=mode,
+        )  # fmt: skip
+        calls[mode] = sum(s.kernel_calls_forward for s in got.stats)
+        for name, w, s in zip(("out", "dq", "dk", "dv"), want, single):
+            e_cp, e_single = _max_err(getattr(got, name), w), _max_err(s, w)
+            ERRORS[f"masked-{mask}-{comm}-{mode}-{name}"] = ([e_cp], [e_single])
+            assert e_cp <= max(3.0 * e_single, FLOOR[dtype]), f"{mode} {name}: {e_cp:.2e} vs {e_single:.2e}"
+    assert calls["packed"] < calls["per_piece"], calls
