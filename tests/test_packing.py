@@ -416,3 +416,27 @@ def test_the_custom_op_carries_piece_packing() -> None:
         counts[mode] = stats.kernel_calls_forward
     # one process: a LOWER square per document, a 1 x 1 FULL per one-token document: two calls
     assert counts["packed"] == 2 < counts["per_piece"]
+
+
+def test_bench_packing_smoke(tmp_path) -> None:
+    """scripts/bench_packing.py end to end on a tiny workload (the harness, not timing)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "packing.json"
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    argv = [sys.executable, "scripts/bench_packing.py", "--seq-len", "4096", "--cp", "4", "--repeats", "1"]
+    proc = subprocess.run(
+        [*argv, "--json", str(out)], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [c["window"] for c in report["cases"]] == [[-1, -1], [255, 0]]
+    for case in report["cases"]:
+        pieces, packed, loop = (sum(step[i] for rank in case["counts"] for step in rank) for i in range(3))
+        assert packed <= loop <= pieces and packed < pieces
+        assert case["max_abs_diff"] <= 1e-5  # fp32, the two paths' rounding (Note [Piece packing])
