@@ -515,9 +515,9 @@ def _train_with_validation(cfg: dict) -> tuple[list[float], list[tuple[int, floa
     return losses, trainer.validation_losses
 
 
-def test_validation_loss_is_the_same_at_cp1_cp2_and_pp2(tmp_path: Path, dist_pool) -> None:
+def test_validation_loss_is_the_same_at_cp1_cp2_pp2_and_tp2(tmp_path: Path, dist_pool) -> None:
     """Issue 24 item 2: validation every 2 steps, forward only under the job's layout; the loss per token of
-    the held-out batches equals the run without CP (cp1 x dp2) within LOSS_RTOL, also under pp2. Each pair
+    the held-out batches equals the run without CP (cp1 x dp2) within LOSS_RTOL, also under pp2 and tp2. Each pair
     reads the same global batches (cp2: 2 rows on one dp rank; dp2: 1 row on each of two)."""
     train, held_out = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     train.write_text(
@@ -537,6 +537,7 @@ def test_validation_loss_is_the_same_at_cp1_cp2_and_pp2(tmp_path: Path, dist_poo
         ),
         "cp2_full": ({"context_parallel_degree": 2}, 2, {}),
         "pp2": ({"context_parallel_degree": 1, "pipeline_parallel_degree": 2}, 2, {}),
+        "tp2": ({"context_parallel_degree": 1, "tensor_parallel_degree": 2}, 2, {}),
     }
     got = {}
     for name, (parallelism, rows, shape) in runs.items():
@@ -546,7 +547,7 @@ def test_validation_loss_is_the_same_at_cp1_cp2_and_pp2(tmp_path: Path, dist_poo
             model={"attention_mask": "document_causal"},
         )  # fmt: skip
         got[name] = dist_pool(2).run(_train_with_validation, cfg)[0]
-    for name, reference in (("cp2", "dp2"), ("pp2", "cp2_full")):
+    for name, reference in (("cp2", "dp2"), ("pp2", "cp2_full"), ("tp2", "cp2_full")):
         (losses, val), (want_losses, want_val) = got[name], got[reference]
         assert [s for s, _ in val] == [s for s, _ in want_val] == [2, 4]
         _assert_losses_match([v for _, v in val], [v for _, v in want_val], LOSS_RTOL, [2, 4])
