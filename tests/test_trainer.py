@@ -585,3 +585,22 @@ def test_validation_log_line_and_config_checks(tmp_path: Path, capsys) -> None:
     with pytest.raises(ConfigError, match=r"must equal training's .* under pipeline parallelism"):
         load_config([*on, "--validation.seq_len", "64", "--parallelism.pipeline_parallel_degree", "2",
                      "--training.local_batch_size", "2"])  # fmt: skip
+
+
+def _child_peak_memory_bytes() -> int:
+    from cp_dtensor.metrics import peak_memory_bytes
+
+    return peak_memory_bytes(torch.device("cpu"))
+
+
+def test_cpu_peak_memory_of_a_spawned_rank_is_its_own() -> None:
+    """The log's "mem" on CPU: getrusage's ru_maxrss survives exec, so a spawned rank reported at least its
+    launcher's memory (measured: a child of an 800 MiB parent reported 815 MiB while holding 15 MiB)."""
+    import multiprocessing as mp
+
+    held = bytearray(1536 * 2**20)  # the launcher holds 1.5 GiB when it starts the rank
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page
+    with mp.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(_child_peak_memory_bytes)
+    del held
+    assert 50 * 2**20 < child < 1024 * 2**20, child / 2**20  # its own imports (torch), not the 1.5 GiB
