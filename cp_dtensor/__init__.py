@@ -7,13 +7,15 @@ Public API (stable names)::
     ring_attention(q, k, v, mesh, *, is_causal, scale, layout, comm, document_ids, window_size)
                                                                CP attention on local shards (masks exact);
                                                                comm p2p / allgather / alltoall / hybrid / auto
+    CPSettings(layout=..., comm=..., a2a_size=..., backend=...)  how CP attention runs, passed around whole
+    register_strategy(strategy)                                a new CP strategy, selectable by name
     choose_comm(comm, heads=..., kv_heads=..., seq_len=..., cp=...)  the cost model's CP strategy, and why
     balanced_layout(document_ids, cp, *, is_causal, window_size)  a layout object balancing packed documents
     document_attention(q, k, v, *, document_ids, window_size)  SDPA with document / window masks (CP-aware)
     ParallelDims(dp=-1, pp=1, cp=1, tp=1, world_size=...)      degrees -> .build_mesh() 4-D mesh
     ContextParallelAttention(mesh=None, layout=..., comm=...)  a mode: SDPA inside -> ring op
     ContextParallel(layout=..., comm=...)                      ParallelStyle: SDPA inside a module -> ring op
-    PrepareSequenceShards(output_dtensor=True)                 ParallelStyle: DTensor <-> local shards
+    PrepareSequenceShards(use_local_output=False)               ParallelStyle: DTensor <-> local shards
     apply_context_parallel(model, mesh, attention=..., ...)    the CP plan, applied with parallelize_module
     shard_batch(batch, mesh, layout=...)                       a global batch -> this rank's CP DTensors
     unshard_sequence_output(x, mesh, layout=...)               a CP-sharded output -> natural order
@@ -24,28 +26,39 @@ Public API (stable names)::
 """
 
 from cp_dtensor import models
-from cp_dtensor.attention import RingStats, ring_attention, simulate_context_parallel_attention
-from cp_dtensor.attention.comm_choice import CommChoice, choose_comm
+from cp_dtensor.attention import (
+    AttentionStats,
+    CPSettings,
+    Strategy,
+    get_strategy,
+    register_strategy,
+    ring_attention,
+    simulate_context_parallel_attention,
+    strategy_names,
+)
+from cp_dtensor.attention.choice import CommChoice, choose_comm
 from cp_dtensor.attention.dispatch import ContextParallelAttention, context_parallel_sdpa
 from cp_dtensor.attention.functional import document_attention
 from cp_dtensor.balance import BalancedLayoutRule, balanced_layout, layout_work
 from cp_dtensor.context_parallel import apply_context_parallel, build_context_parallel_plan
-from cp_dtensor.inspect import format_sharding_table, inspect_sharding
 from cp_dtensor.layout import LAYOUTS, SequenceLayout, sequence_positions, shard_sequence, unshard_sequence
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.sharding import shard_batch, unshard_sequence_output
+from cp_dtensor.sharding_table import format_sharding_table, inspect_sharding
 from cp_dtensor.styles import ContextParallel, PrepareSequenceShards
 
 __all__ = [
     "LAYOUTS",
+    "AttentionStats",
     "BalancedLayoutRule",
+    "CPSettings",
     "CommChoice",
     "ContextParallel",
     "ContextParallelAttention",
     "ParallelDims",
     "PrepareSequenceShards",
-    "RingStats",
     "SequenceLayout",
+    "Strategy",
     "apply_context_parallel",
     "balanced_layout",
     "build_context_parallel_plan",
@@ -53,14 +66,17 @@ __all__ = [
     "context_parallel_sdpa",
     "document_attention",
     "format_sharding_table",
+    "get_strategy",
     "inspect_sharding",
     "layout_work",
     "models",
+    "register_strategy",
     "ring_attention",
     "sequence_positions",
     "shard_batch",
     "shard_sequence",
     "simulate_context_parallel_attention",
+    "strategy_names",
     "unshard_sequence",
     "unshard_sequence_output",
 ]

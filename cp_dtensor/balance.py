@@ -28,8 +28,9 @@ must hold exactly ``C = S / cp`` tokens of a row, and we want each rank's work n
    pieces of at most C, C/2, ..., C/8 tokens (piece starts at multiples of the length within each document);
    the first plan within that bound wins, else the most balanced one, or zigzag if that is better still
    (shards of a few tokens, where token granularity rules).
-5. Rows (B > 1) are planned one by one; each row's heaviest rank block goes to the rank with the least
-   work so far, so the totals over rows balance even better than each row.
+5. Rows (B > 1) are planned one by one, each on its own: a row's layout depends on that row alone, so
+   any subset of rows (a pipeline microbatch, an accumulation chunk) has the layout its batch was sharded
+   with, and :class:`BalancedLayoutRule` (the per-batch rule of the CP styles) gives exactly this layout.
 
 Why it balances: if the flat order had non-decreasing token work, the C lightest and the C heaviest
 remaining tokens would bracket every target (zigzag's argument). Whole documents are close to that unless
@@ -48,12 +49,20 @@ one sort of the items, and cp - 1 vectorized steps over C + 1 candidates.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import torch
 
 from cp_dtensor.attention.mask import AttentionMask, validate_mask_inputs
-from cp_dtensor.layout import LayoutLike, SequenceLayout, layout_permutation, validate_seq_len
+from cp_dtensor.layout import (
+    LayoutLike,
+    LayoutRule,
+    SequenceLayout,
+    layout_permutation,
+    tensor_digest,
+    validate_seq_len,
+)
 
 __all__ = [
     "BalancedLayoutRule",
@@ -125,14 +134,8 @@ def balanced_layout(
     batch, seq_len = ids.shape
     work = AttentionMask(is_causal, tuple(window_size), ids).visible_counts(seq_len).expand(batch, seq_len)
     positions = torch.empty(batch, seq_len, dtype=torch.int64)
-    totals = torch.zeros(cp, dtype=torch.int64)  # work of each rank over the rows planned so far
-    for row in range(batch):
-        row_positions, row_work = _plan_row(ids[row], work[row], cp, tolerance)
-        rank_of_block = torch.arange(cp)  # step 5: later rows deal their heaviest block to the lightest rank
-        if row > 0:
-            rank_of_block[row_work.argsort(descending=True, stable=True)] = totals.argsort(stable=True)
-        positions[row].view(cp, -1)[rank_of_block] = row_positions.view(cp, -1)
-        totals[rank_of_block] += row_work
+    for row in range(batch):  # step 5: each row on its own
+        positions[row] = _plan_row(ids[row], work[row], cp, tolerance)[0]
     return SequenceLayout(positions, cp, "balanced")
 
 
@@ -338,14 +341,21 @@ def count_split_documents(layout: SequenceLayout, document_ids: torch.Tensor) ->
 
 
 @dataclass(frozen=True)
-class BalancedLayoutRule:
+class BalancedLayoutRule(LayoutRule):
     """A layout *rule* for CP styles: ``rule(document_ids, cp)`` is the batch's balanced layout.
 
-    Each row is planned on its own (``balanced_layout`` of that row), so any subset of rows - a pipeline
-    microbatch, an accumulation chunk - gets exactly the permutations the whole batch was sharded with.
-    Give the same rule to :func:`cp_dtensor.shard_batch` (``layout=rule(document_ids, cp)``) and to the
-    :class:`~cp_dtensor.ContextParallel` style (``layout=rule``); the style checks every call's positions
-    against it, so a batch sharded otherwise raises instead of attending wrongly.
+    Equal to :func:`balanced_layout` with the same mask: every row is planned on its own, so any subset of
+    rows - a pipeline microbatch, an accumulation chunk - gets exactly the permutations the whole batch was
+    sharded with. Give the rule to :func:`cp_dtensor.shard_batch` (which applies it to the batch) and to
+    the :class:`~cp_dtensor.ContextParallel` style (``layout=rule``); the style checks every call's
+    positions against it, so a batch sharded otherwise raises instead of attending wrongly.
+
+    Note [Rule memo]
+    ~~~~~~~~~~~~~~~~
+    Every attention layer of a step applies the rule to the same document ids (the style plans from
+    them). Planning 128K tokens takes 16-33 ms, so each rule object remembers its last layouts by the ids'
+    content digest (``tensor_digest``: content-checked, Note [Digest memo]); a layout is a pure function of
+    (ids, cp), so the memo changes no result.
 
     Attributes:
         is_causal, window_size: the mask the layout balances (for models mixing local and global layers,
@@ -354,13 +364,40 @@ class BalancedLayoutRule:
 
     is_causal: bool = True
     window_size: tuple[int, int] = (-1, -1)
+    name: str = "balanced"
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
 
     def __call__(self, document_ids: torch.Tensor, cp: int) -> SequenceLayout:
         """The layout of ``document_ids`` (B, S) over ``cp`` ranks, row by row."""
-        rows = [
-            balanced_layout(
-                document_ids[b : b + 1], cp, is_causal=self.is_causal, window_size=self.window_size
-            )
-            for b in range(document_ids.shape[0])
-        ]
-        return SequenceLayout(torch.cat([r.positions for r in rows]), cp, name="balanced")
+        key = (tensor_digest(document_ids), cp)
+        layout = self._memo.get(key)
+        if layout is None:
+            layout = balanced_layout(document_ids, cp, is_causal=self.is_causal, window_size=self.window_size)
+            if len(self._memo) >= 4:
+                self._memo.pop(next(iter(self._memo)))
+            self._memo[key] = layout
+        return layout
+
+    def positions(self, document_ids: torch.Tensor, cp: int) -> torch.Tensor:
+        """(B, S) positions of ``self(document_ids, cp)``, through a custom op (traceable by torch.compile)."""
+        left, right = self.window_size
+        return balanced_layout_positions(document_ids, cp, self.is_causal, left, right)
+
+
+@functools.lru_cache(maxsize=16)
+def _rule(is_causal: bool, left: int, right: int) -> BalancedLayoutRule:
+    """One rule object per mask, so that its memo (Note [Rule memo]) serves every compiled call."""
+    return BalancedLayoutRule(is_causal, (left, right))
+
+
+@torch.library.custom_op("cp_dtensor::balanced_layout_positions", mutates_args=())
+def balanced_layout_positions(
+    document_ids: torch.Tensor, cp: int, is_causal: bool, left: int, right: int
+) -> torch.Tensor:
+    """(B, S) int64 positions of the balanced layout of ``document_ids`` (Note [Balanced layout])."""
+    return _rule(is_causal, left, right)(document_ids, cp).positions.to(document_ids.device)
+
+
+@balanced_layout_positions.register_fake
+def _(document_ids, cp, is_causal, left, right):
+    return document_ids.new_empty(document_ids.shape, dtype=torch.int64)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None, prog: str = "train.py") -> int:
         return 2
     try:
         run_distributed(
-            _train, world, cfg, timeout_s=cfg.comm.init_timeout_seconds, expected_errors=EXPECTED_ERRORS
+            _train, world, cfg, timeout_s=cfg.timeouts.init_seconds, expected_errors=EXPECTED_ERRORS
         )
     except LaunchError as e:
         _error(str(e))

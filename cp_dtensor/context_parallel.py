@@ -7,10 +7,10 @@ Note [Context-parallel model]
 
     shard_batch(global batch, world_mesh["dp", "cp", "tp"])     tokens, labels, positions: DTensors
       |
-    model                 ""             PrepareSequenceShards(output_dtensor=False)
+    model                 ""             PrepareSequenceShards(use_local_output=True)
       blocks              blocks=...     PrepareSequenceShards()     hidden state between blocks: DTensor
-        attention         attention=...  ContextParallel(layout, comm)       SDPA inside -> ring op
-      final modules       final=...      PrepareSequenceShards(output_dtensor=False)
+        attention         attention=...  ContextParallel(settings)           SDPA inside -> CP attention
+      final modules       final=...      PrepareSequenceShards(use_local_output=True)
       |
     logits (B, S_local, V), local; loss on local shards, token count reduced over dp x cp
 
@@ -25,13 +25,14 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import ParallelStyle, parallelize_module
 
-from cp_dtensor.attention.comm import RingStats
 from cp_dtensor.attention.dispatch import ContextParallelAttention
+from cp_dtensor.attention.settings import CPSettings
 from cp_dtensor.sharding import cp_axis_of
 from cp_dtensor.styles import ContextParallel, PrepareSequenceShards
 
@@ -54,30 +55,34 @@ def _check_patterns(model: nn.Module, patterns: Sequence[str], what: str) -> Non
             )
 
 
+def _settings(settings: CPSettings | None, keywords: dict[str, Any]) -> CPSettings:
+    if settings is not None and keywords:
+        raise ValueError(f"Pass settings= or the keywords {sorted(keywords)}, not both.")
+    if settings is not None:
+        return settings
+    defaults = {"layout": "zigzag"}
+    return CPSettings(**{**defaults, **keywords})
+
+
 def build_context_parallel_plan(
     *,
     attention: str | Sequence[str],
     blocks: str | Sequence[str] = (),
     final: str | Sequence[str] = (),
-    layout: str = "zigzag",
-    comm: str = "p2p",
-    backend: str | None = None,
-    stats: RingStats | None = None,
+    settings: CPSettings | None = None,
     sequence_parallel: bool = False,
-    a2a_size: int | None = None,
+    **setting_keywords: Any,
 ) -> tuple[dict[str, ParallelStyle], ContextParallel]:
     """The ``parallelize_module`` plan of Note [Context-parallel model], and its attention style.
 
     Args and patterns as for :func:`apply_context_parallel`.
     """
-    attention_style = ContextParallel(
-        layout=layout, comm=comm, backend=backend, stats=stats, a2a_size=a2a_size
-    )
-    plan: dict[str, ParallelStyle] = {"": PrepareSequenceShards(output_dtensor=False)}
+    attention_style = ContextParallel(settings=_settings(settings, setting_keywords))
+    plan: dict[str, ParallelStyle] = {"": PrepareSequenceShards(use_local_output=True)}
     for pattern in _patterns(blocks):
         plan[pattern] = PrepareSequenceShards(sequence_parallel=sequence_parallel)
     for pattern in _patterns(final):
-        plan[pattern] = PrepareSequenceShards(output_dtensor=False)
+        plan[pattern] = PrepareSequenceShards(use_local_output=True)
     for pattern in _patterns(attention):
         plan[pattern] = attention_style
     return plan, attention_style
@@ -90,12 +95,9 @@ def apply_context_parallel(
     attention: str | Sequence[str],
     blocks: str | Sequence[str] = (),
     final: str | Sequence[str] = (),
-    layout: str = "zigzag",
-    comm: str = "p2p",
-    backend: str | None = None,
-    stats: RingStats | None = None,
+    settings: CPSettings | None = None,
     sequence_parallel: bool = False,
-    a2a_size: int | None = None,
+    **setting_keywords: Any,
 ) -> ContextParallelAttention:
     """Install context parallelism on ``model`` (Note [Context-parallel model]).
 
@@ -107,10 +109,11 @@ def apply_context_parallel(
             modules whose forward calls ``F.scaled_dot_product_attention``, e.g. ``"layers.*.attention"``.
         blocks: pattern(s) of the repeated blocks whose output becomes a sequence-sharded DTensor.
         final: pattern(s) of modules after the blocks that take the hidden state (e.g. ``"norm"``).
-        layout: the sequence layout of the shards, as given to :func:`cp_dtensor.shard_batch`.
-        comm, backend, stats, a2a_size: settings of the ring op (see :func:`cp_dtensor.ring_attention`;
-            ``comm="auto"`` lets the cost model choose per call shape).
+        settings: the CP attention settings (:class:`~cp_dtensor.CPSettings`: the layout the batch is sharded
+            with by :func:`cp_dtensor.shard_batch`, strategy, backend, stats); default zigzag p2p.
         sequence_parallel: True when TP runs with sequence parallelism (hidden states also Shard(1) on tp).
+        **setting_keywords: ``layout=``, ``comm=``, ``backend=``, ``stats=``, ``a2a_size=`` build the
+            settings instead (a convenience; pass one or the other).
 
     Returns:
         The :class:`ContextParallelAttention` mode holding the CP settings (shared by every attention
@@ -123,8 +126,8 @@ def apply_context_parallel(
     _check_patterns(model, _patterns(final), "final")
     cp_axis_of(mesh)  # validates the mesh
     plan, attention_style = build_context_parallel_plan(
-        attention=attention, blocks=blocks, final=final, layout=layout, comm=comm, backend=backend,
-        stats=stats, sequence_parallel=sequence_parallel, a2a_size=a2a_size,
+        attention=attention, blocks=blocks, final=final, settings=_settings(settings, setting_keywords),
+        sequence_parallel=sequence_parallel,
     )  # fmt: skip
     parallelize_module(model, mesh, plan)
     assert attention_style.attention is not None

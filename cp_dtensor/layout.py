@@ -30,8 +30,8 @@ in increasing order (so again the causal mask inside a shard is a lower triangle
 from __future__ import annotations
 
 import hashlib
+import threading
 import weakref
-from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -40,9 +40,10 @@ from torch.distributed.device_mesh import DeviceMesh
 __all__ = [
     "LAYOUTS",
     "LAYOUT_RULES",
-    "Layout",
     "LayoutLike",
+    "LayoutRule",
     "SequenceLayout",
+    "cached_sequence_layout",
     "check_rank_positions",
     "checked_dim",
     "chunks_per_rank",
@@ -59,33 +60,48 @@ __all__ = [
     "validate_seq_len",
 ]
 
-Layout = Literal["contiguous", "zigzag"]
 LAYOUTS: tuple[str, ...] = ("contiguous", "zigzag")
 
 
-# Digests of live tensors, by id: every attention layer of a step asks for the digest of the same
-# document-ids tensor (the cross-rank check, the plan cache, the layout rule). A cache of facts: an entry is
-# used only while its tensor is alive and unmodified (same object, same version counter).
-_DIGESTS: dict[int, tuple[weakref.ref, int, str]] = {}
+# Note [Digest memo]
+# ~~~~~~~~~~~~~~~~~~
+# Every attention layer of a step asks for the digest of the same document-ids tensor (the cross-rank
+# check, the plan cache). Hashing 128K ids costs ~1 ms, comparing them ~20 us, so the digest is memoized per
+# live tensor together with a copy of its content, and reused only while the tensor is *equal* to that copy:
+# identity and version counters cannot see a tensor refilled behind autograd's back (``torch.from_numpy``
+# of a reused buffer, ``.data.copy_``), content can. A cache of facts: it never changes a digest.
+_DIGESTS: dict[int, tuple[weakref.ref, torch.Tensor, str]] = {}
+_DIGESTS_LOCK = threading.Lock()
 
 
 def tensor_digest(t: torch.Tensor) -> str:
     """A content hash of ``t`` that is the same in every process (unlike ``hash(bytes)``, which is salted).
 
-    Memoized per live tensor (and its version counter), so asking again for the same tensor is free.
+    Memoized per live tensor and checked against its content (Note [Digest memo]), so asking again for an
+    unchanged tensor costs one comparison and a tensor changed in place gets its new digest.
     """
-    cached = _DIGESTS.get(id(t))
-    if cached is not None and cached[0]() is t and cached[1] == t._version:
+    key = id(t)
+    data = t.detach()
+    with _DIGESTS_LOCK:
+        cached = _DIGESTS.get(key)
+    if (
+        cached is not None
+        and cached[0]() is t
+        and cached[1].shape == data.shape
+        and cached[1].dtype == data.dtype
+        and torch.equal(cached[1], data.cpu())
+    ):
         return cached[2]
-    data = t.detach().cpu().contiguous()
+    host = data.cpu().contiguous()
     digest = hashlib.blake2b(
-        data.numpy().tobytes() + str((tuple(data.shape), data.dtype)).encode(), digest_size=16
+        host.numpy().tobytes() + str((tuple(host.shape), host.dtype)).encode(), digest_size=16
     ).hexdigest()
     try:
-        key = id(t)
-        _DIGESTS[key] = (weakref.ref(t, lambda _, key=key: _DIGESTS.pop(key, None)), t._version, digest)
+        ref = weakref.ref(t, lambda _, key=key: _DIGESTS.pop(key, None))
     except TypeError:  # not weak-referenceable: do not cache
-        pass
+        return digest
+    with _DIGESTS_LOCK:
+        _DIGESTS[key] = (ref, host.clone(), digest)
     return digest
 
 
@@ -113,12 +129,12 @@ class SequenceLayout:
             raise ValueError("SequenceLayout: positions must increase within each rank's shard.")
         if not torch.equal(positions.sort(dim=1).values, torch.arange(seq_len).expand(batch, seq_len)):
             raise ValueError("SequenceLayout: every row of positions must be a permutation of range(S).")
-        self.positions = positions.cpu()
+        self.positions = positions.cpu().clone()  # owned: a layout never changes
         self.cp = cp
         self.name = name
         self.batch, self.seq_len = batch, seq_len
-        self._fingerprint = int(tensor_digest(self.positions), 16) ^ hash((name, cp))
         self.digest = tensor_digest(self.positions)
+        self._fingerprint = int(self.digest, 16) ^ hash((name, cp))
 
     def rank_positions(self, rank: int) -> torch.Tensor:
         """(B, S / cp) global positions that ``rank`` holds, increasing along each row."""
@@ -144,6 +160,45 @@ class SequenceLayout:
 
 LayoutLike = str | SequenceLayout
 """A layout name (``"zigzag"``, ``"contiguous"``) or a :class:`SequenceLayout` object."""
+
+
+class LayoutRule:
+    """A layout *rule*: ``rule(document_ids, cp)`` is a batch's :class:`SequenceLayout` (e.g.
+    :class:`cp_dtensor.BalancedLayoutRule`). Rules are resolved once per batch where the batch is sharded
+    (:func:`cp_dtensor.shard_batch`); CP attention resolves them again only to check or to plan, and every
+    row's layout depends on that row alone, so any subset of rows (a pipeline microbatch) gets the rows
+    its batch was sharded with. Subclasses implement :meth:`__call__` and :attr:`name`."""
+
+    name: str = "rule"
+
+    def __call__(self, document_ids: torch.Tensor, cp: int) -> SequenceLayout:
+        """The layout of ``document_ids`` (B, S) over ``cp`` ranks."""
+        raise NotImplementedError
+
+    def positions(self, document_ids: torch.Tensor, cp: int) -> torch.Tensor:
+        """(B, S) int64 positions of the layout (:attr:`SequenceLayout.positions`); rules that run under
+        ``torch.compile`` override this with a custom op (the balanced rule does)."""
+        return self(document_ids, cp).positions
+
+
+# Note [Layout memo]: the compiled path hands a layout to its custom op as a positions tensor; every layer
+# of a step passes the same one, and validating and wrapping it costs a sort of (B, S). One layout per
+# content digest (content-checked, Note [Digest memo]); a cache of facts, bounded.
+_LAYOUTS: dict[tuple[str, int], SequenceLayout] = {}
+
+
+def cached_sequence_layout(positions: torch.Tensor, cp: int, name: str = "balanced") -> SequenceLayout:
+    """The :class:`SequenceLayout` of ``positions`` over ``cp`` ranks, built once per content."""
+    key = (tensor_digest(positions), cp)
+    with _DIGESTS_LOCK:
+        layout = _LAYOUTS.get(key)
+    if layout is None:
+        layout = SequenceLayout(positions.cpu(), cp, name=name)
+        with _DIGESTS_LOCK:
+            if len(_LAYOUTS) >= 8:
+                _LAYOUTS.pop(next(iter(_LAYOUTS)))
+            _LAYOUTS[key] = layout
+    return layout
 
 
 def layout_name(layout: LayoutLike) -> str:

@@ -38,8 +38,8 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from cp_dtensor.attention.comm import RingStats
 from cp_dtensor.attention.dispatch import ContextParallelAttention
+from cp_dtensor.attention.settings import CPSettings
 from cp_dtensor.context_parallel import apply_context_parallel
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.pipeline import build_pipeline_schedule, split_llama_into_stages, stages_per_rank
@@ -169,12 +169,8 @@ def parallelize_llama(
     *,
     ac_mode: ACMode = "none",
     selective_ac_every: int = 2,
-    cp_layout: str = "zigzag",
-    cp_comm: str = "p2p",
-    cp_a2a_size: int | None = None,
+    cp_settings: CPSettings | None = None,
     param_dtype: torch.dtype | None = None,
-    cp_backend: str | None = None,
-    ring_stats: RingStats | None = None,
     compile_backend: str | None = None,
 ) -> ContextParallelAttention | None:
     """Parallelize ``model`` in place: TP -> CP -> AC -> FSDP2 (see Note [Parallelize order]).
@@ -185,12 +181,9 @@ def parallelize_llama(
         parallel_dims: degrees with a built mesh (:meth:`ParallelDims.build_mesh`).
         ac_mode: ``"none"``, ``"selective"`` or ``"full"`` activation checkpointing.
         selective_ac_every: with ``"selective"``, checkpoint every N-th block.
-        cp_layout, cp_comm, cp_a2a_size: CP sequence layout, comm mode and all-to-all group size
-            (``comm="hybrid"``).
+        cp_settings: how CP attention runs (:class:`~cp_dtensor.CPSettings`: layout, strategy, backend,
+            stats); default zigzag p2p.
         param_dtype: FSDP mixed-precision parameter dtype (e.g. ``torch.bfloat16``); None keeps fp32.
-        cp_backend: kernel adapter name for the ring op (``flash``, ``cudnn``, ``efficient``,
-            ``cpu_flash``, ``math``), or None to choose from device and dtype.
-        ring_stats: optional :class:`RingStats` filled by every CP attention call.
         compile_backend: ``torch.compile`` backend of the blocks (``"inductor"``, ``"aot_eager"``), or None
             to run eagerly.
 
@@ -213,15 +206,11 @@ def parallelize_llama(
             ),
             blocks="layers.*",
             final="norm" if model.norm is not None else (),
-            layout=cp_layout,
-            comm=cp_comm,
-            a2a_size=cp_a2a_size,
-            backend=cp_backend,
-            stats=ring_stats,
+            settings=cp_settings or CPSettings(layout="zigzag"),
             sequence_parallel=parallel_dims.tp_enabled,
         )
     else:  # the model still takes shard_batch's DTensors (cp = 1: whole sequences) as local tensors
-        parallelize_module(model, parallel_dims.activation_mesh, PrepareSequenceShards(output_dtensor=False))
+        parallelize_module(model, parallel_dims.activation_mesh, PrepareSequenceShards(use_local_output=True))
     apply_ac(model, ac_mode, selective_ac_every)
     if compile_backend is not None:
         apply_compile(model, compile_backend)

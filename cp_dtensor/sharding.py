@@ -28,6 +28,7 @@ from torch.distributed.tensor import DTensor, Placement, Replicate, Shard
 
 from cp_dtensor.layout import (
     LayoutLike,
+    LayoutRule,
     SequenceLayout,
     shard_sequence_for_rank,
     unshard_sequence,
@@ -64,7 +65,7 @@ def shard_batch(
     batch: Mapping[str, torch.Tensor],
     mesh: DeviceMesh,
     *,
-    layout: LayoutLike = "zigzag",
+    layout: LayoutLike | LayoutRule = "zigzag",
     seq_dim: int = 1,
     whole: Collection[str] = ("document_ids",),
     rows: Literal["global", "local"] = "global",
@@ -82,8 +83,11 @@ def shard_batch(
     Args:
         batch: the global batch, identical on every rank; all tensors share dims 0 and ``seq_dim``.
         mesh: a mesh with a "cp" axis (e.g. ``world_mesh["dp", "cp", "tp"]``), or a 1-D CP mesh.
-        layout: ``"zigzag"``, ``"contiguous"`` or a layout object (e.g. from
-            :func:`cp_dtensor.balanced_layout` of this batch's document ids).
+        layout: ``"zigzag"``, ``"contiguous"``, a layout object (e.g. from
+            :func:`cp_dtensor.balanced_layout` of this batch's document ids), or a layout rule
+            (:class:`cp_dtensor.BalancedLayoutRule`), resolved here once for the batch from its
+            ``document_ids`` entry (one document per row without one) - the layout the CP style then
+            plans with.
         seq_dim: the sequence dim of every tensor.
         whole: names of entries that are not sequence-sharded.
         rows: "global": ``batch`` is the global batch, identical on every rank, and this rank takes its dp
@@ -104,6 +108,9 @@ def shard_batch(
     if len(set(shapes.values())) != 1:
         raise ValueError(f"shard_batch: tensors disagree on (rows, sequence length): {shapes}.")
     n_rows, seq_len = next(iter(shapes.values()))
+    if isinstance(layout, LayoutRule):
+        ids = batch.get("document_ids")
+        layout = layout(ids if ids is not None else torch.zeros(n_rows, seq_len, dtype=torch.int64), cp)
     validate_seq_len(seq_len, cp, layout)
     if rows not in ("global", "local"):
         raise ValueError(f'shard_batch: rows must be "global" or "local", got {rows!r}.')

@@ -4,13 +4,14 @@ Note [Context-parallel styles]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Two styles, one concern each; every other module runs unchanged on its local shard::
 
-    model            PrepareSequenceShards(output_dtensor=False)   shard_batch DTensors -> local shards in,
+    model            PrepareSequenceShards(use_local_output=True)  shard_batch DTensors -> local shards in,
                                                                    local logits out
       layers.i       PrepareSequenceShards()                       DTensor hidden -> local in; local out ->
                                                                    DTensor [cp: Shard(1), tp: Shard(1) | R]
-        attention    ContextParallel(layout, comm)                 every SDPA call inside runs the ring op
+        attention    ContextParallel(settings)                     every SDPA / document_attention call
+                                                                   inside runs CP attention
           (wq, wk, wv, rope, sdpa, wo: local tensors; TP styles, if any, keep doing their own conversions)
-      norm           PrepareSequenceShards(output_dtensor=False)   DTensor hidden -> local
+      norm           PrepareSequenceShards(use_local_output=True)  DTensor hidden -> local
 
 So between blocks the hidden state is a DTensor sequence-sharded over "cp" (and over "tp" under sequence
 parallelism) on the ("cp", "tp") axes of the 4-D mesh, and ``inspect_sharding`` shows it. Inside a block
@@ -33,9 +34,10 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import ParallelStyle
 from torch.utils._pytree import tree_map
 
-from cp_dtensor.attention.comm import RingStats
 from cp_dtensor.attention.dispatch import ContextParallelAttention
-from cp_dtensor.layout import LayoutLike
+from cp_dtensor.attention.settings import CPSettings
+from cp_dtensor.attention.stats import AttentionStats
+from cp_dtensor.layout import LayoutLike, LayoutRule
 from cp_dtensor.sharding import activation_placements
 
 __all__ = ["ContextParallel", "PrepareSequenceShards"]
@@ -72,22 +74,24 @@ class PrepareSequenceShards(ParallelStyle):
     """Convert between sequence-sharded DTensors and local shards at a module's boundary.
 
     Inputs: every DTensor among the positional and keyword inputs becomes its local shard, so the module
-    computes on plain tensors (its weights are plain or TP tensors, never on the CP mesh). Output: with
-    ``output_dtensor`` the module's tensor output becomes a DTensor on the style's mesh with placements
+    computes on plain tensors (its weights are plain or TP tensors, never on the CP mesh). Output: by
+    default the module's tensor output becomes a DTensor on the style's mesh with placements
     :func:`~cp_dtensor.sharding.activation_placements` (Shard(seq_dim) on "cp", and on "tp" under
-    sequence parallelism); without it, DTensor outputs become local.
+    sequence parallelism); with ``use_local_output`` (PyTorch's name in its TP styles), DTensor outputs
+    become local.
 
     Args:
-        output_dtensor: wrap the output as a sequence-sharded DTensor (blocks) or unwrap it (root, final norm).
+        use_local_output: unwrap the output to local tensors (root, final norm) instead of wrapping it as a
+            sequence-sharded DTensor (blocks).
         seq_dim: the sequence dim of the output (1 for (B, S, D) hidden states).
         sequence_parallel: the output is also sequence-sharded over "tp" (TP with sequence parallelism).
     """
 
     def __init__(
-        self, *, output_dtensor: bool = True, seq_dim: int = 1, sequence_parallel: bool = False
+        self, *, use_local_output: bool = False, seq_dim: int = 1, sequence_parallel: bool = False
     ) -> None:
         super().__init__()
-        self.output_dtensor = output_dtensor
+        self.use_local_output = use_local_output
         self.seq_dim = seq_dim
         self.sequence_parallel = sequence_parallel
 
@@ -98,13 +102,13 @@ class PrepareSequenceShards(ParallelStyle):
         hooks = _BoundaryHooks(device_mesh, placements)
         module.register_forward_pre_hook(hooks.inputs_to_local, with_kwargs=True, prepend=True)
         module.register_forward_hook(
-            hooks.output_to_dtensor if self.output_dtensor else hooks.output_to_local
+            hooks.output_to_local if self.use_local_output else hooks.output_to_dtensor
         )
         return module
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(output_dtensor={self.output_dtensor}, seq_dim={self.seq_dim}, "
+            f"{type(self).__name__}(use_local_output={self.use_local_output}, seq_dim={self.seq_dim}, "
             f"sequence_parallel={self.sequence_parallel})"
         )
 
@@ -130,46 +134,47 @@ class _ModeHooks:
 
 
 class ContextParallel(ParallelStyle):
-    """Run every ``F.scaled_dot_product_attention`` call inside a module's forward as CP attention.
+    """Run every ``F.scaled_dot_product_attention`` / :func:`cp_dtensor.document_attention` call inside a
+    module's forward as CP attention.
 
     The module may take anything (``x`` or ``(q, k, v)``) and call SDPA anywhere in its forward: a hook
     enters a :class:`~cp_dtensor.attention.dispatch.ContextParallelAttention` mode bound to the style's
     mesh for the duration of the forward, and the mode treats the plain q, k, v it sees as this rank's
-    sequence shards in ``layout`` (Note [SDPA dispatch]). Every SDPA call inside must therefore be
+    sequence shards in the settings' layout (Note [SDPA dispatch]). Every call inside must therefore be
     self-attention over the CP-sharded sequence; an explicit ``attn_mask`` or dropout raises.
 
     One mode object serves every module the style is applied to (:attr:`attention`), so its settings
     and ``stats`` are shared.
 
     Args:
-        layout: the sequence layout of the shards (``"zigzag"`` or ``"contiguous"``), as given to
-            :func:`cp_dtensor.shard_batch`.
-        comm: ``"p2p"`` (ring), ``"allgather"``, ``"alltoall"`` (Ulysses) or ``"hybrid"`` (all-to-all
-            inside groups of ``a2a_size`` ranks, ring across them).
+        settings: layout (as given to :func:`cp_dtensor.shard_batch`), strategy, group size, backend, stats
+            (:class:`~cp_dtensor.CPSettings`). The keywords ``layout``, ``comm``, ``backend``, ``stats``,
+            ``a2a_size`` build one instead (pass one or the other).
         window_size: ``(left, right)`` sliding window of every SDPA call inside (flash-attn convention,
             -1 = unbounded); one style per window (e.g. local and global layers get two styles).
-        backend: kernel adapter name, or None to choose from device and dtype.
-        stats: optional :class:`~cp_dtensor.RingStats` filled by every call.
-        a2a_size: ranks per all-to-all group, required by ``comm="hybrid"`` (a divisor of the CP degree).
     """
 
     def __init__(
         self,
         *,
-        layout: LayoutLike = "zigzag",
+        settings: CPSettings | None = None,
+        layout: LayoutLike | LayoutRule = "zigzag",
         comm: str = "p2p",
         window_size: tuple[int, int] = (-1, -1),
         backend: str | None = None,
-        stats: RingStats | None = None,
+        stats: AttentionStats | None = None,
         a2a_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.layout = layout
-        self.comm = comm
-        self.a2a_size = a2a_size
+        if settings is None:
+            settings = CPSettings(layout=layout, comm=comm, a2a_size=a2a_size, backend=backend, stats=stats)
+        elif (layout, comm, backend, stats, a2a_size) != ("zigzag", "p2p", None, None, None):
+            raise ValueError(
+                "ContextParallel got settings= and also layout/comm/backend/stats/a2a_size keywords; pass one "
+                "or the other."
+            )
+        self.settings = settings
         self.window_size = tuple(window_size)
-        self.backend = backend
-        self.stats = stats
         self.attention: ContextParallelAttention | None = None
         self._mesh: DeviceMesh | None = None
 
@@ -177,13 +182,7 @@ class ContextParallel(ParallelStyle):
         if self.attention is None:
             self._mesh = device_mesh
             self.attention = ContextParallelAttention(
-                device_mesh,
-                layout=self.layout,
-                comm=self.comm,
-                window_size=self.window_size,
-                backend=self.backend,
-                stats=self.stats,
-                a2a_size=self.a2a_size,
+                device_mesh, settings=self.settings, window_size=self.window_size
             )
         elif device_mesh != self._mesh:
             raise ValueError(
@@ -199,5 +198,4 @@ class ContextParallel(ParallelStyle):
         return module
 
     def __repr__(self) -> str:
-        a2a = "" if self.a2a_size is None else f", a2a_size={self.a2a_size}"
-        return f"{type(self).__name__}(layout={self.layout!r}, comm={self.comm!r}{a2a}, backend={self.backend!r})"
+        return f"{type(self).__name__}({self.settings!r})"

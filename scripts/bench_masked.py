@@ -89,7 +89,7 @@ def measure(args: argparse.Namespace, out_file: str) -> None:
     rows = {}
     for name, layout in [*layouts.items(), ("one-document", "zigzag"), ("allgather-dense", "contiguous")]:
         local = [shard_sequence_for_rank(t, rank, cp, 2, layout) for t in (q, k, v, dout)]
-        stats = cpd.RingStats()
+        stats = cpd.AttentionStats()
         result: dict[str, torch.Tensor] = {}
 
         def step(name=name, layout=layout, local=local, stats=stats, result=result) -> None:
@@ -145,7 +145,7 @@ class _AllGatherKV(torch.autograd.Function):
     """All-gather K/V along the sequence (contiguous layout); backward reduce-scatters the gradients."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, stats: cpd.RingStats) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, stats: cpd.AttentionStats) -> torch.Tensor:
         cp = dist.get_world_size()
         out = x.new_empty((cp * x.shape[0], *x.shape[1:]))
         dist.all_gather_into_tensor(out, x.contiguous())
@@ -182,7 +182,7 @@ def single_process(args: argparse.Namespace) -> dict[str, dict]:
     visible = int(mask.visible_counts(s).sum()) * HQ
     rows = {}
     for name in ("one-process", "dense"):
-        stats = cpd.RingStats()
+        stats = cpd.AttentionStats()
 
         def step(name=name, stats=stats) -> None:
             ql, kl, vl = (t.detach().requires_grad_() for t in (q, k, v))

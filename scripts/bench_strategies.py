@@ -11,7 +11,7 @@ on the same inputs and reports, per rank:
   the rounds interleave the strategies, so a change of machine load hits all of them
 * CPU s: process CPU seconds of one call summed over ranks (medians): the measure when CP processes
   oversubscribe the cores
-* comm wait: the part of it spent blocked in communication (``RingStats.comm_wait_seconds``: the ring's
+* comm wait: the part of it spent blocked in communication (``AttentionStats.comm_wait_seconds``: the ring's
   waits and the all-to-alls; the all-gather variant's collectives are not timed there, so it shows 0)
 * bytes sent per rank, forward and backward (max over ranks)
 * saved for backward: bytes autograd keeps between forward and backward (q, k, v, out, lse of the shard)
@@ -60,7 +60,7 @@ def _strategies(args: argparse.Namespace) -> list[tuple[str, str, int | None]]:
 
 def _predicted(args: argparse.Namespace, hkv: int) -> tuple[dict[str, float], str]:
     """The cost model's fwd+bwd ms per strategy name on ``--hw`` (Note [CP strategy cost]), and its choice."""
-    from cp_dtensor.attention.comm_choice import hardware_for_device
+    from cp_dtensor.attention.choice import hardware_for_device
     from cp_dtensor.tools.planner import AttentionProblem, choose_strategy
 
     problem = AttentionProblem(HQ, hkv, D, args.seq_len, args.cp, dtype_bytes=4)
@@ -88,7 +88,7 @@ def measure(args: argparse.Namespace, hkv: int, out_file: str) -> None:
         ref = [out.detach(), qd.grad, kd.grad, vd.grad]
     local = [shard_sequence_for_rank(t, rank, cp, 2, "zigzag") for t in (q, k, v, dout)]
     strategies = _strategies(args)
-    stats = {name: cpd.RingStats() for name, _, _ in strategies}
+    stats = {name: cpd.AttentionStats() for name, _, _ in strategies}
     saved: dict[str, int] = {}
     result: dict[str, torch.Tensor] = {}
 

@@ -68,8 +68,9 @@ def _ring_labels():
     patches = [
         (ring, "merge_block_", "cp::merge"),
         (ring, "pack_kv", "cp::pack"),
-        (ring, "_wait", "cp::wait"),
-        (ring, "_new_dkv_accumulator", "cp::accumulate"),
+        (ring, "timed_wait", "cp::wait"),
+        (ring, "_own_accumulators", "cp::accumulate"),
+        (ring, "_travelling_accumulator", "cp::accumulate"),
     ]
     saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
     methods = [(cls, name) for cls in vars(kernels).values() if isinstance(cls, type) and issubclass(cls, kernels.AttentionKernel) for name in ("forward", "backward") if name in vars(cls)]  # fmt: skip

@@ -20,12 +20,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 import torch.distributed as dist
 
-from cp_dtensor.inspect import format_sharding_table, inspect_sharding
+from cp_dtensor.attention.settings import CPSettings
 from cp_dtensor.launch import run_distributed
 from cp_dtensor.models.llama import build_llama
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.parallelize import parallelize_llama
 from cp_dtensor.sharding import shard_batch
+from cp_dtensor.sharding_table import format_sharding_table, inspect_sharding
 
 
 def show(args: argparse.Namespace) -> None:
@@ -35,7 +36,8 @@ def show(args: argparse.Namespace) -> None:
     pd.validate_seq_len(args.seq_len)
     model = build_llama(args.flavor)
     model.init_weights(seed=0)
-    cp_attention = parallelize_llama(model, pd, cp_layout=args.layout, cp_comm=args.comm, ac_mode="none")
+    settings = CPSettings(layout=args.layout, comm=args.comm)
+    cp_attention = parallelize_llama(model, pd, cp_settings=settings, ac_mode="none")
     tokens = torch.randint(
         0, model.args.vocab_size, (args.batch, args.seq_len), generator=torch.Generator().manual_seed(0)
     )
@@ -54,7 +56,7 @@ def show(args: argparse.Namespace) -> None:
         if cp_attention is not None:
             print(
                 f"# CP attention: every SDPA inside layers.*.attention runs the ring op (layout "
-                f"{cp_attention.layout}, comm {cp_attention.comm}); q, k, v reach it as local shards. Between "
+                f"{settings.layout}, comm {settings.comm}); q, k, v reach it as local shards. Between "
                 f"blocks the hidden state is a DTensor in layout order (cp_dtensor.unshard_sequence_output for "
                 f"natural order)."
             )

@@ -31,7 +31,7 @@ from torch.distributed.tensor.parallel import parallelize_module
 
 import cp_dtensor as cpd
 from cp_dtensor.attention.alltoall import HeadSplit, build_group_plan
-from cp_dtensor.attention.comm_choice import resolve_comm
+from cp_dtensor.attention.choice import resolve_comm
 from cp_dtensor.attention.dispatch import ContextParallelAttention
 from cp_dtensor.attention.mask import AttentionMask
 from cp_dtensor.layout import SequenceLayout, sequence_positions, shard_sequence_for_rank
@@ -284,7 +284,7 @@ def _accounting(strategies: list[tuple[int, str, int | None]], mesh) -> dict[tup
     for (_, comm, a2a), hkv in itertools.product(strategies, ACC_KV_HEADS):
         q, k, v, dout = _inputs(b, hq, hkv, s_local * cp, d, torch.float32, seed=5)
         local = [shard_sequence_for_rank(t, rank, cp, 2, "zigzag").requires_grad_() for t in (q, k, v)]
-        stats = cpd.RingStats()
+        stats = cpd.AttentionStats()
         saved: list[int] = []
 
         def pack(t: torch.Tensor, saved=saved) -> torch.Tensor:
@@ -346,7 +346,7 @@ def _wiring(mesh) -> dict[str, object]:
     found["dtensor"] = isinstance(dt_out, DTensor)
     # comm="auto": the op resolves the cost model's choice per shape, the same on every rank
     resolved = resolve_comm("auto", None, local[0], local[1], cp, True)
-    stats_auto, stats_named = cpd.RingStats(), cpd.RingStats()
+    stats_auto, stats_named = cpd.AttentionStats(), cpd.AttentionStats()
     with ContextParallelAttention(mesh, layout="zigzag", comm="auto", stats=stats_auto):
         auto_out = F.scaled_dot_product_attention(*local, is_causal=True, enable_gqa=True)
     named = cpd.ring_attention(
@@ -538,7 +538,7 @@ def test_hybrid_subgroups_of_one_cp_group_among_several(dist_pool) -> None:
             r"12 query heads and 3 key/value heads.*must divide 4 or be a multiple",
         ),
         ((6, 2), 4, {"comm": "hybrid", "a2a_size": 4}, r"a2a_size=4 \(CP degree 4\).*6 query heads"),
-        ((4, 4), 4, {"comm": "hybrid"}, r"comm='hybrid' needs a2a_size=k.*divide the CP degree 4"),
+        ((4, 4), 4, {"comm": "hybrid"}, r"comm='hybrid' needs a2a_size=k.*divide the CP degree"),
         (
             (4, 4),
             4,
@@ -562,7 +562,7 @@ def test_mode_refuses_hybrid_without_a2a_size() -> None:
         ContextParallelAttention(comm="hybrid")
     with pytest.raises(ValueError, match="Unknown CP comm mode"):
         ContextParallelAttention(comm="ulysses")
-    with pytest.raises(ValueError, match="'auto' take none"):
+    with pytest.raises(ValueError, match="with comm='auto': the cost model chooses the group size"):
         ContextParallelAttention(comm="auto", a2a_size=2)
-    assert ContextParallelAttention(comm="auto").comm == "auto"
-    assert ContextParallelAttention(comm="hybrid", a2a_size=2).a2a_size == 2
+    assert ContextParallelAttention(comm="auto").settings.comm == "auto"
+    assert ContextParallelAttention(comm="hybrid", a2a_size=2).settings.a2a_size == 2

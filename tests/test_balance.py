@@ -20,6 +20,7 @@ import cp_dtensor
 import cp_dtensor.balance as balance
 from cp_dtensor.attention.mask import AttentionMask
 from cp_dtensor.balance import (
+    BalancedLayoutRule,
     balanced_layout,
     count_split_documents,
     layout_crossing_kv_rows,
@@ -119,12 +120,17 @@ def test_rows_are_balanced_in_total() -> None:
         assert _imbalance(layout_work(one, row_mask)) <= 1.05
 
 
-def test_rows_deal_heavy_blocks_to_light_ranks() -> None:
-    """Rows that cannot balance alone (bidirectional weights 3 3 3 1 on two ranks: 6 vs 4) balance in total:
-    the second row's heavy block goes to the rank that got the first row's light one."""
-    ids = torch.tensor([[0, 0, 0, 1]] * 2)
-    layout = balanced_layout(ids, 2, is_causal=False)
-    assert layout_work(layout, AttentionMask(False, (-1, -1), ids)).tolist() == [10, 10]
+def test_function_and_rule_give_the_same_layout_row_by_row() -> None:
+    """Issue 25 item 2: balanced_layout and BalancedLayoutRule plan each row on its own and agree, so a batch
+    sharded with one is attended correctly under the other, and any subset of rows (a microbatch) gets the
+    rows of the whole batch's layout."""
+    lengths = [[5, 40, 19], [1, 30, 2, 31], [64]]
+    ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)), torch.tensor(r)) for r in lengths])
+    whole = balanced_layout(ids, 4)
+    assert torch.equal(whole.positions, BalancedLayoutRule()(ids, 4).positions)
+    for row in range(ids.shape[0]):
+        alone = balanced_layout(ids[row : row + 1], 4)
+        assert torch.equal(alone.positions[0], whole.positions[row])
 
 
 @pytest.mark.parametrize("seed", [0, 2, 11, 41, 52])  # 2, 11, 41, 52: rows where zigzag beats every plan

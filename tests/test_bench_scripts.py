@@ -212,16 +212,20 @@ def test_common_helpers() -> None:
 def test_local_copy_transport_runs_the_ring() -> None:
     """The compute-only stand-in runs cp_dtensor's ring code end to end with the real shapes."""
     from cp_dtensor.attention.kernels import select_kernel
-    from cp_dtensor.attention.ring import ring_backward, ring_forward
+    from cp_dtensor.attention.mask import AttentionMask
+    from cp_dtensor.attention.strategy import get_strategy
     from cp_dtensor.tools.bench.standins import LocalCopyTransport
 
     q, dout = torch.randn(2, 1, 4, 32, 8).unbind(0)
     k, v = torch.randn(2, 1, 2, 32, 8).unbind(0)
     for rank in range(2):
         transport = LocalCopyTransport(rank, 2)
-        opts = dict(is_causal=True, scale=0.5, layout="zigzag", kernel=select_kernel(q.device, q.dtype))
-        out, lse = ring_forward(q, k, v, transport, **opts)
-        dq, dk, dv = ring_backward(dout, q, k, v, out, lse, transport, **opts)
+        algo = get_strategy("p2p").build(
+            layout="zigzag", mask=AttentionMask(True), rank=rank, cp=2, s_local=32, a2a_size=None, scale=0.5,
+            kernel=select_kernel(q.device, q.dtype),
+        )  # fmt: skip
+        out, lse = algo.forward(q, k, v, transport, **algo.options)
+        dq, dk, dv = algo.backward(dout, q, k, v, out, lse, transport, **algo.options)
         assert (
             out.shape == q.shape and lse.shape == q.shape[:3] and dq.shape == q.shape and dk.shape == k.shape
         )

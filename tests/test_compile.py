@@ -1,9 +1,11 @@
 """torch.compile under CP: the attention custom ops, one graph per block, no recompiles, eager parity.
 
-Tolerances: ``aot_eager`` runs the very ops eager runs, in the same order: losses equal to 1e-6
-relative (fp32 rounding of the optimizer's fused ops at most). ``inductor`` fuses and reorders the
-elementwise code around attention (norms, rotary, SwiGLU): losses within 1e-4 relative over 3 AdamW steps
-(fp32 reassociation, ~1e-6 per op, a few thousand ops per step).
+Tolerances: losses and gradient norms equal to 1e-6 relative over 3 AdamW steps for both backends.
+``aot_eager`` runs the very ops eager runs, in the same order (fp32 rounding of the optimizer's fused ops
+at most). ``inductor`` fuses the elementwise code around attention (norms, rotary, SwiGLU) but keeps its
+reductions' order on this CPU build: measured bit-equal (relative difference 0.0) on torch 2.13, so 1e-6
+leaves room for reassociation only. The former 1e-4 let a swap of dK and dV pass (the swap keeps the
+gradient norm and moves the step-3 loss by ~1e-5; issue 25 item 15).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ def _op_args(docs: bool) -> tuple:
     q = torch.randn(2, 4, 16, 8, generator=g, requires_grad=True)
     k, v = (torch.randn(2, 2, 16, 8, generator=g, requires_grad=True) for _ in range(2))
     ids = torch.tensor([[0] * 5 + [1] * 11, [0] * 16]) if docs else None
-    settings = ("", True, 0.35, "zigzag", "p2p", 3 if docs else -1, 0, "", 0, 0)  # one process
+    # OpCall primitives: group "" (one process), layout, comm, a2a_size, backend, cost hardware, is_causal,
+    # window (left, right), scale, stats handle
+    settings = ("", "zigzag", "p2p", 0, "", "auto", True, 3 if docs else -1, 0, 0.35, 0)
     return q, k, v, ids, settings
 
 
@@ -87,7 +91,7 @@ def run_compiled_training(degrees: dict, backend: str, docs: bool, flavor: str) 
         model = build_llama(flavor)
         model.init_weights(seed=0)
         pm = build_parallel_model(
-            model, pd, device=torch.device("cpu"), cp_layout=layout,
+            model, pd, device=torch.device("cpu"), cp_settings=cpd.CPSettings(layout=layout),
             compile_backend=backend if mode == "compiled" else None,
         )  # fmt: skip
         opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
@@ -125,7 +129,7 @@ def test_compiled_training_matches_eager_without_recompiles(case: tuple, dist_po
     world = 1
     for d in degrees.values():
         world *= d
-    rtol = 1e-4 if backend == "inductor" else 1e-6
+    rtol = 1e-6  # see the module docstring
     for res in dist_pool(world).run(run_compiled_training, degrees, backend, docs, flavor, timeout_s=900):
         for step, (a, b) in enumerate(zip(res["losses"]["eager"], res["losses"]["compiled"])):
             assert abs(a - b) <= rtol * abs(a), f"{name} rank {res['rank']} step {step}: {a} vs {b}"
@@ -141,7 +145,7 @@ def test_compiled_training_matches_eager_without_recompiles(case: tuple, dist_po
 
 def run_compiled_auto_comm() -> dict:
     """ring_attention(comm="auto") compiled with fullgraph: the choice resolves at trace time (a constant)."""
-    from cp_dtensor.attention.comm_choice import resolve_comm
+    from cp_dtensor.attention.choice import resolve_comm
     from cp_dtensor.layout import shard_sequence_for_rank
 
     rank, cp = dist.get_rank(), dist.get_world_size()

@@ -57,7 +57,7 @@ def test_defaults() -> None:
     assert config.data.dataset == "synthetic_recall" and config.data.paths == []
     assert config.checkpoint.enable is False and config.checkpoint.load_step == -1
     assert config.metrics.log_file == "train_log.jsonl"
-    assert config.comm.train_timeout_seconds == 100
+    assert config.timeouts.train_seconds == 100
     # Each default instance owns its list.
     assert JobConfig().data.paths is not JobConfig().data.paths
 
@@ -259,10 +259,6 @@ def test_wrong_type_cli(argv: list[str], key: str) -> None:
         ("--training.mixed_precision_param=float16", ['"float32"', '"bfloat16"']),
         ("--training.on_nonfinite=ignore", ['"stop"', '"skip"']),
         ("--parallelism.context_parallel_layout=striped", ['"zigzag"', '"contiguous"']),
-        (
-            "--parallelism.context_parallel_comm=a2a",
-            ['"p2p"', '"allgather"', '"alltoall"', '"hybrid"', '"auto"'],
-        ),
         ("--parallelism.pipeline_parallel_schedule=zb", ['"1F1B"', '"GPipe"', '"Interleaved1F1B"']),
         ("--activation_checkpoint.mode=some", ['"none"', '"selective"', '"full"']),
         ("--data.dataset=c4", ['"synthetic_recall"', '"text"']),
@@ -274,6 +270,21 @@ def test_literal_choices(option: str, choices: list[str]) -> None:
     assert message.startswith(f"{key}: {value!r} is not one of")
     for choice in choices:
         assert choice in message
+
+
+def test_comm_choices_come_from_the_strategy_registry() -> None:
+    message = _error(["--parallelism.context_parallel_comm=a2a"])
+    assert message.startswith("parallelism.context_parallel_comm: Unknown CP comm mode 'a2a'")
+    for name in ("p2p", "allgather", "alltoall", "hybrid", "auto"):
+        assert f"'{name}'" in message
+
+
+def test_renamed_keys_say_their_new_name() -> None:
+    assert _error(["--parallelism.context_parallel_a2a_degree=2"]) == (
+        "config key --parallelism.context_parallel_a2a_degree on the command line was renamed to "
+        "--parallelism.context_parallel_a2a_size"
+    )
+    assert "renamed to 'timeouts'" in _error(["--comm.train_timeout_seconds=5"])
 
 
 @pytest.mark.parametrize(
@@ -304,8 +315,8 @@ def test_literal_choices(option: str, choices: list[str]) -> None:
         ("checkpoint.keep_latest_k", "-1", ">= 0"),
         ("checkpoint.load_step", "-3", ">= 0 or -1"),
         ("metrics.log_freq", "0", ">= 1"),
-        ("comm.init_timeout_seconds", "0", ">= 1"),
-        ("comm.train_timeout_seconds", "0", ">= 1"),
+        ("timeouts.init_seconds", "0", ">= 1"),
+        ("timeouts.train_seconds", "0", ">= 1"),
     ],
 )
 def test_out_of_range(key: str, value: str, bound: str) -> None:
@@ -381,21 +392,21 @@ def test_global_batch_size_multiple() -> None:
 
 def test_a2a_degree_only_with_hybrid_and_a_proper_divisor_of_cp() -> None:
     cp4 = "--parallelism.context_parallel_degree=4"
-    message = _error([cp4, "--parallelism.context_parallel_a2a_degree=2"])
+    message = _error([cp4, "--parallelism.context_parallel_a2a_size=2"])
     assert (
-        message.startswith("parallelism.context_parallel_a2a_degree=2 applies only to") and '"p2p"' in message
+        message.startswith("parallelism.context_parallel_a2a_size=2 applies only to") and '"p2p"' in message
     )
     hybrid = "--parallelism.context_parallel_comm=hybrid"
     for bad in ("3", "4", "1"):
-        message = _error([cp4, hybrid, f"--parallelism.context_parallel_a2a_degree={bad}"])
+        message = _error([cp4, hybrid, f"--parallelism.context_parallel_a2a_size={bad}"])
         assert "must divide context_parallel_degree=4" in message and "use one of [2]" in message
     message = _error(
-        ["--parallelism.context_parallel_degree=2", hybrid, "--parallelism.context_parallel_a2a_degree=2"]
+        ["--parallelism.context_parallel_degree=2", hybrid, "--parallelism.context_parallel_a2a_size=2"]
     )
     assert "none exists" in message and "alltoall" in message
-    ok = load_config([cp4, hybrid, "--parallelism.context_parallel_a2a_degree=2"])
-    assert ok.parallelism.context_parallel_a2a_degree == 2
-    assert load_config([cp4, hybrid]).parallelism.context_parallel_a2a_degree == 0  # the cost model picks
+    ok = load_config([cp4, hybrid, "--parallelism.context_parallel_a2a_size=2"])
+    assert ok.parallelism.context_parallel_a2a_size == 2
+    assert load_config([cp4, hybrid]).parallelism.context_parallel_a2a_size == 0  # the cost model picks
 
 
 def test_pipeline_microbatches_divide_local_batch() -> None:

@@ -67,32 +67,76 @@ def test_ranks_that_disagree_raise_on_every_rank(dist_pool) -> None:
             assert "failed on rank 1 of the CP group" in found["one_rank_bad_input"], found
 
 
-def run_steady_state_cost() -> list[int]:
-    """Gathers made by the check over three identical calls and one new signature."""
+def run_per_call_check_cost() -> list[tuple[int, int]]:
+    """(all_reduce, all_gather_object) calls made by the check over three identical calls and a new shape."""
     mesh = cached_world_mesh(cp=2)["cp"]
-    calls = []
-    real = consistency.dist.all_gather_object
+    counts = {"all_reduce": 0, "all_gather_object": 0}
+    real = {name: getattr(consistency.dist, name) for name in counts}
 
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return real[name](*args, **kwargs)
 
-    consistency.dist.all_gather_object = counting
+        return call
+
+    for name in counts:
+        setattr(consistency.dist, name, counting(name))
     try:
-        counts = []
+        per_call = []
         for s_local in (16, 16, 16, 24):
-            before = len(calls)
+            before = dict(counts)
             q, k, v = _qkv(s_local, seed=s_local)
             cpd.ring_attention(q, k, v, mesh, is_causal=True).sum().backward()
-            counts.append(len(calls) - before)
-        return counts
+            per_call.append(tuple(counts[n] - before[n] for n in ("all_reduce", "all_gather_object")))
+        return per_call
     finally:
-        consistency.dist.all_gather_object = real
+        for name, fn in real.items():
+            setattr(consistency.dist, name, fn)
 
 
-def test_consistency_check_runs_once_per_signature(dist_pool) -> None:
-    for counts in dist_pool(2).run(run_steady_state_cost):
-        assert counts == [1, 0, 0, 1]  # first call, then free; a new shape is checked once more
+def test_every_call_is_checked_with_one_fixed_size_collective(dist_pool) -> None:
+    """Note [Cross-rank call check]: one small all-reduce per call, on every rank, whatever it saw before;
+    the descriptive all-gather only when something differs (never here); backward adds nothing."""
+    for per_call in dist_pool(2).run(run_per_call_check_cost):
+        assert per_call == [(1, 0)] * 4, per_call
+
+
+def run_mask_changes() -> dict[str, str]:
+    """Issue 25 items 5 and 11: masks that differ between ranks, after both ranks saw the same call."""
+    rank = dist.get_rank()
+    mesh = cached_world_mesh(cp=2)["cp"]
+    q, k, v = _qkv(8)
+    ids_a = torch.tensor([[0] * 6 + [1] * 10])
+    ids_b = torch.tensor([[0] * 9 + [1] * 7])
+    found = {}
+    for ids in (ids_a, ids_a):  # both ranks check and run the same call twice
+        cpd.ring_attention(q, k, v, mesh, is_causal=True, document_ids=ids)
+    # rank 0 moves on to new ids, rank 1 repeats the ones it has checked: formerly a hang until the timeout
+    found["new_ids_on_one_rank"] = _error_of(
+        lambda: cpd.ring_attention(q, k, v, mesh, is_causal=True, document_ids=ids_b if rank == 0 else ids_a)
+    )
+    found["window_on_one_rank"] = _error_of(
+        lambda: cpd.ring_attention(
+            q, k, v, mesh, is_causal=True, document_ids=ids_a, window_size=(3, 0) if rank == 0 else (-1, -1)
+        )
+    )
+    # ids refilled in place without a version bump (torch.from_numpy of a reused buffer): never stale
+    buffer = ids_a.numpy().copy()
+    ids = torch.from_numpy(buffer)
+    first = cpd.ring_attention(q, k, v, mesh, is_causal=True, document_ids=ids).detach()
+    buffer[:] = ids_b.numpy()
+    refilled = cpd.ring_attention(q, k, v, mesh, is_causal=True, document_ids=ids).detach()
+    fresh = cpd.ring_attention(q, k, v, mesh, is_causal=True, document_ids=ids_b.clone()).detach()
+    found["refilled_equals_fresh"] = str(torch.equal(refilled, fresh) and not torch.equal(first, fresh))
+    return found
+
+
+def test_masks_that_change_on_one_rank_raise_instead_of_hanging(dist_pool) -> None:
+    for found in dist_pool(2).run(run_mask_changes):
+        for case in ("new_ids_on_one_rank", "window_on_one_rank"):
+            assert "calls differ across the ranks" in found[case] and "mask (rank 0:" in found[case], found
+        assert found["refilled_equals_fresh"] == "True", found
 
 
 def run_edge_cases() -> dict[str, object]:

@@ -179,9 +179,9 @@ def test_masked_ring_with_cuda_kernel_matches_fp64(backend: str, mask: str) -> N
 
 def test_comm_wait_on_cuda_is_timed_by_events() -> None:
     """A CUDA wait is timed by events on the stream (host wall time would miss it); settle() adds it."""
-    from cp_dtensor.attention.comm import Pending, timed_wait
+    from cp_dtensor.attention.transport import Pending, timed_wait
 
-    stats = cp_dtensor.RingStats()
+    stats = cp_dtensor.AttentionStats()
     dev = torch.device("cuda")
     # The "wait" enqueues ~50 ms of GPU sleep on the current stream: the host returns at once.
     timed_wait(Pending(lambda: torch.cuda._sleep(50_000_000), dev), stats)

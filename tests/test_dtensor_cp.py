@@ -232,9 +232,9 @@ def test_public_api_exports() -> None:
 
 
 def run_inspection(cp: int, tp: int) -> dict:
-    from cp_dtensor.inspect import inspect_sharding
     from cp_dtensor.models.llama import build_llama
     from cp_dtensor.parallelize import parallelize_llama
+    from cp_dtensor.sharding_table import inspect_sharding
 
     pd = cached_parallel_dims(cp=cp, tp=tp)
     model = build_llama("debug")

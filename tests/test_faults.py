@@ -26,7 +26,7 @@ def _args(dump: Path, *extra: str, cp: int = 2, dp: int = 1, steps: int = 6) -> 
         "--model.flavor", "debug", "--training.seq_len", "128", "--training.local_batch_size", "2",
         "--training.steps", str(steps), "--training.warmup_steps", "0", "--metrics.log_freq", "1",
         "--parallelism.context_parallel_degree", str(cp), "--parallelism.data_parallel_degree", str(dp),
-        "--comm.train_timeout_seconds", "20", f"--job.dump_folder={dump}", *extra,
+        "--timeouts.train_seconds", "20", f"--job.dump_folder={dump}", *extra,
     ]  # fmt: skip
 
 
@@ -56,7 +56,7 @@ def test_a_rank_that_raises_ends_the_job_with_its_name(tmp_path: Path) -> None:
 
 def test_a_hanging_rank_makes_the_others_time_out(tmp_path: Path) -> None:
     args = _args(tmp_path, cp=2, dp=2, steps=200)
-    args[args.index("--comm.train_timeout_seconds") + 1] = "5"
+    args[args.index("--timeouts.train_seconds") + 1] = "5"
     proc, elapsed = _run(args, fault=("hang", 1, 3))
     assert proc.returncode == 1
     # The others fail in their collective after the 5 s timeout; the silent rank is stopped by the launcher.

@@ -218,7 +218,7 @@ def run_masked_parity(dtypes: list[torch.dtype]) -> dict[str, dict]:
         ref = _dense_reference(q, k, v, dout, mask, torch.float64)
         base = _dense_reference(q, k, v, dout, mask, dtype)
         local = [shard_sequence_for_rank(t, rank, cp, 2, layout).requires_grad_() for t in (q, k, v)]
-        stats = cpd.RingStats()
+        stats = cpd.AttentionStats()
         saved: list[int] = []
 
         def pack(t: torch.Tensor, saved=saved) -> torch.Tensor:
@@ -252,7 +252,7 @@ def run_masked_parity(dtypes: list[torch.dtype]) -> dict[str, dict]:
             "visible": visible,
             "bytes_forward": stats.bytes_sent_forward,
             "full_ring_bytes": (cp - 1) * s_local * row_bytes,
-            "min_bytes": sum(n for src, n in enumerate(plan.needed_rows) if src != rank) * row_bytes,
+            "min_bytes": sum(n for src, n in enumerate(plan.needed_rows()) if src != rank) * row_bytes,
             "saved_bytes": sum(saved),
             "local_bytes": local_bytes,
         }
@@ -323,7 +323,7 @@ def run_window_traffic() -> list[int]:
     mesh = cached_world_mesh(cp=cp)["cp"]
     q, k, v, _ = _inputs(1, "mha", 32 * cp, torch.float32)
     local = [shard_sequence_for_rank(t, rank, cp, 2, "contiguous") for t in (q, k, v)]
-    stats = cpd.RingStats()
+    stats = cpd.AttentionStats()
     cpd.ring_attention(*local, mesh, is_causal=True, layout="contiguous", window_size=(5, 0), stats=stats)
     return [stats.bytes_sent_forward, local[1].shape[1] * local[1].shape[3] * 4 * 2]
 

@@ -112,15 +112,12 @@ def parallelize_toy(model: nn.Module, parallel_dims: ParallelDims, **settings: A
             attention="layers.*.attn",
             blocks="layers.*",
             final="norm",
-            layout=settings["cp_layout"],
-            comm=settings["cp_comm"],
-            a2a_size=settings["cp_a2a_size"],
-            stats=settings["ring_stats"],
+            settings=settings["cp_settings"],
         )
     else:
         from torch.distributed.tensor.parallel import parallelize_module
 
-        parallelize_module(model, parallel_dims.activation_mesh, PrepareSequenceShards(output_dtensor=False))
+        parallelize_module(model, parallel_dims.activation_mesh, PrepareSequenceShards(use_local_output=True))
     if parallel_dims.fsdp_enabled:
         apply_fsdp(model, parallel_dims)
     return cp_attention

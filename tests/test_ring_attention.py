@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 import cp_dtensor as cpd
-from cp_dtensor.attention.schedule import build_ring_schedule
+from cp_dtensor.attention.schedule import build_ring_plan
 from cp_dtensor.layout import shard_sequence_for_rank
 from cp_dtensor.tools.planner import HARDWARE_PRESETS, AttentionProblem, strategy_estimates
 
@@ -258,7 +258,7 @@ def run_accounting(s_global: int, hq: int, hkv: int, d: int, batch: int) -> dict
     for layout, comm, causal in itertools.product(
         ("zigzag", "contiguous"), ("p2p", "allgather"), (True, False)
     ):
-        stats = cpd.RingStats()
+        stats = cpd.AttentionStats()
         ql, kl, vl = (shard_sequence_for_rank(t, rank, cp, 2, layout).requires_grad_() for t in (q, k, v))
         saved: list[int] = []
 
@@ -349,7 +349,10 @@ def test_causal_zigzag_balances_work_at_the_causal_ideal(cp: int, comm: str, acc
 def test_zigzag_schedule_steps_are_equal_work(cp: int) -> None:
     s_local = 16
     for step in range(cp):
-        work = {build_ring_schedule(r, cp, "zigzag", True)[step].score_elements(s_local) for r in range(cp)}
+        work = {
+            sum(p.score_elements(1) for p in build_ring_plan(r, cp, "zigzag", True, s_local).pieces[step])
+            for r in range(cp)
+        }
         assert len(work) == 1 or step == 0, (step, work)  # step 0: diagonal; later: identical half blocks
 
 
@@ -407,13 +410,31 @@ def test_non_divisible_length_names_the_numbers() -> None:
         ((2, 4, 8, 16), (2, 3, 8, 16), "multiple of the number of key/value heads"),
         ((2, 4, 8), (2, 4, 8), "must be 4-D"),
         ((2, 4, 8, 16), (2, 4, 6, 16), "agree on batch, local sequence length and head dim"),
-        ((2, 4, 7, 16), (2, 4, 7, 16), "multiple of 2 for layout 'zigzag'"),
     ],
 )
 def test_bad_shapes_give_clear_errors(q_shape, kv_shape, match) -> None:
     q, k = torch.randn(q_shape), torch.randn(kv_shape)
     with pytest.raises(ValueError, match=match):
         cpd.ring_attention(q, k, k.clone(), None)
+
+
+def test_zigzag_needs_an_even_local_length_only_under_cp() -> None:
+    q = torch.randn(1, 2, 14, 8)  # cp 2: 7 local rows, not two equal zigzag chunks
+    with pytest.raises(ValueError, match="must be a multiple of 4"):
+        cpd.simulate_context_parallel_attention(q, q, q, 2, is_causal=True, layout="zigzag")
+
+
+@pytest.mark.parametrize("seq_len", [1, 7])
+def test_no_cp_means_no_layout_rule(seq_len: int) -> None:
+    """Issue 25 item 8: one process runs any length - a decode step (S = 1), an odd S - whatever the layout,
+    with and without documents or a window; equal to SDPA with the dense mask (fp64: exact up to rounding)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, seq_len, 8, dtype=torch.float64) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert torch.allclose(cpd.ring_attention(q, k, v, None, is_causal=True, layout="zigzag"), ref)
+    ids = torch.zeros(1, seq_len, dtype=torch.int64)
+    out = cpd.document_attention(q, k, v, document_ids=ids, window_size=(seq_len, 0))
+    assert torch.allclose(out, ref, atol=1e-12)
 
 
 def test_unknown_comm_mode_is_rejected() -> None:
@@ -440,9 +461,9 @@ def test_timed_wait_accounts_blocked_time_and_kernel_calls() -> None:
     """A wait that blocks 20 ms is accounted as >= 20 ms of comm wait; counts go to the right phase."""
     import time
 
-    from cp_dtensor.attention.comm import Pending, timed_wait
+    from cp_dtensor.attention.transport import Pending, timed_wait
 
-    stats = cpd.RingStats()
+    stats = cpd.AttentionStats()
     got = timed_wait(Pending(lambda: time.sleep(0.02) or torch.ones(1)), stats)
     assert torch.equal(got, torch.ones(1))
     assert stats.comm_wait_seconds >= 0.02
@@ -478,10 +499,12 @@ def run_ring_memory(s_local: int) -> tuple[float, float]:
 
 
 def test_ring_transient_memory_is_flat_in_cp(dist_pool) -> None:
-    """CP 2 -> 4 at a fixed local shard: forward and backward peaks grow by at most 1.2x and stay under the
-    planner's multiples (forward 3.6, backward 8.0 local K+V; a ring keeping one buffer per step fails)."""
+    """CP 2 -> 4 at a fixed local shard, in units of local K+V: the forward peak grows by at most 1.2x; the
+    backward by at most 1.5 units - at CP 2 no dK/dV accumulator is ever *received* (the first hop goes
+    home), from CP 3 on one arrives while one is filled (1 unit, fp32 K+V), and a ring keeping one buffer
+    per step would add 2 more at CP 4. Both stay under the planner's multiples (forward 3.6, backward 8.0)."""
     peaks = {cp: dist_pool(cp).run(run_ring_memory, 128) for cp in (2, 4)}
     fwd = {cp: max(p[0] for p in per_rank) for cp, per_rank in peaks.items()}
     bwd = {cp: max(p[1] for p in per_rank) for cp, per_rank in peaks.items()}
-    assert fwd[4] <= 1.2 * fwd[2] and bwd[4] <= 1.2 * bwd[2], (fwd, bwd)
+    assert fwd[4] <= 1.2 * fwd[2] and bwd[4] <= bwd[2] + 1.5, (fwd, bwd)
     assert fwd[4] <= 3.6 + 0.05 and bwd[4] <= 8.0 + 0.05, (fwd, bwd)

@@ -17,6 +17,7 @@ import pytest
 import torch
 from dist_harness import cached_parallel_dims
 
+import cp_dtensor as cpd
 from cp_dtensor.balance import BalancedLayoutRule
 from cp_dtensor.models.llama import LLAMA3_FLAVORS, build_llama
 from cp_dtensor.parallel_dims import ParallelDims
@@ -94,9 +95,7 @@ def train_run(run: Run) -> dict:
             device=torch.device("cpu"),
             pp_schedule=run.pp_schedule,
             ac_mode=run.ac,
-            cp_layout=layout,
-            cp_comm=run.comm,
-            cp_a2a_size=run.a2a_size,
+            cp_settings=cpd.CPSettings(layout=layout, comm=run.comm, a2a_size=run.a2a_size),
         )
         parts, pipeline, loss_mesh = pm.model_parts, pm.pipeline, pd.loss_mesh
     else:

@@ -61,8 +61,7 @@ chunks k times longer; contiguous stays contiguous::
 so named layouts keep their name; a :class:`SequenceLayout` becomes one over cp / k super-shards whose
 positions are the sorted union of each group's positions. Masks (documents, windows) are planned on that
 layout by the masked ring as usual. ``comm="alltoall"`` is the case k = cp: one group, whose "ring" is one
-rank - the kernel called directly on the full natural-order sequence (:func:`local_forward`), or for masks
-the masked single-process pieces. k = 1 is the plain ring.
+rank: a one-rank ring plan, i.e. the kernel on the full natural-order sequence (or the masked pieces). k = 1 is the plain ring.
 
 Note [All-to-all group order]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -81,15 +80,15 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from cp_dtensor.attention.comm import RingStats, Transport
-from cp_dtensor.attention.kernels import AttentionKernel
 from cp_dtensor.attention.merge import accumulation_dtype
+from cp_dtensor.attention.stats import AttentionStats
+from cp_dtensor.attention.transport import Transport
 from cp_dtensor.layout import LayoutLike, SequenceLayout, sequence_positions
 
 __all__ = [
@@ -100,11 +99,12 @@ __all__ = [
     "alltoall_backward",
     "alltoall_forward",
     "build_group_plan",
+    "head_split_problem",
     "heads_split",
-    "local_backward",
-    "local_forward",
-    "validate_head_split",
 ]
+
+if TYPE_CHECKING:
+    from cp_dtensor.attention.strategy import Algorithm
 
 
 def heads_split(hq: int, hkv: int, a2a_size: int) -> bool:
@@ -113,19 +113,19 @@ def heads_split(hq: int, hkv: int, a2a_size: int) -> bool:
     return hq % a2a_size == 0 and (hkv % a2a_size == 0 or a2a_size % hkv == 0)
 
 
-def validate_head_split(hq: int, hkv: int, a2a_size: int, comm: str, cp: int) -> None:
-    """``ValueError`` unless ``a2a_size`` ranks can share the heads (Note [Ulysses all-to-all]).
+def head_split_problem(hq: int, hkv: int, a2a_size: int, comm: str, cp: int) -> str | None:
+    """Why ``a2a_size`` ranks cannot share the heads (Note [Ulysses all-to-all]), or None when they can.
 
     Args:
         hq, hkv: query and key/value heads of this rank (after any tp split).
         a2a_size: ranks per all-to-all group (cp for ``comm="alltoall"``).
-        comm: the comm mode, for the message.
+        comm: the strategy name, for the message.
         cp: the CP degree, for the message.
     """
     if heads_split(hq, hkv, a2a_size):
-        return
+        return None
     what = f"the CP degree {cp}" if comm == "alltoall" else f"a2a_size={a2a_size} (CP degree {cp})"
-    raise ValueError(
+    return (
         f"comm={comm!r} splits the heads over {a2a_size} ranks ({what}), but this rank has {hq} query heads "
         f"and {hkv} key/value heads: the query heads must be a multiple of {a2a_size}, and the key/value "
         f"heads must divide {a2a_size} or be a multiple of it (under tensor parallelism these are the heads "
@@ -319,68 +319,22 @@ def _build_group_plan(layout: LayoutLike, cp: int, a2a_size: int, group: int, se
     return GroupPlan(a2a_size, group, n_groups, s_local, runs, ring_layout)
 
 
-def _count_local(stats: RingStats | None, phase: str, q: torch.Tensor, is_causal: bool) -> None:
-    if stats is not None:
-        s = q.shape[2]
-        stats.count(phase, q.shape[0] * q.shape[1] * (s * (s + 1) // 2 if is_causal else s * s))
-
-
-def local_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    transport: Transport,
-    *,
-    is_causal: bool,
-    scale: float,
-    kernel: AttentionKernel,
-    stats: RingStats | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ring of one rank without a mask: one kernel call on the full sequence (``transport`` unused).
-
-    Bit for bit what the one-step ring computes, without its KV packing and fp32 accumulator copies.
-    """
-    _count_local(stats, "forward", q, is_causal)
-    return kernel.forward(q, k, v, is_causal=is_causal, scale=scale)
-
-
-def local_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    transport: Transport,
-    *,
-    is_causal: bool,
-    scale: float,
-    kernel: AttentionKernel,
-    stats: RingStats | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of :func:`local_forward`: one kernel call."""
-    _count_local(stats, "backward", q, is_causal)
-    return kernel.backward(dout, q, k, v, out, lse, is_causal=is_causal, scale=scale)
-
-
 @dataclass(frozen=True, eq=False)
 class AllToAllPlan:
     """One call's all-to-all / hybrid algorithm: the group plan and the ring across groups.
 
     Attributes:
         group: this rank's :class:`GroupPlan`.
-        ring_forward, ring_backward, ring_options: the ring (or masked ring) variant over the cp / k
-            super-shards, as chosen by ``select_variant`` for ``group.ring_layout``.
+        ring: the ring (masked or not) over the cp / k super-shards of ``group.ring_layout``; for one group
+            (``comm="alltoall"``) a one-rank ring: the kernel on the whole sequence.
     """
 
     group: GroupPlan
-    ring_forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    ring_backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    ring_options: dict[str, Any]
+    ring: Algorithm
 
 
 def _all_to_all(
-    transport: Transport, slots: Sequence[torch.Tensor], stats: RingStats | None
+    transport: Transport, slots: Sequence[torch.Tensor], stats: AttentionStats | None
 ) -> list[torch.Tensor]:
     """Exchange ``slots`` (each (k, B, h_i, S_local, D)), one all-to-all per dtype; the received parts."""
     received: list[torch.Tensor | None] = [None] * len(slots)
@@ -402,13 +356,14 @@ def alltoall_forward(
     transport: Transport,
     *,
     plan: AllToAllPlan,
-    stats: RingStats | None = None,
+    stats: AttentionStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """All-to-all / hybrid forward on local shards (Notes [Ulysses all-to-all], [Hybrid all-to-all x ring]).
 
     Returns:
         ``out`` (B, Hq, S_local, D) in q's dtype, and the fp32 ``lse`` of this rank's heads over its
-        group's super-shard (B, Hq / k, k S_local): as many elements as the local (B, Hq, S_local).
+        group's super-shard (B, Hq / k, k S_local), as many elements as the local (B, Hq, S_local) and
+        shaped so (opaque to the caller; the backward reshapes it back).
     """
     group = plan.group
     inner, outer = transport.split(group.a2a_size)
@@ -416,11 +371,11 @@ def alltoall_forward(
     received = _all_to_all(inner, [heads.q_slots(q), heads.kv_slots(k), heads.kv_slots(v)], stats)
     q_h, k_h, v_h = (group.gather(t) for t in received)  # (B, Hq/k, kS, D), (B, Hkv', kS, D) x 2
     del received
-    out_h, lse_h = plan.ring_forward(q_h, k_h, v_h, outer, stats=stats, **plan.ring_options)
+    out_h, lse_h = plan.ring.forward(q_h, k_h, v_h, outer, stats=stats, **plan.ring.options)
     del q_h, k_h, v_h
     (out_slots,) = _all_to_all(inner, [group.scatter(out_h)], stats)  # (k, B, Hq/k, S_local, D)
     transport.bytes_sent += inner.bytes_sent + outer.bytes_sent
-    return heads.q_from_slots(out_slots), lse_h
+    return heads.q_from_slots(out_slots), lse_h.reshape(q.shape[:3])  # same elements, shaped like the op's
 
 
 def alltoall_backward(
@@ -433,7 +388,7 @@ def alltoall_backward(
     transport: Transport,
     *,
     plan: AllToAllPlan,
-    stats: RingStats | None = None,
+    stats: AttentionStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All-to-all / hybrid backward: re-send q, k, v, out with dout, run the ring backward, send dq/dk/dv home."""
     group = plan.group
@@ -444,8 +399,9 @@ def alltoall_backward(
     del slots
     q_h, out_h, dout_h, k_h, v_h = (group.gather(t) for t in received)  # (B, Hq/k | Hkv', kS, D)
     del received
-    dq_h, dk_h, dv_h = plan.ring_backward(
-        dout_h, q_h, k_h, v_h, out_h, lse, outer, stats=stats, **plan.ring_options
+    lse_h = lse.reshape(q_h.shape[:3])  # (B, Hq / k, k S_local): what the forward's ring returned
+    dq_h, dk_h, dv_h = plan.ring.backward(
+        dout_h, q_h, k_h, v_h, out_h, lse_h, outer, stats=stats, **plan.ring.options
     )
     del q_h, out_h, dout_h, k_h, v_h
     # A shared KV head gets several members' dK/dV: they travel and are summed in fp32 (fp64 for fp64).

@@ -1,24 +1,28 @@
-"""CP attention as ``torch.library`` custom ops: what ``torch.compile`` sees of the ring.
+"""CP attention as ``torch.library`` custom ops: what ``torch.compile`` sees of the one CP attention call.
 
 Note [Compiled CP attention]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 Under ``torch.compile`` the ContextParallel style's mode is traced like any Python (dynamo inlines its
-``__torch_function__``), and :func:`cp_dtensor.ring_attention` hands the attention itself to two opaque
+``__torch_function__``), and :func:`cp_dtensor.attention.api.attend` hands the attention itself to two opaque
 custom ops, so a whole transformer block is one graph (``fullgraph=True``) and inductor fuses the code
 around attention::
 
     compiled block graph
       norm, wq/wk/wv, rope (fused by inductor)
-      cp_dtensor::attention_forward(q, k, v, document_ids?, layout_positions?, <settings>) -> out, lse
+      [cp_dtensor::layout_positions(document_ids, ...) -> positions]     a layout rule, per batch
+      cp_dtensor::attention_forward(q, k, v, document_ids?, layout_positions?, token_positions?, <call>)
+          -> out, lse
       wo, residual, norm, MLP (fused)
     backward graph
-      cp_dtensor::attention_backward(dout, q, k, v, out, lse, <settings>) -> dq, dk, dv
+      cp_dtensor::attention_backward(dout, q, k, v, out, lse, document_ids?, layout_positions?, <call>)
 
-Inside the ops everything runs eagerly, exactly as without compile: the cross-rank check, the plan, the ring
-with its overlapped transfers (communication stays inside the op, overlapped as always). Ops take only
-tensors and primitives, so the settings travel as a process-group name, a layout name (or the layout's
-positions tensor) and integers; the fake implementations give dynamo the shapes (out like q, lse (B, Hq,
-S_local) fp32). Only q, k, v, out and lse are saved for backward, as in eager.
+Inside the ops everything runs eagerly through :func:`~cp_dtensor.attention.call.build_call`, exactly as
+without compile: ``comm="auto"`` resolved from the real shapes (so dynamic shapes and new lengths need no
+constant folding), the cross-rank check, the plan, the ring with its overlapped transfers. Ops take only
+tensors and primitives: the call travels as :class:`OpCall` (a process-group name, a layout name or the
+layout's positions tensor, the strategy name, integers), written and read by this module alone. The fake
+implementations give dynamo the shapes (out like q, lse (B, Hq, S_local) fp32). Only q, k, v, out and lse
+are saved for backward, as in eager; the backward replays the forward's verified call without checking.
 """
 
 from __future__ import annotations
@@ -29,147 +33,68 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cp_dtensor.attention.comm import ProcessGroupTransport, RingStats, ThreadHub, ThreadTransport
-from cp_dtensor.attention.kernels import select_kernel
+from cp_dtensor.attention.call import build_call
 from cp_dtensor.attention.mask import AttentionMask
 from cp_dtensor.attention.merge import accumulation_dtype
-from cp_dtensor.layout import LayoutLike, SequenceLayout, check_rank_positions, tensor_digest
+from cp_dtensor.attention.settings import CPSettings
+from cp_dtensor.attention.stats import stats_by_handle
+from cp_dtensor.layout import LayoutRule, SequenceLayout, cached_sequence_layout
 
-__all__ = [
-    "CompiledCall",
-    "attention_backward",
-    "attention_forward",
-    "compiled_ring_attention",
-    "register_stats",
-]
-
-# RingStats objects by id: custom ops take no Python objects, so a call names its stats by an integer.
-# A lookup table, never an option; it holds the few RingStats objects a process creates (trainer, tests).
-_STATS: dict[int, RingStats] = {}
+__all__ = ["OpCall", "attention_backward", "attention_forward", "compiled_attention"]
 
 
 @dataclass(frozen=True)
-class CompiledCall:
-    """The primitive settings of one CP attention call, as the custom ops receive them."""
+class OpCall:
+    """The primitive form of one call's settings and mask, as the custom ops receive them.
 
-    group_name: str  # "" = one process (no group)
-    is_causal: bool
-    scale: float
-    layout_name: str  # "zigzag", "contiguous", "positions" (layout_positions holds it), or "balanced-rule:<is_causal>:<left>:<right>"
+    ``layout`` is a layout name, ``"default:<name>"`` (the settings named none) or ``"positions"`` (the
+    ``layout_positions`` tensor holds it); ``group_name`` "" means one process; ``a2a_size`` 0 means None;
+    ``backend`` "" means chosen from device and dtype; ``scale`` < 0 means ``1 / sqrt(D)``.
+    """
+
+    group_name: str
+    layout: str
     comm: str
+    a2a_size: int
+    backend: str
+    cost_hardware: str
+    is_causal: bool
     window_left: int
     window_right: int
-    backend: str  # "" = choose from device and dtype
-    a2a_size: int  # 0 = None
-    stats_id: int  # 0 = no stats
+    scale: float
+    stats_id: int
 
-    def resolve(
-        self, q: torch.Tensor, document_ids: torch.Tensor | None, layout_positions: torch.Tensor | None
-    ) -> tuple[ProcessGroupTransport, Any, RingStats | None]:
-        """The transport, the algorithm variant and the stats of this call (eager, inside the op)."""
-        from cp_dtensor.attention.ring import select_variant  # ring imports this module
-
-        transport = _transport(self.group_name)
-        layout = _layout(self.layout_name, layout_positions, document_ids, transport.size)
+    def run(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        document_ids: torch.Tensor | None,
+        layout_positions: torch.Tensor | None,
+        token_positions: torch.Tensor | None = None,
+        *,
+        check: bool = True,
+    ):
+        """The :class:`~cp_dtensor.attention.call.CPAttentionCall` these primitives describe (eager)."""
+        group = dist.distributed_c10d._resolve_process_group(self.group_name) if self.group_name else None
+        default = "zigzag"
+        if self.layout == "positions":
+            assert layout_positions is not None
+            cp = 1 if group is None else dist.get_world_size(group)
+            layout: Any = cached_sequence_layout(layout_positions, cp)
+        elif self.layout.startswith("default:"):
+            layout, default = None, self.layout.removeprefix("default:")
+        else:
+            layout = self.layout
+        settings = CPSettings(
+            layout=layout, comm=self.comm, a2a_size=self.a2a_size or None, backend=self.backend or None,
+            cost_hardware=self.cost_hardware, stats=stats_by_handle(self.stats_id),
+        )  # fmt: skip
         mask = AttentionMask(self.is_causal, (self.window_left, self.window_right), document_ids)
-        kernel = select_kernel(q.device, q.dtype, self.backend or None)
-        variant = select_variant(
-            self.comm, layout, mask, self.scale, kernel, transport.rank, transport.size, q.shape[2],
-            self.a2a_size or None,
+        return build_call(
+            q, k, v, group, settings=settings, mask=mask, scale=None if self.scale < 0 else self.scale,
+            token_positions=token_positions, default_layout=default, check=check,
         )  # fmt: skip
-        return transport, variant, _STATS.get(self.stats_id) if self.stats_id else None
-
-
-def _call(*settings: Any) -> CompiledCall:
-    return CompiledCall(*settings)
-
-
-def _transport(group_name: str) -> ProcessGroupTransport | ThreadTransport:
-    if not group_name:
-        return ThreadTransport(ThreadHub(1), 0)
-    return ProcessGroupTransport(dist.distributed_c10d._resolve_process_group(group_name))
-
-
-def _layout(
-    name: str, positions: torch.Tensor | None, document_ids: torch.Tensor | None, cp: int
-) -> LayoutLike:
-    """The layout a call names: a layout name, the positions of a layout object, or a balanced rule."""
-    if name == "positions":
-        assert positions is not None
-        return _cached_layout(positions, cp)
-    if name.startswith("balanced-rule:"):
-        from cp_dtensor.balance import BalancedLayoutRule
-
-        _, causal, left, right = name.split(":")
-        if document_ids is None:
-            raise ValueError("A balanced layout rule needs the batch's document_ids; the call passed none.")
-        key = (name, tensor_digest(document_ids), cp)
-        if key not in _LAYOUTS:  # once per batch, not per layer
-            _LAYOUTS.clear()
-            _LAYOUTS[key] = BalancedLayoutRule(causal == "1", (int(left), int(right)))(document_ids, cp)
-        return _LAYOUTS[key]
-    return name
-
-
-def _cached_layout(positions: torch.Tensor, cp: int) -> SequenceLayout:
-    """One SequenceLayout per distinct positions tensor content (built once per batch, not per layer)."""
-    key = ("positions", tensor_digest(positions), cp)
-    if key not in _LAYOUTS:
-        _LAYOUTS.clear()
-        _LAYOUTS[key] = SequenceLayout(positions.cpu(), cp, name="balanced")
-    return _LAYOUTS[key]
-
-
-_LAYOUTS: dict[tuple, LayoutLike] = {}  # the current batch's layout object (a cache of facts)
-
-
-def register_stats(stats: RingStats) -> int:
-    """Make ``stats`` reachable from the custom ops (call eagerly, before compiling); returns its id."""
-    _STATS[id(stats)] = stats
-    return id(stats)
-
-
-def _check_across_ranks(
-    call: CompiledCall,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    document_ids: torch.Tensor | None,
-    layout_positions: torch.Tensor | None,
-    token_positions: torch.Tensor | None,
-) -> None:
-    """The eager path's validation, layout check and cross-rank check (Note [Cross-rank call check])."""
-    from cp_dtensor.attention.consistency import CallSignature, verify_call_across_ranks
-    from cp_dtensor.attention.ring import validate_attention_inputs
-
-    if not call.group_name:  # one process: only the local validation
-        group, cp = None, 1
-    else:
-        group = dist.distributed_c10d._resolve_process_group(call.group_name)
-        cp = dist.get_world_size(group)
-    layout = _layout(call.layout_name, layout_positions, document_ids, cp)
-    window = (call.window_left, call.window_right)
-    error = None
-    try:
-        validate_attention_inputs(
-            q, k, v, layout=layout, comm=call.comm, cp=cp, document_ids=document_ids, window_size=window,
-            a2a_size=call.a2a_size or None,
-        )  # fmt: skip
-        if token_positions is not None and group is not None:
-            check_rank_positions(token_positions, layout, dist.get_rank(group), cp)
-    except ValueError as e:
-        error = e
-    if group is None:
-        if error is not None:
-            raise error
-        return
-    mask = AttentionMask(call.is_causal, window, document_ids)
-    signature = CallSignature.of(
-        q, k, v, layout=str(layout) if isinstance(layout, str) else repr(layout), is_causal=call.is_causal,
-        comm=call.comm, scale=call.scale, backend=call.backend or None, mask=mask.fingerprint(),
-        a2a_size=call.a2a_size or None,
-    )  # fmt: skip
-    verify_call_across_ranks(group, signature, error)
 
 
 @torch.library.custom_op("cp_dtensor::attention_forward", mutates_args=())
@@ -181,33 +106,39 @@ def attention_forward(
     layout_positions: torch.Tensor | None,
     token_positions: torch.Tensor | None,
     group_name: str,
-    is_causal: bool,
-    scale: float,
-    layout_name: str,
+    layout: str,
     comm: str,
+    a2a_size: int,
+    backend: str,
+    cost_hardware: str,
+    is_causal: bool,
     window_left: int,
     window_right: int,
-    backend: str,
-    a2a_size: int,
+    scale: float,
     stats_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """CP attention forward on local shards: ``(out (B, Hq, S_local, D), lse (B, Hq, S_local) fp32)``.
 
     ``token_positions`` (optional): the query tokens' global positions, checked against the layout.
     """
-    settings = (group_name, is_causal, scale, layout_name, comm, window_left, window_right, backend, a2a_size)
-    call = _call(*settings, stats_id)
-    _check_across_ranks(call, q, k, v, document_ids, layout_positions, token_positions)
-    transport, variant, stats = call.resolve(q, document_ids, layout_positions)
-    sent = transport.bytes_sent
-    out, lse = variant.forward(q, k, v, transport, stats=stats, **variant.options)
-    if stats is not None:
-        stats.bytes_sent_forward += transport.bytes_sent - sent
+    primitives = (
+        group_name,
+        layout,
+        comm,
+        a2a_size,
+        backend,
+        cost_hardware,
+        is_causal,
+        window_left,
+        window_right,
+    )
+    call = OpCall(*primitives, scale, stats_id).run(q, k, v, document_ids, layout_positions, token_positions)
+    out, lse = call.forward(q, k, v)
     return out.contiguous(), lse.contiguous()
 
 
 @attention_forward.register_fake
-def _(q, k, v, document_ids, layout_positions, token_positions, *settings):
+def _(q, k, v, document_ids, layout_positions, token_positions, *primitives):
     # contiguous, as the eager body returns them (not empty_like: q is often a transposed view)
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=accumulation_dtype(q.dtype))
 
@@ -223,37 +154,32 @@ def attention_backward(
     document_ids: torch.Tensor | None,
     layout_positions: torch.Tensor | None,
     group_name: str,
-    is_causal: bool,
-    scale: float,
-    layout_name: str,
+    layout: str,
     comm: str,
+    a2a_size: int,
+    backend: str,
+    cost_hardware: str,
+    is_causal: bool,
     window_left: int,
     window_right: int,
-    backend: str,
-    a2a_size: int,
+    scale: float,
     stats_id: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CP attention backward on local shards: ``(dq, dk, dv)`` like q, k, v."""
-    call = _call(
+    primitives = (
         group_name,
-        is_causal,
-        scale,
-        layout_name,
+        layout,
         comm,
+        a2a_size,
+        backend,
+        cost_hardware,
+        is_causal,
         window_left,
         window_right,
-        backend,
-        a2a_size,
-        stats_id,
     )
-    transport, variant, stats = call.resolve(q, document_ids, layout_positions)
-    sent = transport.bytes_sent
-    dq, dk, dv = variant.backward(
-        dout.contiguous(), q, k, v, out, lse, transport, stats=stats, **variant.options
-    )
-    if stats is not None:
-        stats.bytes_sent_backward += transport.bytes_sent - sent
-    # dK and dV are views of one (2, ...) accumulator: custom-op outputs must not alias each other.
+    call = OpCall(*primitives, scale, stats_id).run(q, k, v, document_ids, layout_positions, check=False)
+    dq, dk, dv = call.backward(dout.contiguous(), q, k, v, out, lse)
+    # dK and dV may be views of one (2, ...) accumulator: custom-op outputs must not alias each other.
     return (
         dq.contiguous(),
         dk.clone(memory_format=torch.contiguous_format),
@@ -262,64 +188,58 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _(dout, q, k, v, out, lse, document_ids, layout_positions, *settings):
+def _(dout, q, k, v, out, lse, document_ids, layout_positions, *primitives):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, document_ids, layout_positions, _token_positions, *settings = inputs
+    q, k, v, document_ids, layout_positions, _token_positions, *primitives = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, document_ids, layout_positions)
-    ctx.settings = settings
+    ctx.primitives = primitives
 
 
 def _backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor | None) -> tuple:
     q, k, v, out, lse, document_ids, layout_positions = ctx.saved_tensors
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, document_ids, layout_positions, *ctx.settings)
-    return (dq, dk, dv) + (None,) * (3 + len(ctx.settings))
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, document_ids, layout_positions, *ctx.primitives)
+    return (dq, dk, dv) + (None,) * (3 + len(ctx.primitives))
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
-def compiled_ring_attention(
+def compiled_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     group: dist.ProcessGroup | None,
     *,
+    settings: CPSettings,
     mask: AttentionMask,
-    layout: LayoutLike,
-    comm: str,
-    scale: float,
-    backend: str | None,
-    a2a_size: int | None,
-    stats: RingStats | None,
+    scale: float | None,
     token_positions: torch.Tensor | None = None,
+    default_layout: str = "zigzag",
 ) -> torch.Tensor:
-    """:func:`cp_dtensor.ring_attention` through the custom ops (the path taken under ``torch.compile``).
-
-    ``layout`` may also be a :class:`~cp_dtensor.BalancedLayoutRule` (applied to the document ids inside the op).
-    """
-    stats_id = id(stats) if stats is not None else 0  # registered eagerly (register_stats)
-    positions = layout.positions if isinstance(layout, SequenceLayout) else None
+    """:func:`~cp_dtensor.attention.api.attend` through the custom ops (the path under ``torch.compile``)."""
+    layout = settings.layout
+    positions = None
+    if isinstance(layout, LayoutRule):
+        if mask.document_ids is None:
+            raise ValueError(
+                f"The CP layout rule {layout!r} needs the batch's document_ids; the attention call passed none."
+            )
+        cp = 1 if group is None else dist.get_world_size(group)
+        positions = layout.positions(mask.document_ids, cp)  # traceable (a custom op for the balanced rule)
+        name = "positions"
+    elif isinstance(layout, SequenceLayout):
+        positions, name = layout.positions, "positions"
+    else:
+        name = layout if layout is not None else f"default:{default_layout}"
+    stats = settings.stats
     out, _ = attention_forward(
         q, k, v, mask.document_ids, positions, token_positions, group.group_name if group is not None else "",
-        bool(mask.is_causal), float(scale), _layout_spec(layout), comm, int(mask.window[0]), int(mask.window[1]),
-        backend or "", a2a_size or 0, stats_id,
+        name, settings.comm, settings.a2a_size or 0, settings.backend or "", settings.cost_hardware,
+        bool(mask.is_causal), int(mask.window[0]), int(mask.window[1]), -1.0 if scale is None else float(scale),
+        stats.handle if stats is not None else 0,
     )  # fmt: skip
     return out
-
-
-def _layout_spec(layout: Any) -> str:
-    """A layout as the ops' string argument (Note [Compiled CP attention])."""
-    if isinstance(layout, SequenceLayout):
-        return "positions"
-    if isinstance(layout, str):
-        return layout
-    causal, (left, right) = getattr(layout, "is_causal", None), getattr(layout, "window_size", (None, None))
-    if causal is None:
-        raise ValueError(
-            f"Under torch.compile a CP layout must be a name, a layout object or a BalancedLayoutRule; got {layout!r}."
-        )
-    return f"balanced-rule:{int(causal)}:{left}:{right}"

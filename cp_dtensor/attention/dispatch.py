@@ -10,21 +10,26 @@ one module's forward. While it is active, SDPA calls take one of two paths::
 
     (a) q, k, v DTensors, Shard(2) on the "cp" mesh axis  (other axes: Replicate / Shard(0) / Shard(1))
           |  to_local(): (B, Hq_local, S_local, D), no communication
-          |  ring_attention(..., layout=self.layout or "contiguous")   the global view is the order
+          |  attend(..., layout=settings.layout or "contiguous")       the global view is the order
           v                                                            of the shards: natural order
         DTensor out, q's placements
 
     (b) q, k, v plain tensors, the mode holds a CP mesh (the ContextParallel style's case)
-          |  they are this rank's local shards, in self.layout (default "zigzag")
-          |  ring_attention(q, k, v, cp group, layout=..., comm=...)
+          |  they are this rank's local shards, in the settings' layout (default "zigzag")
+          |  attend(q, k, v, cp group, settings, mask)
           v
         local out (B, Hq_local, S_local, D)
+
+    cp_dtensor.document_attention(q, k, v, document_ids=..., window_size=..., positions=...)
+        an overridable function (torch.overrides.handle_torch_function): inside the mode it reaches
+        __torch_function__ like SDPA and runs as (b) with the call's documents, window and positions
+        (Note [Document attention]); dynamo traces it like any torch function
 
     plain tensors and no mesh: ValueError (a shard must never be attended as if it were the sequence)
 
 DTensors that are not sequence-sharded on the CP axis pass through to DTensor's own SDPA. Nothing is
-global: mesh, layout and comm mode live on the object, and ``F.scaled_dot_product_attention`` is never
-patched. Calls that CP cannot serve exactly (an explicit ``attn_mask``, dropout) raise instead of
+global: mesh and :class:`~cp_dtensor.attention.settings.CPSettings` live on the object, and
+``F.scaled_dot_product_attention`` is never patched. Calls that CP cannot serve exactly (an explicit ``attn_mask``, dropout) raise instead of
 gathering.
 """
 
@@ -39,11 +44,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.overrides import TorchFunctionMode
 
-from cp_dtensor.attention.comm import RingStats
-from cp_dtensor.attention.custom_ops import compiled_ring_attention, register_stats
+from cp_dtensor.attention.api import attend, local_document_ids
+from cp_dtensor.attention.functional import document_attention
 from cp_dtensor.attention.mask import AttentionMask, validate_mask_inputs
-from cp_dtensor.attention.ring import COMM_MODES, ring_attention
-from cp_dtensor.layout import LayoutLike, check_rank_positions, tensor_digest, validate_layout
+from cp_dtensor.attention.settings import CPSettings
+from cp_dtensor.attention.stats import AttentionStats
+from cp_dtensor.layout import LayoutLike, LayoutRule
 
 __all__ = ["ContextParallelAttention", "context_parallel_sdpa"]
 
@@ -75,15 +81,16 @@ def context_parallel_sdpa(
     scale: float | None = None,
     enable_gqa: bool = False,
     cp_axis: str = "cp",
-    layout: LayoutLike = "zigzag",
-    comm: str = "p2p",
+    settings: CPSettings | None = None,
     document_ids: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
-    backend: str | None = None,
-    stats: RingStats | None = None,
-    a2a_size: int | None = None,
 ) -> DTensor:
-    """Ring attention on DTensors sharded ``Shard(2)`` over mesh axis ``cp_axis``; returns a DTensor.
+    """CP attention on DTensors sharded ``Shard(2)`` over mesh axis ``cp_axis``; returns a DTensor.
+
+    A DTensor's global view is its shards concatenated in rank order, and it carries no layout: the
+    shards are taken to be in ``settings.layout`` order, natural order (``"contiguous"``) when it is None -
+    what ``distribute_tensor`` produces. Shards cut by another layout (``DTensor.from_local`` of
+    :func:`cp_dtensor.shard_sequence` shards) need that layout in the settings.
 
     Args:
         query: (B, Hq, S, D) DTensor; ``Shard(2)`` on ``cp_axis``, any of Replicate/Shard(0)/Shard(1)
@@ -93,13 +100,14 @@ def context_parallel_sdpa(
         is_causal, scale: as for ``F.scaled_dot_product_attention`` (causal over global positions).
         enable_gqa: must be True when Hq != Hkv (as for SDPA).
         cp_axis: name of the CP mesh axis.
-        layout, comm, document_ids, window_size, backend, stats, a2a_size: as for
-            :func:`cp_dtensor.ring_attention` (``document_ids`` for the global sequence of this rank's
-            batch rows).
+        settings: layout, strategy, backend, stats (:class:`~cp_dtensor.CPSettings`; default p2p, natural order).
+        document_ids, window_size: the mask, as for :func:`cp_dtensor.ring_attention` (``document_ids`` for
+            the global sequence of this rank's batch rows).
 
     Returns:
         (B, Hq, S, D) DTensor with ``query``'s mesh and placements.
     """
+    settings = settings or CPSettings()
     mesh = query.device_mesh
     for name, t in (("key", key), ("value", value)):
         if not isinstance(t, DTensor) or t.device_mesh != mesh or t.placements != query.placements:
@@ -132,11 +140,16 @@ def context_parallel_sdpa(
         raise ValueError(
             f"query has {query.shape[1]} heads and key/value {key.shape[1]}: pass enable_gqa=True for GQA/MQA."
         )
-    group = mesh.get_group(axis)
-    out = ring_attention(
-        query.to_local(), key.to_local(), value.to_local(), group,
-        is_causal=is_causal, scale=scale, layout=layout, comm=comm, document_ids=document_ids,
-        window_size=window_size, backend=backend, stats=stats, a2a_size=a2a_size,
+    if isinstance(settings.layout, LayoutRule):
+        raise ValueError(
+            f"The CP layout rule {settings.layout!r} plans each batch from its document ids, which "
+            f"F.scaled_dot_product_attention cannot carry; shard the batch with the rule's layout and call "
+            f"cp_dtensor.document_attention(q, k, v, document_ids=..., positions=...) on local shards."
+        )
+    mask = AttentionMask.build(is_causal, window_size, local_document_ids(document_ids))
+    out = attend(
+        query.to_local(), key.to_local(), value.to_local(), mesh.get_group(axis), settings=settings, mask=mask,
+        scale=scale, default_layout="contiguous",
     )  # fmt: skip
     return DTensor.from_local(out, mesh, query.placements, run_check=False)
 
@@ -157,17 +170,20 @@ def _cp_group(mesh: DeviceMesh | dist.ProcessGroup, cp_axis: str) -> dist.Proces
 
 
 class ContextParallelAttention(TorchFunctionMode):
-    """A mode that runs ``F.scaled_dot_product_attention`` as CP attention with this object's settings.
+    """A mode that runs ``F.scaled_dot_product_attention`` (and :func:`cp_dtensor.document_attention`) as CP
+    attention with this object's :class:`~cp_dtensor.CPSettings`.
 
     Inside the mode (Note [SDPA dispatch]):
 
-    * SDPA on DTensors sequence-sharded (``Shard(2)``) over the ``cp_axis`` mesh axis runs the ring op
+    * SDPA on DTensors sequence-sharded (``Shard(2)``) over the ``cp_axis`` mesh axis runs CP attention
       over that axis. A DTensor's global view is the sequence in the order its shards are concatenated:
       natural order for ``distribute_tensor``, so the default ``layout=None`` means ``"contiguous"`` for
       them. Pass ``layout`` when the shards were cut otherwise (e.g. ``DTensor.from_local`` of
-      :func:`cp_dtensor.shard_sequence` shards: ``layout="zigzag"``).
-    * SDPA on plain tensors is served only when the mode holds a ``mesh``: the tensors are then this
-      rank's local sequence shards in ``layout`` (default ``"zigzag"``, as :func:`cp_dtensor.shard_sequence`).
+      :func:`cp_dtensor.shard_sequence` shards: ``layout="zigzag"``). DTensors carry no layout, so this
+      cannot be checked: it is the caller's promise.
+    * SDPA and ``document_attention`` on plain tensors are served only when the mode holds a ``mesh``: the
+      tensors are then this rank's local sequence shards in ``layout`` (default ``"zigzag"``, as
+      :func:`cp_dtensor.shard_sequence`); ``document_attention``'s ``positions`` are checked against it.
       Without a mesh the call raises instead of silently attending over one shard as if it were the
       whole sequence.
     * Calls CP cannot serve exactly (an explicit ``attn_mask``, dropout) raise.
@@ -176,16 +192,11 @@ class ContextParallelAttention(TorchFunctionMode):
         mesh: the CP mesh (1-D, or with a ``cp_axis`` axis, e.g. ``world_mesh["cp", "tp"]``) that plain
             local tensors are sharded over; None: only DTensor calls are served.
         cp_axis: name of the CP mesh axis.
-        layout: the sequence layout of the shards (``"zigzag"``, ``"contiguous"`` or a layout object from
-            :func:`cp_dtensor.balanced_layout`); None: natural order for DTensors, zigzag for local shards.
+        settings: layout, strategy, group size, backend, stats. The keywords ``layout``, ``comm``,
+            ``backend``, ``stats``, ``a2a_size`` build one instead (pass one or the other).
         document_ids: (B, S) ids of packed documents of the global sequence (natural order, the same on
-            every CP rank; B = this rank's batch rows): a query sees only its own document.
-        window_size: ``(left, right)`` sliding window (flash-attn convention, -1 = unbounded).
-        comm: ``"p2p"``, ``"allgather"``, ``"alltoall"``, ``"hybrid"`` or ``"auto"`` (the cost model's choice
-            per call shape; see :func:`cp_dtensor.ring_attention`).
-        backend: kernel adapter name, or ``None`` to choose from device and dtype.
-        stats: optional :class:`RingStats` accumulating bytes and work of every dispatched call.
-        a2a_size: ranks per all-to-all group, required by ``comm="hybrid"`` (a divisor of the CP degree).
+            every CP rank; B = this rank's batch rows) for SDPA calls: a query sees only its own document.
+        window_size: ``(left, right)`` sliding window of SDPA calls (flash-attn convention, -1 = unbounded).
 
     Example::
 
@@ -200,43 +211,45 @@ class ContextParallelAttention(TorchFunctionMode):
         mesh: DeviceMesh | dist.ProcessGroup | None = None,
         *,
         cp_axis: str = "cp",
-        layout: LayoutLike | None = None,
+        settings: CPSettings | None = None,
+        layout: LayoutLike | LayoutRule | None = None,
         comm: str = "p2p",
         document_ids: torch.Tensor | None = None,
         window_size: tuple[int, int] = (-1, -1),
         backend: str | None = None,
-        stats: RingStats | None = None,
+        stats: AttentionStats | None = None,
         a2a_size: int | None = None,
     ) -> None:
         super().__init__()
-        if layout is not None and not callable(layout):
-            validate_layout(layout)
+        if settings is None:
+            settings = CPSettings(layout=layout, comm=comm, a2a_size=a2a_size, backend=backend, stats=stats)
+        elif (layout, comm, backend, stats, a2a_size) != (None, "p2p", None, None, None):
+            raise ValueError(
+                "ContextParallelAttention got settings= and also layout/comm/backend/stats/a2a_size keywords; "
+                "pass one or the other."
+            )
+        self.settings = settings
+        self.window_size = AttentionMask.build(False, window_size).window
+        document_ids = local_document_ids(document_ids)
         validate_mask_inputs(
-            document_ids, window_size, batch=0 if document_ids is None else document_ids.shape[0],
+            document_ids, self.window_size, batch=0 if document_ids is None else document_ids.shape[0],
             seq_len=0 if document_ids is None else document_ids.shape[-1],
         )  # fmt: skip
         self.document_ids = document_ids
-        self.window_size = tuple(window_size)
-        self._rule_cache: dict[tuple, LayoutLike] = {}
-        if stats is not None:
-            register_stats(stats)  # reachable from the compiled path's custom ops
-        if comm not in COMM_MODES:
-            raise ValueError(f"Unknown CP comm mode {comm!r}; expected one of {COMM_MODES}.")
-        if (comm == "hybrid" and a2a_size is None) or (
-            a2a_size is not None and comm in ("p2p", "allgather", "auto")
-        ):
-            raise ValueError(
-                f"a2a_size={a2a_size!r} with comm={comm!r}: comm='hybrid' needs a2a_size (the ranks per "
-                f"all-to-all group, a divisor of the CP degree) and comm='p2p' / 'allgather' / 'auto' take "
-                f"none ('auto' chooses it)."
-            )
-        self.a2a_size = a2a_size
         self.group = _cp_group(mesh, cp_axis) if mesh is not None else None
+        if self.group is not None:
+            settings.check_cp(dist.get_world_size(self.group))
         self.cp_axis = cp_axis
-        self.layout = layout
-        self.comm = comm
-        self.backend = backend
-        self.stats = stats
+
+    @property
+    def layout(self) -> LayoutLike | LayoutRule | None:
+        """The settings' layout."""
+        return self.settings.layout
+
+    @property
+    def stats(self) -> AttentionStats | None:
+        """The settings' stats."""
+        return self.settings.stats
 
     def _is_cp_sharded(self, x: Any) -> bool:
         if not isinstance(x, DTensor):
@@ -244,10 +257,10 @@ class ContextParallelAttention(TorchFunctionMode):
         axis = _cp_axis_index(x, self.cp_axis)
         return axis is not None and _is_seq_shard(x.placements[axis]) and x.device_mesh.size(axis) > 1
 
-    serves_document_attention = True  # cp_dtensor.document_attention hands its calls to this mode
-
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is document_attention:
+            return self._document_attention(*args, **kwargs)
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         call = dict(_SDPA_DEFAULTS)
@@ -261,9 +274,8 @@ class ContextParallelAttention(TorchFunctionMode):
             return context_parallel_sdpa(
                 call["query"], call["key"], call["value"],
                 is_causal=call["is_causal"], scale=call["scale"], enable_gqa=call["enable_gqa"],
-                cp_axis=self.cp_axis, layout=self.layout or "contiguous", comm=self.comm,
-                document_ids=self.document_ids, window_size=self.window_size, backend=self.backend,
-                stats=self.stats, a2a_size=self.a2a_size,
+                cp_axis=self.cp_axis, settings=self.settings, document_ids=self.document_ids,
+                window_size=self.window_size,
             )  # fmt: skip
         if self.group is None:
             raise ValueError(
@@ -279,28 +291,15 @@ class ContextParallelAttention(TorchFunctionMode):
             raise ValueError(
                 f"query has {q.shape[1]} heads and key/value {k.shape[1]}: pass enable_gqa=True for GQA/MQA."
             )
-        return ring_attention(
-            q, k, call["value"], self.group,
-            is_causal=call["is_causal"], scale=call["scale"], layout=self.layout or "zigzag",
-            comm=self.comm, document_ids=self.document_ids, window_size=self.window_size,
-            backend=self.backend, stats=self.stats, a2a_size=self.a2a_size,
-        )  # fmt: skip
-
-    def _layout_for(self, document_ids: torch.Tensor | None, cp: int) -> LayoutLike:
-        """This call's layout: the fixed one, or the layout rule applied to the batch's document ids."""
-        layout = self.layout if self.layout is not None else "zigzag"
-        if not callable(layout):
-            return layout
-        if document_ids is None:
+        if isinstance(self.settings.layout, LayoutRule) and self.document_ids is None:
             raise ValueError(
-                f"The CP layout rule {layout!r} derives the layout from document ids, but the attention call "
-                f"passed none; pass document_ids or use a fixed layout."
+                f"F.scaled_dot_product_attention inside a CP mode whose layout is the rule "
+                f"{self.settings.layout!r}: a rule plans each batch from its document ids, which SDPA cannot "
+                f"carry. Call cp_dtensor.document_attention(q, k, v, document_ids=..., positions=...) instead "
+                f"(the models of cp_dtensor.models do when they get document_ids), or use a fixed layout."
             )
-        key = (tensor_digest(document_ids), cp)
-        if key not in self._rule_cache:
-            self._rule_cache.clear()  # one batch at a time: every layer of a step uses the same ids
-            self._rule_cache[key] = layout(document_ids, cp)
-        return self._rule_cache[key]
+        mask = AttentionMask.build(call["is_causal"], self.window_size, self.document_ids)
+        return attend(q, k, call["value"], self.group, settings=self.settings, mask=mask, scale=call["scale"])
 
     def _document_attention(
         self,
@@ -326,21 +325,10 @@ class ContextParallelAttention(TorchFunctionMode):
                 "document_attention inside a ContextParallelAttention that holds no mesh: pass the CP mesh "
                 "(or apply the cp_dtensor.ContextParallel style) so the local shards can be attended as such."
             )
-        if torch.compiler.is_compiling():  # the layout rule and the positions check run inside the op
-            return compiled_ring_attention(
-                query, key, value, self.group, mask=AttentionMask(is_causal, tuple(window_size), document_ids),
-                layout=self.layout if self.layout is not None else "zigzag", comm=self.comm,
-                scale=scale if scale is not None else query.shape[-1] ** -0.5, backend=self.backend,
-                a2a_size=self.a2a_size, stats=self.stats, token_positions=positions,
-            )  # fmt: skip
-        cp = dist.get_world_size(self.group)
-        layout = self._layout_for(document_ids, cp)
-        if positions is not None:
-            check_rank_positions(positions, layout, dist.get_rank(self.group), cp)
-        return ring_attention(
-            query, key, value, self.group, is_causal=is_causal, scale=scale, layout=layout, comm=self.comm,
-            document_ids=document_ids, window_size=window_size, backend=self.backend, stats=self.stats,
-            a2a_size=self.a2a_size,
+        mask = AttentionMask.build(is_causal, window_size, local_document_ids(document_ids))
+        return attend(
+            query, key, value, self.group, settings=self.settings, mask=mask, scale=scale,
+            token_positions=positions.to_local() if isinstance(positions, DTensor) else positions,
         )  # fmt: skip
 
 

@@ -4,13 +4,17 @@ Note [Document attention]
 ~~~~~~~~~~~~~~~~~~~~~~~~~
 ``F.scaled_dot_product_attention`` has no way to say "packed documents" or "sliding window" other than a
 dense S x S mask, which CP cannot take. Models that need those masks call :func:`document_attention`
-instead; it looks for an active CP mode on the torch-function mode stack (which torch.compile traces)::
+instead. It is an *overridable* function, like the functions of ``torch.nn.functional``: when a torch
+function mode is active it goes through ``torch.overrides.handle_torch_function``, so a
+:class:`~cp_dtensor.ContextParallelAttention` mode (entered by the ``ContextParallel`` style) receives it in
+its ``__torch_function__`` exactly as it receives SDPA - the documented mechanism of PyTorch, which
+torch.compile traces::
 
     document_attention(q, k, v, document_ids=..., window_size=..., positions=...)
-      no CP mode active   -> the exact masked op on one process (only visible pairs computed)
-      inside a CP style   -> ContextParallelAttention.__torch_function__: q, k, v are local shards;
-                             the layout is the style's ("balanced": balanced_layout(document_ids, ...)),
-                             checked against ``positions`` (this rank's token positions), then the ring
+      no mode claims it  -> the exact masked op on one process (only visible pairs computed)
+      inside a CP style  -> ContextParallelAttention.__torch_function__: q, k, v are local shards;
+                            the layout is the settings' (a rule: applied to document_ids), checked
+                            against ``positions`` (this rank's token positions), then CP attention
 
 Document ids and positions travel with the activations as model inputs, so activation checkpointing
 recomputes with the same mask and pipeline schedules split them per microbatch like the tokens.
@@ -19,11 +23,15 @@ recomputes with the same mask and pipeline schedules split them per microbatch l
 from __future__ import annotations
 
 import torch
-from torch.overrides import _get_current_function_mode_stack
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
-from cp_dtensor.attention.ring import ring_attention
+from cp_dtensor.attention.api import attend
+from cp_dtensor.attention.mask import AttentionMask
+from cp_dtensor.attention.settings import CPSettings
 
 __all__ = ["document_attention"]
+
+_ONE_PROCESS = CPSettings()  # no CP mode: one process, natural order
 
 
 def document_attention(
@@ -54,12 +62,16 @@ def document_attention(
     Returns:
         (B, Hq, S, D) the attention output (this rank's shard under CP).
     """
-    for mode in reversed(_get_current_function_mode_stack()):  # innermost first; dynamo traces this
-        if getattr(mode, "serves_document_attention", False):  # a ContextParallelAttention
-            return mode._document_attention(
-                query, key, value, document_ids=document_ids, window_size=window_size, is_causal=is_causal,
-                scale=scale, positions=positions,
-            )  # fmt: skip
+    if torch._C._is_torch_function_mode_enabled() or has_torch_function_variadic(query, key, value):
+        return handle_torch_function(
+            document_attention, (query, key, value), query, key, value, document_ids=document_ids,
+            window_size=window_size, is_causal=is_causal, scale=scale, positions=positions,
+        )  # fmt: skip
+    if positions is not None and positions.shape[-1] != query.shape[2]:
+        raise ValueError(
+            f"document_attention got positions of shape {tuple(positions.shape)} for {query.shape[2]} query "
+            f"tokens; pass (B, S) or (S,) positions of the query tokens."
+        )
     if positions is not None:
         natural = torch.arange(query.shape[2], device=positions.device)
         if not bool((positions == natural).all()):
@@ -68,7 +80,5 @@ def document_attention(
                 "parallelism the sequence must be in natural order (apply the ContextParallel style, or "
                 "do not shard the batch)."
             )
-    return ring_attention(
-        query, key, value, None, is_causal=is_causal, scale=scale, document_ids=document_ids,
-        window_size=window_size,
-    )  # fmt: skip
+    mask = AttentionMask.build(is_causal, window_size, document_ids)
+    return attend(query, key, value, None, settings=_ONE_PROCESS, mask=mask, scale=scale)

@@ -43,7 +43,7 @@ def validate_mask_inputs(
     if (
         not isinstance(window_size, tuple | list)
         or len(window_size) != 2
-        or not all(isinstance(w, int) and w >= UNBOUNDED for w in window_size)
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w >= UNBOUNDED for w in window_size)
     ):
         raise ValueError(
             f"window_size must be (left, right) with integers >= -1 (-1 = unbounded), got {window_size!r}; "
@@ -115,6 +115,18 @@ class AttentionMask:
     window: tuple[int, int] = (UNBOUNDED, UNBOUNDED)
     document_ids: torch.Tensor | None = None
 
+    @classmethod
+    def build(
+        cls,
+        is_causal: bool,
+        window_size: tuple[int, int] = (UNBOUNDED, UNBOUNDED),
+        document_ids: torch.Tensor | None = None,
+    ) -> AttentionMask:
+        """The mask of a call's keyword arguments, the window checked (``ValueError`` naming the fix) and
+        made a tuple; document ids are checked against the call's shapes later (``validate_mask_inputs``)."""
+        validate_mask_inputs(None, window_size, batch=0, seq_len=0)
+        return cls(bool(is_causal), (int(window_size[0]), int(window_size[1])), document_ids)
+
     @property
     def is_plain(self) -> bool:
         """No documents and no window: the unmasked-schedule case (plain causal or bidirectional)."""
@@ -140,6 +152,12 @@ class AttentionMask:
     def fingerprint(self) -> tuple:
         """A hashable summary of everything that changes the result (for caches and cross-rank checks)."""
         ids = None
-        if self.document_ids is not None:
-            ids = (tuple(self.document_ids.shape), tensor_digest(self.document_ids))
+        if isinstance(self.document_ids, torch.Tensor):
+            ids = (
+                tuple(self.document_ids.shape),
+                str(self.document_ids.dtype),
+                tensor_digest(self.document_ids),
+            )
+        elif self.document_ids is not None:
+            ids = (type(self.document_ids).__name__,)
         return (bool(self.is_causal), tuple(self.window), ids)

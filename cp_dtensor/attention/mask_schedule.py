@@ -7,10 +7,13 @@ decrease (Note [Visible intervals]). For a run of query rows on which both ends 
 the visible region is cut into at most three kernel calls that compute *only* visible pairs::
 
     lo, hi constant      lo constant, hi + 1     lo + 1, hi constant     lo + 1, hi + 1 (band of width w)
-    [ ######## ]         [ ####      ]           [ ######## ]            [ \\ ## \\      ]  per tile of
-    [ ######## ]         [ #####     ]           [  ####### ]            [  \\## #\\     ]  w rows:
-    [ ######## ]         [ ######    ]           [   ###### ]            [   \\# ##\\    ]  UPPER + FULL
-       FULL              FULL + LOWER            FULL + UPPER                                + LOWER
+    [ ######## ]         [ ### #     ]           [ ### #### ]            [ \\ ## \\      ]  per tile of
+    [ ######## ]         [ ### ##    ]           [  ## #### ]            [  \\## #\\     ]  w rows:
+    [ ######## ]         [ ### ###   ]           [   # #### ]            [   \\# ##\\    ]  UPPER + FULL
+       FULL              FULL + LOWER            UPPER + FULL                                + LOWER
+
+A run that starts on the diagonal (a causal document: lo fixed at its start, hi = the row) has no FULL
+part: one LOWER square per document piece, the fewest kernel calls the mask allows.
 
 FULL is an unmasked rectangle; LOWER a square with the causal lower triangle (the kernel's ``is_causal``);
 UPPER the mirror image, run as LOWER on row-reversed queries and keys. Runs end where a document ends or a
@@ -33,45 +36,16 @@ dK/dV accumulator leaving rank src + s carries ``acc[src][s] = OR over 1 <= t <=
 from __future__ import annotations
 
 import functools
+import threading
 from collections import OrderedDict
-from dataclasses import dataclass
-from enum import Enum
 
 import torch
 
 from cp_dtensor.attention.mask import AttentionMask
+from cp_dtensor.attention.plan import Piece, PieceKind, RingPlan
 from cp_dtensor.layout import LayoutLike, rank_segments, sequence_positions
 
-__all__ = ["MaskedPlan", "Piece", "PieceKind", "band_pieces", "buffer_slice", "build_masked_plan"]
-
-
-class PieceKind(Enum):
-    """How a piece's rectangle is masked."""
-
-    FULL = "full"
-    LOWER = "lower"  # square; key offset <= query offset (the kernel's is_causal)
-    UPPER = "upper"  # square; key offset >= query offset (run as LOWER on reversed rows)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One kernel call: batch rows x local query rows x local rows of the KV source rank."""
-
-    batch: slice
-    q: slice
-    kv: slice
-    kind: PieceKind
-
-    @property
-    def pairs_per_row(self) -> int:
-        """Visible (query, key) pairs per batch row and head."""
-        nq, nk = self.q.stop - self.q.start, self.kv.stop - self.kv.start
-        return nq * nk if self.kind is PieceKind.FULL else nq * (nq + 1) // 2
-
-    def score_elements(self, batch_size: int) -> int:
-        """Visible pairs per head over the piece's batch rows (``batch_size``: the call's B)."""
-        rows = len(range(*self.batch.indices(batch_size)))
-        return rows * self.pairs_per_row
+__all__ = ["band_pieces", "build_masked_plan"]
 
 
 def band_pieces(
@@ -141,15 +115,15 @@ def _run_pieces(
     lp, hp = int(low[p]), int(high[p])
     if q - p == 1 or code == 0:  # constant interval: one rectangle
         out.append((a + p, a + q, lp, hp + 1, PieceKind.FULL))
-    elif code == 1:  # lo constant, hi + 1 per row
-        out.append((a + p, a + q, lp, hp + 1, PieceKind.FULL))
-        if q - p > 1:
-            out.append((a + p + 1, a + q, hp + 1, hp + q - p, PieceKind.LOWER))
-    elif code == 2:  # lo + 1 per row, hi constant
-        l_last = int(low[q - 1])
-        out.append((a + p, a + q, l_last, hp + 1, PieceKind.FULL))
-        if q - p > 1:
-            out.append((a + p, a + q - 1, lp, l_last, PieceKind.UPPER))
+    elif code == 1:  # lo constant, hi + 1 per row: keys lp..hp-1 for every row, then a causal square
+        if hp > lp:
+            out.append((a + p, a + q, lp, hp, PieceKind.FULL))
+        out.append((a + p, a + q, hp, hp + q - p, PieceKind.LOWER))  # one piece for a whole document
+    elif code == 2:  # lo + 1 per row, hi constant: an upper square, then keys past it for every row
+        n = q - p
+        out.append((a + p, a + q, lp, lp + n, PieceKind.UPPER))
+        if hp >= lp + n:
+            out.append((a + p, a + q, lp + n, hp + 1, PieceKind.FULL))
     else:  # band: both ends + 1 per row, width w
         w = hp - lp + 1
         u = p
@@ -162,41 +136,6 @@ def _run_pieces(
             if t > 1:
                 out.append((a + u + 1, a + u + t, hu + 1, hu + t, PieceKind.LOWER))
             u += t
-
-
-@dataclass
-class MaskedPlan:
-    """Everything one rank needs to run the masked ring (forward and backward).
-
-    Attributes:
-        rank, cp, s_local: this rank, the CP size, the local sequence length.
-        pieces: per step s (KV of rank ``rank - s``), the pieces (kv rows local to that rank).
-        held_rows: per step s, the local rows of src's KV this rank holds at step s (sorted int64).
-        send_index: per step s < cp - 1, positions (in the held buffer) of the rows forwarded to the
-            next rank; ``recv_rows[s]`` the rows received for step s + 1 (the previous rank's KV source).
-        acc_rows: per step s >= 1, the rows of src's dK/dV accumulator after this rank adds to it.
-        acc_in_rows: per step s >= 2, the rows of the accumulator received from the previous rank.
-        home_rows: rows of this rank's own accumulator arriving home at the end.
-        needed_rows: per src rank, how many of its rows this rank's queries see (the minimum to receive).
-        shared_rows: per rank, its local KV rows that some other rank needs (the all-gather variant's
-            contribution).
-    """
-
-    rank: int
-    cp: int
-    s_local: int
-    pieces: list[list[Piece]]
-    held_rows: list[torch.Tensor]
-    send_index: list[torch.Tensor]
-    acc_rows: list[torch.Tensor]
-    acc_in_rows: list[torch.Tensor]
-    home_rows: torch.Tensor
-    needed_rows: list[int]
-    shared_rows: list[torch.Tensor]
-
-    def score_elements(self, batch_size: int) -> int:
-        """Visible pairs per head this rank computes (forward; backward the same)."""
-        return sum(p.score_elements(batch_size) for step in self.pieces for p in step)
 
 
 def _needed_masks(mask: AttentionMask, layout: LayoutLike, cp: int, seq_len: int) -> list[list[torch.Tensor]]:
@@ -220,12 +159,6 @@ def _needed_masks(mask: AttentionMask, layout: LayoutLike, cp: int, seq_len: int
     return needed
 
 
-def buffer_slice(rows: torch.Tensor, local: slice) -> slice:
-    """Where the consecutive local rows ``local`` sit in a buffer holding the sorted local ``rows``."""
-    start = int(torch.searchsorted(rows, torch.tensor(local.start)))
-    return slice(start, start + local.stop - local.start)
-
-
 def _local_offsets(segments: list[tuple[int, int]]) -> list[int]:
     offsets, total = [], 0
     for start, stop in segments:
@@ -238,28 +171,33 @@ def _rows(mask: torch.Tensor) -> torch.Tensor:
     return torch.nonzero(mask).flatten()
 
 
-# Plans per (mask, layout, cp, seq_len, rank): every layer of a step calls with the same document ids and
-# layout, so a plan is built once per batch. A cache of facts (it never changes a result), bounded.
-_PLANS: OrderedDict[tuple, MaskedPlan] = OrderedDict()
+# Plans per (mask content, layout, cp, seq_len, rank). Note [Plan cache]: every attention layer of a step
+# makes the same call, and a plan costs milliseconds to hundreds of milliseconds (128K tokens), so each is
+# built once per batch. The key holds the *content* digest of the document ids (tensor_digest checks the
+# content, so a tensor refilled in place gets a new plan); a plan is a pure function of its key, so the
+# cache can change no result. Bounded; shared by the simulation's threads, hence the lock.
+_PLANS: OrderedDict[tuple, RingPlan] = OrderedDict()
+_PLANS_LOCK = threading.Lock()
 _MAX_PLANS = 16
 
 
-def build_masked_plan(
-    mask: AttentionMask, layout: LayoutLike, cp: int, seq_len: int, rank: int
-) -> MaskedPlan:
-    """The plan of ``rank`` (Notes [Masked pieces], [Masked ring traffic]), cached per (mask, layout)."""
+def build_masked_plan(mask: AttentionMask, layout: LayoutLike, cp: int, seq_len: int, rank: int) -> RingPlan:
+    """The ring plan of ``rank`` (Notes [Masked pieces], [Masked ring traffic]), cached per (mask, layout)."""
     key = (mask.fingerprint(), layout, cp, seq_len, rank)
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _build(mask, layout, cp, seq_len, rank)
+    with _PLANS_LOCK:
+        plan = _PLANS.get(key)
+        if plan is not None:
+            _PLANS.move_to_end(key)
+            return plan
+    plan = _build(mask, layout, cp, seq_len, rank)
+    with _PLANS_LOCK:
+        _PLANS[key] = plan
         if len(_PLANS) > _MAX_PLANS:
             _PLANS.popitem(last=False)
-    else:
-        _PLANS.move_to_end(key)
     return plan
 
 
-def _build(mask: AttentionMask, layout: LayoutLike, cp: int, seq_len: int, rank: int) -> MaskedPlan:
+def _build(mask: AttentionMask, layout: LayoutLike, cp: int, seq_len: int, rank: int) -> RingPlan:
     s_local = seq_len // cp
     lo, hi = mask.intervals(seq_len)
     row_dependent = lo.shape[0] > 1 or not isinstance(layout, str)
@@ -317,18 +255,17 @@ def _build(mask: AttentionMask, layout: LayoutLike, cp: int, seq_len: int, rank:
                 for q0, q1, k0, k1, kind in band_pieces(lo_b, hi_b, (qa, qb), (ka, kb)):
                     q_rows = slice(q0 - qa + qo, q1 - qa + qo)
                     pieces[s].append(Piece(batch, q_rows, slice(k0 - ka + ko, k1 - ka + ko), kind))
-    return MaskedPlan(
+    return RingPlan(
         rank=rank,
         cp=cp,
         s_local=s_local,
-        pieces=pieces,
-        held_rows=held,
-        send_index=send_index,
-        acc_rows=acc_rows,
-        acc_in_rows=acc_in_rows,
+        pieces=tuple(tuple(step) for step in pieces),
+        held_rows=tuple(held),
+        send_index=(*send_index, None),
+        acc_rows=tuple(acc_rows),
+        acc_in_rows=tuple(acc_in_rows),
         home_rows=_rows(home),
-        needed_rows=[int(needed[rank][src].sum()) for src in range(cp)],
-        shared_rows=[
+        shared_rows=tuple(
             _rows(
                 functools.reduce(
                     torch.logical_or,
@@ -337,5 +274,5 @@ def _build(mask: AttentionMask, layout: LayoutLike, cp: int, seq_len: int, rank:
                 )
             )
             for src in range(cp)
-        ],
+        ),
     )

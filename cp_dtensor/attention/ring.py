@@ -1,16 +1,17 @@
-"""The context-parallel attention op: ring (p2p) and all-gather variants, forward and backward.
+"""The one ring driver: KV shards travel around the CP group while each rank computes its plan's pieces.
 
 Note [Ring attention, forward and backward]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-Forward (CP = 4, rank 1 shown; KV packed as one (2, B, Hkv, S_local, D) buffer, double-buffered)::
+Forward (CP = 4, rank 1 shown; KV packed as one (2, B, Hkv, rows, D) buffer, double-buffered)::
 
     step:        0            1            2            3
     send KV:   kv1 -> r2    kv0 -> r2    kv3 -> r2    (none)
-    compute:   q1 x kv1     q1 x kv0     q1 x kv3     q1 x kv2      (blocks: Note [Ring schedule])
-    merge:     (o, lse) <- lse-merge of each block, fp32            (Note [LSE merge])
+    compute:   q1 x kv1     q1 x kv0     q1 x kv3     q1 x kv2      (the plan's pieces, Note [Ring plan])
+    merge:     (o, lse) <- lse-merge of each piece, fp32             (Note [LSE merge])
 
-The transfer of the next KV is in flight while the current block is computed. Only q, k, v (local),
-out and lse are saved for backward.
+The transfer of the next KV is in flight while the current pieces are computed. Only q, k, v (local),
+out and lse are saved for backward. What travels is the plan's: the whole buffer for the unmasked
+schedules, only the rows someone further along needs for masked plans (nothing when no one does).
 
 Backward: KV rotate again exactly as in forward. Each rank adds its dK/dV contribution for the KV it holds
 into an fp32 accumulator that travels *with* that KV: the accumulator of kv_src starts at rank src+1, visits
@@ -19,95 +20,55 @@ That is a reduce-scatter of dK/dV done point to point: (CP-1) sends of KV and (C
 the minimum. Sends and receives are posted in the same order on every rank, so transports that match
 messages by order (NCCL) pair them correctly::
 
-    rank r, step s >= 2:  recv acc(kv_src) <- r-1 | exchange KV | compute block | acc += dK,dV | send acc -> r+1
+    rank r, step s >= 2:  recv acc(kv_src) <- r-1 | exchange KV | compute pieces | acc += dK,dV | send acc -> r+1
 
-All-gather variant (``comm="allgather"``, Llama 3 style): all-gather KV once, compute the local queries
-against the gathered sequence (Note [All-gather blocks]); backward gathers KV again instead of saving it
-and reduce-scatters dK/dV in fp32.
-
-All-to-all (``comm="alltoall"``, Ulysses) and hybrid (``comm="hybrid"``, all-to-all inside groups of
-``a2a_size`` ranks x this ring across them) variants live in ``alltoall.py`` (Notes [Ulysses all-to-all],
-[Hybrid all-to-all x ring]); ``select_variant`` picks them like the others.
+The previous step's accumulator send completes before a step computes (Note [Send window]), and every
+step's kernel outputs are merged and dropped before the next kernel runs, so transient memory is flat in CP.
+A one-rank plan (the all-to-all strategy's local step) runs the same loop without packing or messages.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.distributed.device_mesh import DeviceMesh
 
-from cp_dtensor.attention.alltoall import (
-    AllToAllPlan,
-    alltoall_backward,
-    alltoall_forward,
-    build_group_plan,
-    local_backward,
-    local_forward,
-    validate_head_split,
-)
-from cp_dtensor.attention.comm import (
+from cp_dtensor.attention.kernels import AttentionKernel
+from cp_dtensor.attention.merge import accumulation_dtype, merge_block_
+from cp_dtensor.attention.plan import Piece, RingPlan, buffer_slice, piece_backward, piece_forward
+from cp_dtensor.attention.stats import AttentionStats
+from cp_dtensor.attention.transport import (
     DKV_TAG,
     KV_TAG,
-    ProcessGroupTransport,
-    RingStats,
+    Pending,
     SendWindow,
-    ThreadHub,
-    ThreadTransport,
     Transport,
     pack_kv,
     timed_wait,
 )
-from cp_dtensor.attention.comm_choice import resolve_comm
-from cp_dtensor.attention.consistency import CallSignature, verify_call_across_ranks
-from cp_dtensor.attention.custom_ops import compiled_ring_attention
-from cp_dtensor.attention.kernels import AttentionKernel, select_kernel
-from cp_dtensor.attention.mask import AttentionMask, validate_mask_inputs
-from cp_dtensor.attention.mask_schedule import build_masked_plan
-from cp_dtensor.attention.masked_ring import (
-    masked_allgather_backward,
-    masked_allgather_forward,
-    masked_ring_backward,
-    masked_ring_forward,
-)
-from cp_dtensor.attention.merge import accumulation_dtype, merge_block_
-from cp_dtensor.attention.schedule import Part, build_allgather_blocks, build_ring_schedule
-from cp_dtensor.layout import (
-    LayoutLike,
-    SequenceLayout,
-    chunks_per_rank,
-    layout_name,
-    shard_sequence_for_rank,
-    unshard_sequence_from_shards,
-    validate_layout,
-    validate_seq_len,
-)
 
-__all__ = [
-    "COMM_MODES",
-    "allgather_backward",
-    "allgather_forward",
-    "ring_attention",
-    "ring_backward",
-    "ring_forward",
-    "select_variant",
-    "validate_attention_inputs",
-]
-
-COMM_MODES: tuple[str, ...] = ("p2p", "allgather", "alltoall", "hybrid", "auto")  # auto: comm_choice.py
+__all__ = ["ring_backward", "ring_forward"]
 
 
-_wait = timed_wait
-
-
-def _count_work(stats: RingStats | None, phase: str, q: torch.Tensor, elements_per_head: int) -> None:
+def _count(stats: AttentionStats | None, phase: str, q: torch.Tensor, piece: Piece) -> None:
     if stats is not None:
-        stats.count(phase, q.shape[0] * q.shape[1] * elements_per_head)  # B x Hq x visible pairs
+        stats.count(phase, piece.score_elements(q.shape[0]) * q.shape[1])  # rows x heads x visible pairs
+
+
+def _exchange(
+    transport: Transport, plan: RingPlan, kv: torch.Tensor | None, like: torch.Tensor, step: int
+) -> Pending | None:
+    """Post step ``step``'s KV message: forward what later ranks need, receive the next held buffer."""
+    if step >= plan.cp - 1:
+        return None
+    outgoing = None
+    if kv is not None:
+        index = plan.send_index[step]
+        if index is None:
+            outgoing = kv
+        elif index.numel():
+            outgoing = kv.index_select(3, index)  # (2, B, Hkv, n_out, D)
+    n_in = plan.rows_held(step + 1)
+    shape = (2, *like.shape[:2], n_in, like.shape[3]) if n_in else None  # like: k (B, Hkv, S_local, D)
+    return transport.send_recv(outgoing, shape, like.dtype, like.device, KV_TAG)
 
 
 def ring_forward(
@@ -116,41 +77,37 @@ def ring_forward(
     v: torch.Tensor,
     transport: Transport,
     *,
-    is_causal: bool,
+    plan: RingPlan,
     scale: float,
-    layout: str,
     kernel: AttentionKernel,
-    stats: RingStats | None = None,
+    stats: AttentionStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ring forward on local shards; returns ``out`` (q's dtype) and fp32 ``lse`` (B, Hq, S_local)."""
-    s_local = q.shape[2]
-    cp = transport.size
-    schedule = build_ring_schedule(transport.rank, cp, layout, is_causal)
     acc_dtype = accumulation_dtype(q.dtype)
-    out_acc = lse_acc = None
-    kv = pack_kv(k, v)  # (2, B, Hkv, S_local, D)
-    for step, block in enumerate(schedule):
-        pending = transport.exchange(kv, KV_TAG) if step < cp - 1 else None
-        if block is not None:
-            q_rows, kv_rows = block.q_part.rows(s_local), block.kv_part.rows(s_local)
-            out_blk, lse_blk = kernel.forward(
-                q[:, :, q_rows],
-                kv[0][:, :, kv_rows],
-                kv[1][:, :, kv_rows],
-                is_causal=block.causal,
-                scale=scale,
-            )
-            _count_work(stats, "forward", q, block.score_elements(s_local))
-            if out_acc is None:  # step 0: the diagonal block covers every row; its fresh outputs
-                assert block.q_part is Part.ALL  # become the accumulators (no copy when already fp32)
-                out_acc = out_blk.to(acc_dtype)  # (B, Hq, S_local, D)
-                lse_acc = lse_blk.to(acc_dtype).contiguous()  # (B, Hq, S_local)
-            else:
-                merge_block_(out_acc[:, :, q_rows], lse_acc[:, :, q_rows], out_blk, lse_blk)
-            del out_blk, lse_blk  # merged: not alive during the next step's kernel
+    batch, s_local = q.shape[0], q.shape[2]
+    out_acc: torch.Tensor | None = None  # (B, Hq, S_local, D)
+    lse_acc: torch.Tensor | None = None  # (B, Hq, S_local)
+    kv: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = pack_kv(k, v) if plan.cp > 1 else (k, v)
+    for step in range(plan.cp):
+        pending = _exchange(transport, plan, kv, k, step)  # type: ignore[arg-type]
+        for piece in plan.pieces[step]:
+            assert kv is not None
+            rows = buffer_slice(plan.held_rows[step], piece.kv)
+            out_blk, lse_blk = piece_forward(kernel, q, kv[0], kv[1], rows, piece, scale)
+            _count(stats, "forward", q, piece)
+            if out_acc is None and piece.covers(batch, s_local):  # fresh outputs become the accumulators
+                out_acc = out_blk.to(acc_dtype)  # (no copy when already fp32)
+                lse_acc = lse_blk.to(acc_dtype).contiguous()
+                continue
+            if out_acc is None:
+                out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+                lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)
+            assert lse_acc is not None
+            merge_block_(out_acc[piece.batch, :, piece.q], lse_acc[piece.batch, :, piece.q], out_blk, lse_blk)
+            del out_blk, lse_blk  # merged: not alive during the next kernel
         if pending is not None:
-            kv = _wait(pending, stats)
-    assert out_acc is not None and lse_acc is not None
+            kv = timed_wait(pending, stats)
+    assert out_acc is not None and lse_acc is not None, "every query sees at least itself"
     return out_acc.to(q.dtype), lse_acc
 
 
@@ -163,425 +120,127 @@ def ring_backward(
     lse: torch.Tensor,
     transport: Transport,
     *,
-    is_causal: bool,
+    plan: RingPlan,
     scale: float,
-    layout: str,
     kernel: AttentionKernel,
-    stats: RingStats | None = None,
+    stats: AttentionStats | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ring backward: KV rotate again and the fp32 dK/dV accumulators travel home with them."""
-    s_local = q.shape[2]
-    cp = transport.size
-    schedule = build_ring_schedule(transport.rank, cp, layout, is_causal)
     acc_dtype = accumulation_dtype(q.dtype)
-    kv = pack_kv(k, v)  # (2, B, Hkv, S_local, D)
-    dq_acc: torch.Tensor | None = None  # (B, Hq, S_local, D), from step 0's block
-    dkv_own: torch.Tensor | None = None  # (2, B, Hkv, S_local, D), this rank's own dK/dV, fp32
-    sends = SendWindow(lambda p: _wait(p, stats))
-    dkv: torch.Tensor | None = None  # the accumulator relayed this step
-    for step, block in enumerate(schedule):
-        # Order matters for order-matched transports: acc recv, then KV exchange (see the Note).
-        acc_in = transport.recv(kv, DKV_TAG, dtype=acc_dtype) if step >= 2 else None
-        pending_kv = transport.exchange(kv, KV_TAG) if step < cp - 1 else None
-        # The previous step's dK/dV send completes before this step computes (its receiver posted the
-        # matching recv first thing in its step), so one accumulator is in flight while one is filled:
-        # transient memory does not grow with the number of steps. Drop the sent one before computing.
-        sends.drain()
-        dkv = None
-        grads = None
-        if block is not None:
-            q_rows, kv_rows = block.q_part.rows(s_local), block.kv_part.rows(s_local)
-            dq_blk, dk_blk, dv_blk = kernel.backward(
-                dout[:, :, q_rows], q[:, :, q_rows], kv[0][:, :, kv_rows], kv[1][:, :, kv_rows],
-                out[:, :, q_rows], lse[:, :, q_rows], is_causal=block.causal, scale=scale,
-            )  # fmt: skip
-            _count_work(stats, "backward", q, block.score_elements(s_local))
-            if dq_acc is None:  # step 0: the diagonal block covers every row
-                dq_acc = dq_blk.to(acc_dtype)
+    batch, s_local = q.shape[0], q.shape[2]
+    kv: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = pack_kv(k, v) if plan.cp > 1 else (k, v)
+    dq_acc: torch.Tensor | None = None  # (B, Hq, S_local, D)
+    dk_own: torch.Tensor | None = None  # (B, Hkv, S_local, D): this rank's own dK, fp32
+    dv_own: torch.Tensor | None = None
+    acc_shape = (2, *k.shape[:2])
+    sends = SendWindow(lambda p: timed_wait(p, stats))
+    for step in range(plan.cp):
+        # Order matters for order-matched transports: accumulator recv, then the KV exchange (the Note).
+        acc_in = None
+        n_in = _rows(plan.acc_in_rows[step], s_local) if step >= 2 else 0
+        if n_in:
+            acc_in = transport.send_recv(None, (*acc_shape, n_in, k.shape[3]), acc_dtype, q.device, DKV_TAG)
+        pending_kv = _exchange(transport, plan, kv, k, step)  # type: ignore[arg-type]
+        sends.drain()  # the previous step's dK/dV buffer is free before this step computes
+        grads = []
+        for piece in plan.pieces[step]:
+            assert kv is not None
+            rows = buffer_slice(plan.held_rows[step], piece.kv)
+            dq, dk, dv = piece_backward(kernel, dout, q, kv[0], kv[1], rows, out, lse, piece, scale)
+            _count(stats, "backward", q, piece)
+            if dq_acc is None and piece.covers(batch, s_local):
+                dq_acc = dq.to(acc_dtype)
             else:
-                dq_acc[:, :, q_rows] += dq_blk
-            grads = (kv_rows, dk_blk, dv_blk)
-            del dq_blk, dk_blk, dv_blk  # held by grads / freed: not alive during the next step's kernel
+                if dq_acc is None:
+                    dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+                dq_acc[piece.batch, :, piece.q] += dq
+            grads.append((piece, dk, dv))
+            del dq, dk, dv
         if step == 0:
-            assert grads is not None and grads[0] == slice(0, s_local)
-            dkv_own = _new_dkv_accumulator(kv, acc_dtype, grads)  # all rows: one converting copy
-        elif acc_in is None:  # step 1: this rank starts kv_src's accumulator
-            dkv = _new_dkv_accumulator(kv, acc_dtype, grads)
-            sends.post(transport.send(dkv, DKV_TAG))
+            dk_own, dv_own = _own_accumulators(k, acc_dtype, grads, s_local)
         else:
-            dkv = _wait(acc_in, stats)
-            if grads is not None:
-                dkv[0][:, :, grads[0]] += grads[1]
-                dkv[1][:, :, grads[0]] += grads[2]
-            sends.post(transport.send(dkv, DKV_TAG))
+            received = timed_wait(acc_in, stats)
+            acc = _travelling_accumulator(plan, step, received, grads, acc_shape, k, acc_dtype)
+            if acc is not None:
+                sends.post(transport.send_recv(acc, None, acc_dtype, q.device, DKV_TAG))
+            del acc, received
+        del grads
         if pending_kv is not None:
-            kv = _wait(pending_kv, stats)
-    assert dq_acc is not None and dkv_own is not None
-    if cp > 1:
-        dkv_own += _wait(transport.recv(dkv_own, DKV_TAG), stats)
-    sends.drain()
-    return dq_acc.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
-
-
-def _new_dkv_accumulator(
-    kv: torch.Tensor, dtype: torch.dtype, grads: tuple[slice, torch.Tensor, torch.Tensor] | None
-) -> torch.Tensor:
-    """A (2, B, Hkv, S_local, D) accumulator holding one block's dK/dV in its rows and zeros elsewhere."""
-    acc = torch.empty(kv.shape, dtype=dtype, device=kv.device)
-    if grads is None:
-        return acc.zero_()
-    rows, dk, dv = grads
-    s_local = kv.shape[3]
-    if rows.start > 0:
-        acc[:, :, :, : rows.start].zero_()
-    if rows.stop < s_local:
-        acc[:, :, :, rows.stop :].zero_()
-    acc[0][:, :, rows].copy_(dk)
-    acc[1][:, :, rows].copy_(dv)
-    return acc
-
-
-def _gather_kv_natural(k: torch.Tensor, v: torch.Tensor, transport: Transport, layout: str) -> torch.Tensor:
-    gathered = transport.all_gather(pack_kv(k, v))  # (CP, 2, B, Hkv, S_local, D), rank order
-    return unshard_sequence_from_shards(
-        list(gathered.unbind(0)), seq_dim=3, layout=layout
-    )  # (2, B, Hkv, S, D)
-
-
-def allgather_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    transport: Transport,
-    *,
-    is_causal: bool,
-    scale: float,
-    layout: str,
-    kernel: AttentionKernel,
-    stats: RingStats | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All-gather forward: gather KV, compute local queries against it without masked work."""
-    s_local = q.shape[2]
-    kv = _gather_kv_natural(k, v, transport, layout)  # (2, B, Hkv, S, D)
-    acc_dtype = accumulation_dtype(q.dtype)
-    out_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)  # (B, Hq, S_local, D)
-    lse_acc = torch.full(q.shape[:3], float("-inf"), dtype=acc_dtype, device=q.device)  # (B, Hq, S_local)
-    for block in build_allgather_blocks(transport.rank, transport.size, layout, is_causal, s_local):
-        out_blk, lse_blk = kernel.forward(
-            q[:, :, block.q_rows], kv[0][:, :, block.kv_rows], kv[1][:, :, block.kv_rows],
-            is_causal=block.causal, scale=scale,
-        )  # fmt: skip
-        _count_work(stats, "forward", q, block.score_elements())
-        merge_block_(out_acc[:, :, block.q_rows], lse_acc[:, :, block.q_rows], out_blk, lse_blk)
-    return out_acc.to(q.dtype), lse_acc
-
-
-def allgather_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    transport: Transport,
-    *,
-    is_causal: bool,
-    scale: float,
-    layout: str,
-    kernel: AttentionKernel,
-    stats: RingStats | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All-gather backward: re-gather KV, compute, reduce-scatter dK/dV (fp32) to their owners."""
-    s_local = q.shape[2]
-    cp = transport.size
-    kv = _gather_kv_natural(k, v, transport, layout)  # (2, B, Hkv, S, D)
-    acc_dtype = accumulation_dtype(q.dtype)
-    dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
-    dkv = torch.zeros(kv.shape, dtype=acc_dtype, device=q.device)  # (2, B, Hkv, S, D), natural order
-    for block in build_allgather_blocks(transport.rank, cp, layout, is_causal, s_local):
-        r, c = block.q_rows, block.kv_rows
-        dq_blk, dk_blk, dv_blk = kernel.backward(
-            dout[:, :, r], q[:, :, r], kv[0][:, :, c], kv[1][:, :, c], out[:, :, r], lse[:, :, r],
-            is_causal=block.causal, scale=scale,
-        )  # fmt: skip
-        _count_work(stats, "backward", q, block.score_elements())
-        dq_acc[:, :, r] += dq_blk
-        dkv[0][:, :, c] += dk_blk
-        dkv[1][:, :, c] += dv_blk
-    per_rank = torch.stack([shard_sequence_for_rank(dkv, r, cp, 3, layout) for r in range(cp)])
-    dkv_own = transport.reduce_scatter(per_rank)  # (2, B, Hkv, S_local, D)
-    return dq_acc.to(q.dtype), dkv_own[0].to(k.dtype), dkv_own[1].to(v.dtype)
-
-
-_FORWARD = {"p2p": ring_forward, "allgather": allgather_forward}
-_BACKWARD = {"p2p": ring_backward, "allgather": allgather_backward}
-_MASKED_FORWARD = {"p2p": masked_ring_forward, "allgather": masked_allgather_forward}
-_MASKED_BACKWARD = {"p2p": masked_ring_backward, "allgather": masked_allgather_backward}
-
-
-@dataclass(frozen=True)
-class _Variant:
-    """One call's algorithm: forward/backward functions and their keyword options (everything but tensors)."""
-
-    forward: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    backward: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-    options: dict[str, Any]
-
-
-def select_variant(
-    comm: str,
-    layout: LayoutLike,
-    mask: AttentionMask,
-    scale: float,
-    kernel: AttentionKernel,
-    rank: int,
-    cp: int,
-    s_local: int,
-    a2a_size: int | None = None,
-) -> _Variant:
-    """The unmasked zigzag/contiguous ring, or the masked ring (documents, windows, layout objects); for
-    ``alltoall`` / ``hybrid``, the all-to-all inside groups of ``a2a_size`` ranks (cp for ``alltoall``)
-    around the ring variant of the cp / a2a_size super-shards (Note [Hybrid all-to-all x ring])."""
-    if comm in ("alltoall", "hybrid"):
-        size = cp if comm == "alltoall" else a2a_size
-        assert size is not None and cp % size == 0, "validate_attention_inputs checks a2a_size"
-        group = build_group_plan(layout, cp, size, rank, s_local * cp)
-        if group.n_groups == 1 and mask.is_plain:  # one group, no mask: the kernel on the whole sequence
-            options = {"is_causal": mask.is_causal, "scale": scale, "kernel": kernel}
-            ring = _Variant(local_forward, local_backward, options)
+            kv = timed_wait(pending_kv, stats)
+    assert dq_acc is not None and dk_own is not None and dv_own is not None
+    n_home = _rows(plan.home_rows, s_local) if plan.cp > 1 else 0
+    if n_home:
+        shape = (*acc_shape, n_home, k.shape[3])
+        home = timed_wait(transport.send_recv(None, shape, acc_dtype, q.device, DKV_TAG), stats)
+        assert home is not None
+        if plan.home_rows is None:
+            dk_own += home[0]
+            dv_own += home[1]
         else:
-            ring = select_variant(
-                "p2p", group.ring_layout, mask, scale, kernel, group.index, group.n_groups, size * s_local
-            )
-        plan = AllToAllPlan(group, ring.forward, ring.backward, ring.options)
-        return _Variant(alltoall_forward, alltoall_backward, {"plan": plan})
-    if mask.is_plain and isinstance(layout, str):
-        options = {"is_causal": mask.is_causal, "scale": scale, "layout": layout, "kernel": kernel}
-        return _Variant(_FORWARD[comm], _BACKWARD[comm], options)
-    plan = build_masked_plan(mask, layout, cp, s_local * cp, rank)
-    return _Variant(
-        _MASKED_FORWARD[comm], _MASKED_BACKWARD[comm], {"plan": plan, "scale": scale, "kernel": kernel}
-    )
+            dk_own.index_add_(2, plan.home_rows, home[0])
+            dv_own.index_add_(2, plan.home_rows, home[1])
+    sends.drain()
+    return dq_acc.to(q.dtype), dk_own.to(k.dtype), dv_own.to(v.dtype)
 
 
-class _ContextParallelAttention(torch.autograd.Function):
-    """Autograd wrapper: saves only local q, k, v, out and lse."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, transport, variant, stats):
-        sent = transport.bytes_sent
-        out, lse = variant.forward(q, k, v, transport, stats=stats, **variant.options)
-        if stats is not None:
-            stats.bytes_sent_forward += transport.bytes_sent - sent
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.config = (transport, variant, stats)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        if torch.is_grad_enabled():  # create_graph=True: the ring's backward is not itself differentiable
-            raise RuntimeError(
-                "cp_dtensor ring attention does not support double backward (create_graph=True, e.g. a "
-                "gradient penalty): its backward is a hand-written ring, not a differentiable graph."
-            )
-        q, k, v, out, lse = ctx.saved_tensors
-        transport, variant, stats = ctx.config
-        sent = transport.bytes_sent
-        dq, dk, dv = variant.backward(dout, q, k, v, out, lse, transport, stats=stats, **variant.options)
-        if stats is not None:
-            stats.bytes_sent_backward += transport.bytes_sent - sent
-        return dq, dk, dv, None, None, None
+def _rows(rows: torch.Tensor | None, s_local: int) -> int:
+    return s_local if rows is None else rows.numel()
 
 
-def validate_attention_inputs(
-    q: torch.Tensor,
+def _covers_kv(piece: Piece, batch: int, s_local: int) -> bool:
+    return piece.batch.indices(batch) == (0, batch, 1) and piece.kv == slice(0, s_local)
+
+
+def _own_accumulators(
+    k: torch.Tensor, dtype: torch.dtype, grads: list[tuple[Piece, torch.Tensor, torch.Tensor]], s_local: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's own dK/dV (fp32) from its step-0 pieces: the one piece's gradients when it covers every
+    KV row (one converting copy, none for fp32), else zeros plus each piece."""
+    if len(grads) == 1 and _covers_kv(grads[0][0], k.shape[0], s_local):
+        return grads[0][1].to(dtype), grads[0][2].to(dtype)
+    dk_own = torch.zeros(k.shape, dtype=dtype, device=k.device)
+    dv_own = torch.zeros(k.shape, dtype=dtype, device=k.device)
+    for piece, dk, dv in grads:
+        dk_own[piece.batch, :, piece.kv] += dk
+        dv_own[piece.batch, :, piece.kv] += dv
+    return dk_own, dv_own
+
+
+def _travelling_accumulator(
+    plan: RingPlan,
+    step: int,
+    received: torch.Tensor | None,
+    grads: list[tuple[Piece, torch.Tensor, torch.Tensor]],
+    acc_shape: tuple[int, ...],
     k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    layout: LayoutLike,
-    comm: str,
-    cp: int = 1,
-    document_ids: torch.Tensor | None = None,
-    window_size: tuple[int, int] = (-1, -1),
-    a2a_size: int | None = None,
-) -> None:
-    """Check shapes, dtypes, layout, comm mode and mask of local shards; ``ValueError`` naming the problem."""
-    validate_layout(layout)
-    if comm not in COMM_MODES:
-        raise ValueError(f"Unknown CP comm mode {comm!r}; expected one of {COMM_MODES}.")
-    _validate_a2a_size(comm, a2a_size, cp)
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (B, H, S_local, D), got shape {tuple(t.shape)}.")
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}.")
-    if q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2] or q.shape[3] != k.shape[3]:
-        raise ValueError(
-            f"q {tuple(q.shape)} and k/v {tuple(k.shape)} must agree on batch, local sequence length "
-            f"and head dim (B, _, S_local, D); CP attention is self-attention over one sharded sequence."
-        )
-    if k.shape[1] == 0 or q.shape[1] == 0:
-        raise ValueError(
-            f"This rank holds {q.shape[1]} query heads and {k.shape[1]} key/value heads: each rank needs at "
-            f"least one of each. When heads are sharded over another mesh axis (e.g. tp), its size must divide "
-            f"both head counts (replicate the KV heads instead, or use a smaller tp)."
-        )
-    if q.shape[1] % k.shape[1] != 0:
-        raise ValueError(
-            f"The number of query heads ({q.shape[1]}) must be a multiple of the number of key/value heads "
-            f"({k.shape[1]}) for MHA/GQA/MQA."
-        )
-    if comm in ("alltoall", "hybrid"):
-        size = cp if comm == "alltoall" else a2a_size
-        assert size is not None
-        validate_head_split(q.shape[1], k.shape[1], size, comm, cp)
-    if not (q.dtype == k.dtype == v.dtype) or not q.is_floating_point():
-        raise ValueError(f"q, k, v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}.")
-    per_rank = chunks_per_rank(layout)
-    if q.shape[2] % per_rank != 0:
-        raise ValueError(
-            f"Local sequence length {q.shape[2]} must be a multiple of {per_rank} for layout {layout!r} "
-            f"(each rank holds {per_rank} chunks of equal length)."
-        )
-    if isinstance(layout, SequenceLayout):
-        validate_seq_len(q.shape[2] * cp, cp, layout)
-        if layout.batch != q.shape[0]:
-            raise ValueError(
-                f"{layout!r} was built for {layout.batch} batch rows but q has {q.shape[0]}; build the layout "
-                f"from this batch's document_ids."
-            )
-    validate_mask_inputs(document_ids, window_size, batch=q.shape[0], seq_len=q.shape[2] * cp)
-
-
-def _validate_a2a_size(comm: str, a2a_size: int | None, cp: int) -> None:
-    """``a2a_size`` is required by ``hybrid`` (a divisor of ``cp``) and meaningless for the other modes."""
-    if comm == "hybrid":
-        if a2a_size is None:
-            raise ValueError(
-                f"comm='hybrid' needs a2a_size=k, the number of consecutive CP ranks that share heads by "
-                f"all-to-all (cp / k groups then form rings); k must divide the CP degree {cp}, e.g. "
-                f"a2a_size=2 for CP 4 = 2 x 2."
-            )
-        if isinstance(a2a_size, bool) or not isinstance(a2a_size, int) or a2a_size < 1 or cp % a2a_size:
-            raise ValueError(
-                f"a2a_size={a2a_size!r} must be a positive divisor of the CP degree {cp} (comm='hybrid' "
-                f"splits the CP group into groups of a2a_size consecutive ranks)."
-            )
-    elif a2a_size is not None and not (comm == "alltoall" and a2a_size == cp):
-        raise ValueError(
-            f"a2a_size={a2a_size!r} is only used with comm='hybrid' (comm='alltoall' uses the whole CP group "
-            f"of {cp} ranks); got comm={comm!r}. Pass comm='hybrid' or leave a2a_size=None."
-        )
-
-
-def _process_group(mesh: DeviceMesh | dist.ProcessGroup | None) -> dist.ProcessGroup | None:
-    if mesh is None:
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """src's accumulator leaving this rank at ``step``: what arrived plus this rank's pieces (None: no
+    rows to send). Rows are the plan's ``acc_rows[step]``; received rows ``acc_in_rows[step]``."""
+    rows_out = plan.acc_rows[step]
+    n_out = _rows(rows_out, plan.s_local)
+    if not n_out:
         return None
-    if isinstance(mesh, DeviceMesh):
-        if mesh.ndim != 1:
-            raise ValueError(
-                f"ring_attention needs a 1-D CP mesh, got axes {mesh.mesh_dim_names}; pass e.g. world_mesh['cp']."
-            )
-        return mesh.get_group()
-    return mesh
-
-
-def ring_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mesh: DeviceMesh | dist.ProcessGroup | None,
-    *,
-    is_causal: bool = False,
-    scale: float | None = None,
-    layout: LayoutLike = "zigzag",
-    comm: str = "p2p",
-    document_ids: torch.Tensor | None = None,
-    window_size: tuple[int, int] = (-1, -1),
-    backend: str | None = None,
-    stats: RingStats | None = None,
-    a2a_size: int | None = None,
-) -> torch.Tensor:
-    """Context-parallel scaled dot-product attention on local sequence shards; differentiable.
-
-    Equals ``F.scaled_dot_product_attention`` on the full sequence (GQA expanded) with the mask below,
-    sharded by ``layout``.
-
-    Args:
-        q: (B, Hq, S_local, D) this rank's queries, in ``layout`` order (see :func:`cp_dtensor.shard_sequence`).
-        k: (B, Hkv, S_local, D) this rank's keys; ``Hq % Hkv == 0`` (MHA, GQA, MQA).
-        v: (B, Hkv, S_local, D) this rank's values.
-        mesh: the 1-D CP ``DeviceMesh`` (or its ``ProcessGroup``); ``None`` or size 1 means one process.
-        is_causal: causal (decoder) masking over global positions; otherwise bidirectional.
-        scale: softmax scale; default ``1 / sqrt(D)``.
-        layout: ``"zigzag"`` (load-balanced causal), ``"contiguous"``, or a layout object from
-            :func:`cp_dtensor.balanced_layout`.
-        comm: ``"p2p"`` (ring of isend/irecv, overlapped), ``"allgather"`` (gather KV once),
-            ``"alltoall"`` (Ulysses: all-to-all to head shards of the whole sequence and back; the local
-            query heads must be a multiple of cp and the KV heads divide cp or be a multiple of it), or
-            ``"hybrid"`` (all-to-all inside groups of ``a2a_size`` consecutive ranks, the ring across
-            groups; the same head rule with ``a2a_size`` in place of cp), or ``"auto"``: the planner's cost
-            model picks one of them (and the group size) per call shape (``cp_dtensor.choose_comm``).
-        document_ids: (B, S) integer ids of packed documents for the *global* sequence in natural order,
-            identical on every rank; a query sees only keys of its own document. Documents are contiguous.
-        window_size: ``(left, right)``: key j is visible from query i only if ``i - left <= j <= i + right``
-            (flash-attn's convention); -1 = unbounded.
-        backend: kernel adapter name (``cpu_flash``, ``flash``, ``cudnn``, ``efficient``, ``math``);
-            default from device and dtype.
-        stats: optional :class:`RingStats` to accumulate bytes sent and work done on this rank.
-        a2a_size: ranks per all-to-all group for ``comm="hybrid"`` (required there; must divide the CP
-            degree); None otherwise.
-
-    With documents or a window, only visible pairs are computed and only KV rows some query needs are
-    sent (Note [Masked ring]). Without them and with a named layout on one process this is one
-    ``F.scaled_dot_product_attention`` call (``backend`` and ``stats`` unused).
-
-    Returns:
-        (B, Hq, S_local, D) this rank's attention output shard.
-    """
-    group = _process_group(mesh)
-    cp = 1 if group is None else dist.get_world_size(group)
-    comm, a2a_size = resolve_comm(comm, a2a_size, q, k, cp, is_causal)  # "auto": the cost model's choice
-    mask = AttentionMask(is_causal, tuple(window_size), document_ids)  # type: ignore[arg-type]
-    if torch.compiler.is_compiling() and not (cp == 1 and mask.is_plain and isinstance(layout, str)):
-        # Under torch.compile the attention is an opaque custom op; its eager body validates, checks
-        # across ranks and runs the same variants (Note [Compiled CP attention]).
-        scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-        return compiled_ring_attention(
-            q, k, v, group, mask=mask, layout=layout, comm=comm, scale=scale, backend=backend,
-            a2a_size=a2a_size, stats=stats,
-        )  # fmt: skip
-    options = {
-        "layout": layout,
-        "comm": comm,
-        "cp": cp,
-        "document_ids": document_ids,
-        "window_size": window_size,
-        "a2a_size": a2a_size,
-    }
-    if cp == 1:
-        validate_attention_inputs(q, k, v, **options)
-        if mask.is_plain and isinstance(layout, str):
-            return F.scaled_dot_product_attention(
-                q, k, v, is_causal=is_causal, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-            )
-        transport: Transport = ThreadTransport(ThreadHub(1), 0)
+    same_rows = received is not None and (rows_out is None or received.shape[3] == n_out)
+    if same_rows:
+        acc = received  # add in place: the received buffer travels on
+    elif received is None and rows_out is None and len(grads) == 1 and grads[0][0].batch == slice(None):
+        # the first hop of an all-rows accumulator: one block's dK/dV in its rows, zeros elsewhere
+        piece, dk, dv = grads[0]
+        acc = torch.empty((*acc_shape, n_out, k.shape[3]), dtype=dtype, device=k.device)
+        acc[:, :, :, : piece.kv.start].zero_()
+        acc[:, :, :, piece.kv.stop :].zero_()
+        acc[0][:, :, piece.kv].copy_(dk)
+        acc[1][:, :, piece.kv].copy_(dv)
+        return acc
     else:
-        assert group is not None
-        error: ValueError | None = None
-        try:
-            validate_attention_inputs(q, k, v, **options)
-        except ValueError as e:
-            error = e
-        signature = CallSignature.of(
-            q, k, v, layout=layout_name(layout), is_causal=is_causal, comm=comm, scale=scale, backend=backend,
-            mask=mask.fingerprint(), a2a_size=a2a_size,
-        )  # fmt: skip
-        verify_call_across_ranks(group, signature, error)
-        transport = ProcessGroupTransport(group)
-    if q.shape[2] == 0:  # an empty sequence on every rank (checked above): an empty result, like SDPA
-        return q * 0.0 + (k.sum() + v.sum()) * 0.0  # (B, Hq, 0, D), differentiable
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    kernel = select_kernel(q.device, q.dtype, backend)
-    variant = select_variant(comm, layout, mask, scale, kernel, transport.rank, cp, q.shape[2], a2a_size)
-    return _ContextParallelAttention.apply(q, k, v, transport, variant, stats)
+        acc = torch.zeros((*acc_shape, n_out, k.shape[3]), dtype=dtype, device=k.device)
+        if received is not None:
+            assert rows_out is not None
+            acc.index_copy_(3, torch.searchsorted(rows_out, plan.acc_in_rows[step]), received)
+    assert acc is not None
+    for piece, dk, dv in grads:
+        at = buffer_slice(rows_out, piece.kv)
+        acc[0][piece.batch, :, at] += dk
+        acc[1][piece.batch, :, at] += dv
+    return acc

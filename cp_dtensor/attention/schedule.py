@@ -18,57 +18,19 @@ q = [q_lo | q_hi], and the KV from src is kv = [kv_lo | kv_hi] = chunks (src, 2C
 Both off-diagonal cases are half blocks (S_local x S_local/2), so every rank does the same work at every
 step and no masked score is ever computed. Contiguous causal: src < r is a full unmasked block, src > r is
 skipped (never computed; the KV still passes on). Bidirectional: every step is a full unmasked block.
-The schedule is pure arithmetic on (rank, step), shared by the distributed ring and the single-process
-simulation.
+The schedule is pure arithmetic on (rank, step); :func:`build_ring_plan` turns it into the
+:class:`~cp_dtensor.attention.plan.RingPlan` the one ring driver runs (Note [Ring plan]): every block is one
+piece, and every row of the KV buffer travels (no row indexing).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
+import functools
 
+from cp_dtensor.attention.plan import Piece, PieceKind, RingPlan
 from cp_dtensor.layout import layout_chunk_ids, validate_layout
 
-__all__ = ["Block", "GatherBlock", "Part", "build_allgather_blocks", "build_ring_schedule", "ring_source"]
-
-
-class Part(Enum):
-    """Which rows of a local shard a block uses."""
-
-    ALL = "all"
-    FIRST_HALF = "first_half"
-    SECOND_HALF = "second_half"
-
-    def rows(self, n: int) -> slice:
-        """The slice of ``n`` local rows this part selects."""
-        if self is Part.ALL:
-            return slice(0, n)
-        if self is Part.FIRST_HALF:
-            return slice(0, n // 2)
-        return slice(n // 2, n)
-
-    def length(self, n: int) -> int:
-        """Number of rows selected out of ``n``."""
-        rows = self.rows(n)
-        return rows.stop - rows.start
-
-
-@dataclass(frozen=True)
-class Block:
-    """One kernel call of the ring: local query rows x rows of the KV held at ``step``."""
-
-    step: int
-    kv_source: int
-    q_part: Part
-    kv_part: Part
-    causal: bool
-
-    def score_elements(self, s_local: int) -> int:
-        """Visible (query, key) pairs per batch x head: what the kernel really has to compute."""
-        sq, sk = self.q_part.length(s_local), self.kv_part.length(s_local)
-        if self.causal:
-            return sq * (sq + 1) // 2  # causal blocks are square
-        return sq * sk
+__all__ = ["build_gather_pieces", "build_ring_plan", "ring_source"]
 
 
 def ring_source(rank: int, step: int, cp: int) -> int:
@@ -76,47 +38,57 @@ def ring_source(rank: int, step: int, cp: int) -> int:
     return (rank - step) % cp
 
 
-def build_ring_schedule(rank: int, cp: int, layout: str, is_causal: bool) -> list[Block | None]:
-    """The blocks ``rank`` computes at steps ``0 .. cp-1``; ``None`` where a step computes nothing."""
+_ALL = slice(None)
+
+
+def _halves(n: int) -> tuple[slice, slice, slice]:
+    return slice(0, n), slice(0, n // 2), slice(n // 2, n)
+
+
+@functools.lru_cache(maxsize=256)
+def build_ring_plan(rank: int, cp: int, layout: str, is_causal: bool, s_local: int) -> RingPlan:
+    """The unmasked ring of ``rank`` (Note [Ring schedule]) as a :class:`RingPlan` (Note [Ring plan]).
+
+    Pure arithmetic on its arguments, so it is memoized (a cache of facts: a plan never changes).
+    """
     validate_layout(layout)
-    schedule: list[Block | None] = []
+    every, first, second = _halves(s_local)
+    steps: list[tuple[Piece, ...]] = []
     for step in range(cp):
         src = ring_source(rank, step, cp)
         if not is_causal:
-            schedule.append(Block(step, src, Part.ALL, Part.ALL, causal=False))
+            piece = Piece(_ALL, every, every, PieceKind.FULL)
         elif src == rank:
-            schedule.append(Block(step, src, Part.ALL, Part.ALL, causal=True))
+            piece = Piece(_ALL, every, every, PieceKind.LOWER)
         elif layout == "zigzag":
-            if src < rank:
-                schedule.append(Block(step, src, Part.ALL, Part.FIRST_HALF, causal=False))
-            else:
-                schedule.append(Block(step, src, Part.SECOND_HALF, Part.ALL, causal=False))
+            piece = (
+                Piece(_ALL, every, first, PieceKind.FULL)
+                if src < rank
+                else Piece(_ALL, second, every, PieceKind.FULL)
+            )
         elif src < rank:
-            schedule.append(Block(step, src, Part.ALL, Part.ALL, causal=False))
+            piece = Piece(_ALL, every, every, PieceKind.FULL)
         else:
-            schedule.append(None)
-    return schedule
+            steps.append(())
+            continue
+        steps.append((piece,))
+    none = (None,) * cp
+    return RingPlan(
+        rank=rank,
+        cp=cp,
+        s_local=s_local,
+        pieces=tuple(steps),
+        held_rows=none,
+        send_index=none,
+        acc_rows=none,
+        acc_in_rows=none,
+        home_rows=None,
+        shared_rows=none,
+    )
 
 
-@dataclass(frozen=True)
-class GatherBlock:
-    """One kernel call of the all-gather variant: local query rows x a range of the gathered sequence."""
-
-    q_rows: slice
-    kv_rows: slice
-    causal: bool
-
-    def score_elements(self) -> int:
-        """Visible (query, key) pairs per batch x head."""
-        sq = self.q_rows.stop - self.q_rows.start
-        sk = self.kv_rows.stop - self.kv_rows.start
-        return sq * (sq + 1) // 2 if self.causal else sq * sk
-
-
-def build_allgather_blocks(
-    rank: int, cp: int, layout: str, is_causal: bool, s_local: int
-) -> list[GatherBlock]:
-    """Kernel calls of ``rank`` against the all-gathered KV (in natural order), without masked work.
+def build_gather_pieces(rank: int, cp: int, layout: str, is_causal: bool, s_local: int) -> tuple[Piece, ...]:
+    """Kernel calls of ``rank`` against the all-gathered KV in natural order, without masked work.
 
     Note [All-gather blocks]
     ~~~~~~~~~~~~~~~~~~~~~~~~
@@ -129,12 +101,12 @@ def build_allgather_blocks(
     """
     chunk_ids = layout_chunk_ids(rank, cp, layout)
     if not is_causal:
-        return [GatherBlock(slice(0, s_local), slice(0, s_local * cp), causal=False)]
+        return (Piece(_ALL, slice(0, s_local), slice(0, s_local * cp), PieceKind.FULL),)
     chunk_len = s_local // len(chunk_ids)
-    blocks = []
+    pieces = []
     for j, c in enumerate(chunk_ids):
         q_rows = slice(j * chunk_len, (j + 1) * chunk_len)
-        blocks.append(GatherBlock(q_rows, slice(c * chunk_len, (c + 1) * chunk_len), causal=True))
+        pieces.append(Piece(_ALL, q_rows, slice(c * chunk_len, (c + 1) * chunk_len), PieceKind.LOWER))
         if c > 0:
-            blocks.append(GatherBlock(q_rows, slice(0, c * chunk_len), causal=False))
-    return blocks
+            pieces.append(Piece(_ALL, q_rows, slice(0, c * chunk_len), PieceKind.FULL))
+    return tuple(pieces)

@@ -1,26 +1,28 @@
 """Run the context-parallel attention of every CP rank inside one process, without a process group.
 
-Each simulated rank is a thread running the very same ``ring_forward``/``ring_backward`` (or all-gather,
-all-to-all, hybrid) code as the distributed op, with :class:`~cp_dtensor.attention.comm.ThreadTransport` mailboxes in place of
+Each simulated rank is a thread running the very same call as the distributed op
+(:func:`~cp_dtensor.attention.call.build_call`: validation, strategy, plan, the ring / all-gather / all-to-all
+drivers), with :class:`~cp_dtensor.attention.transport.ThreadTransport` mailboxes in place of
 ``torch.distributed``. This is how one GPU checks the CUDA kernels inside the full ring algorithm, and how
 the CPU tests cover many CP sizes cheaply.
 """
 
 from __future__ import annotations
 
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from cp_dtensor.attention.comm import RingStats, ThreadHub, ThreadTransport
-from cp_dtensor.attention.kernels import select_kernel
+from cp_dtensor.attention.call import build_call, call_layout
 from cp_dtensor.attention.mask import AttentionMask
-from cp_dtensor.attention.ring import select_variant, validate_attention_inputs
+from cp_dtensor.attention.settings import CPSettings
+from cp_dtensor.attention.stats import AttentionStats
+from cp_dtensor.attention.transport import ThreadHub, ThreadTransport
 from cp_dtensor.layout import (
     LayoutLike,
+    LayoutRule,
     shard_sequence_for_rank,
     unshard_sequence_from_shards,
     validate_seq_len,
@@ -54,7 +56,7 @@ class SimulationResult:
     dq: torch.Tensor | None
     dk: torch.Tensor | None
     dv: torch.Tensor | None
-    stats: list[RingStats]
+    stats: list[AttentionStats]
 
 
 def simulate_context_parallel_attention(
@@ -66,7 +68,7 @@ def simulate_context_parallel_attention(
     grad_out: torch.Tensor | None = None,
     is_causal: bool = False,
     scale: float | None = None,
-    layout: LayoutLike = "zigzag",
+    layout: LayoutLike | LayoutRule = "zigzag",
     comm: str = "p2p",
     document_ids: torch.Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
@@ -88,33 +90,28 @@ def simulate_context_parallel_attention(
     Returns:
         :class:`SimulationResult` with full ``out`` (and ``dq, dk, dv`` when ``grad_out`` is given).
     """
-    validate_seq_len(q.shape[2], cp, layout)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    kernel = select_kernel(q.device, q.dtype, backend)
-    mask = AttentionMask(is_causal, tuple(window_size), document_ids)  # type: ignore[arg-type]
-    s_local = q.shape[2] // cp
+    if isinstance(cp, bool) or not isinstance(cp, int) or cp < 1:
+        raise ValueError(f"cp must be a positive number of simulated ranks, got {cp!r}.")
+    mask = AttentionMask.build(is_causal, window_size, document_ids)
+    concrete = call_layout(layout, document_ids, cp)  # a rule: this batch's layout, as shard_batch would
+    validate_seq_len(q.shape[2], cp, concrete)
     hub = ThreadHub(cp, timeout_s)
     results: list[dict[str, torch.Tensor] | None] = [None] * cp
     errors: list[BaseException] = []
-    stats = [RingStats() for _ in range(cp)]
+    stats = [AttentionStats() for _ in range(cp)]
 
     def run_rank(rank: int) -> None:
         try:
-            shard = [shard_sequence_for_rank(t, rank, cp, 2, layout) for t in (q, k, v)]
-            validate_attention_inputs(
-                *shard, layout=layout, comm=comm, cp=cp, document_ids=document_ids, window_size=window_size,
-                a2a_size=a2a_size,
-            )  # fmt: skip
-            transport = ThreadTransport(hub, rank)
-            variant = select_variant(comm, layout, mask, scale, kernel, rank, cp, s_local, a2a_size)
-            opts = dict(stats=stats[rank], **variant.options)
-            out, lse = variant.forward(*shard, transport, **opts)
-            stats[rank].bytes_sent_forward = transport.bytes_sent
+            shard = [shard_sequence_for_rank(t, rank, cp, 2, concrete) for t in (q, k, v)]
+            settings = CPSettings(
+                layout=concrete, comm=comm, a2a_size=a2a_size, backend=backend, stats=stats[rank]
+            )
+            call = build_call(*shard, ThreadTransport(hub, rank), settings=settings, mask=mask, scale=scale)
+            out, lse = call.forward(*shard)
             res = {"out": out}
             if grad_out is not None:
-                dout = shard_sequence_for_rank(grad_out, rank, cp, 2, layout)
-                res["dq"], res["dk"], res["dv"] = variant.backward(dout, *shard, out, lse, transport, **opts)
-                stats[rank].bytes_sent_backward = transport.bytes_sent - stats[rank].bytes_sent_forward
+                dout = shard_sequence_for_rank(grad_out, rank, cp, 2, concrete)
+                res["dq"], res["dk"], res["dv"] = call.backward(dout, *shard, out, lse)
             results[rank] = res
         except BaseException as e:  # surface the first failure, release the others
             errors.append(e)
@@ -128,7 +125,7 @@ def simulate_context_parallel_attention(
         raise errors[0]
 
     def full(name: str) -> torch.Tensor:
-        return unshard_sequence_from_shards([r[name] for r in results], seq_dim=2, layout=layout)  # type: ignore[index]
+        return unshard_sequence_from_shards([r[name] for r in results], seq_dim=2, layout=concrete)  # type: ignore[index]
 
     grads = [full(n) for n in ("dq", "dk", "dv")] if grad_out is not None else [None, None, None]
     return SimulationResult(full("out"), *grads, stats=stats)

@@ -36,7 +36,6 @@ from cp_dtensor.config.parsing import dump_toml, load_config
 from cp_dtensor.config.schema import (
     ActivationCheckpoint,
     Checkpoint,
-    Comm,
     Compile,
     Data,
     Job,
@@ -44,6 +43,7 @@ from cp_dtensor.config.schema import (
     Metrics,
     Model,
     Parallelism,
+    Timeouts,
     Training,
     Validation,
 )
@@ -51,7 +51,6 @@ from cp_dtensor.config.schema import (
 __all__ = [
     "ActivationCheckpoint",
     "Checkpoint",
-    "Comm",
     "Compile",
     "ConfigError",
     "Data",
@@ -60,6 +59,7 @@ __all__ = [
     "Metrics",
     "Model",
     "Parallelism",
+    "Timeouts",
     "Training",
     "Validation",
     "dump_toml",

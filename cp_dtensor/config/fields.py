@@ -216,8 +216,20 @@ def _all_keys(sections: Mapping[str, type]) -> list[str]:
     return [f"{name}.{key}" for name, cls in sections.items() for key in _field_types(cls)]
 
 
+RENAMED: dict[str, str] = {
+    "parallelism.context_parallel_a2a_degree": "parallelism.context_parallel_a2a_size",
+    "comm.init_timeout_seconds": "timeouts.init_seconds",
+    "comm.train_timeout_seconds": "timeouts.train_seconds",
+}
+"""Keys renamed since an earlier release (one name per concept): old name -> new name."""
+
+
 def _unknown_section_error(sections: Mapping[str, type], name: str, prefix: str, where: str) -> ConfigError:
     """Error for an unknown section; suggests the closest section, or the section that owns a bare key."""
+    if name == "comm":
+        return ConfigError(
+            f"config section {name!r} {where} was renamed to 'timeouts' (keys init_seconds, train_seconds)"
+        )
     owners = [section for section, cls in sections.items() if name in _field_types(cls)]
     if owners:
         fix = f"{name} belongs in a section: use {prefix}{owners[0]}.{name}"
@@ -236,6 +248,8 @@ def _unknown_key_error(
     ``section.key`` overall.
     """
     full = f"{section}.{key}"
+    if full in RENAMED:
+        return ConfigError(f"config key {prefix}{full} {where} was renamed to {prefix}{RENAMED[full]}")
     elsewhere = [k for k in _all_keys(sections) if k.endswith(f".{key}")]
     own = _closest(key, list(_field_types(sections[section])))
     close = elsewhere[0] if elsewhere else f"{section}.{own}" if own else _closest(full, _all_keys(sections))

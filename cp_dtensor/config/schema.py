@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
 
+from cp_dtensor.attention.strategy import get_strategy
 from cp_dtensor.config.fields import (
     ConfigError,
     _check_type,
@@ -17,13 +18,13 @@ from cp_dtensor.config.fields import (
 from cp_dtensor.config.sections import (
     ActivationCheckpoint,
     Checkpoint,
-    Comm,
     Compile,
     Data,
     Job,
     Metrics,
     Model,
     Parallelism,
+    Timeouts,
     Training,
     Validation,
 )
@@ -32,7 +33,6 @@ from cp_dtensor.parallel_dims import seq_len_problem
 __all__ = [
     "ActivationCheckpoint",
     "Checkpoint",
-    "Comm",
     "Compile",
     "Data",
     "Job",
@@ -40,6 +40,7 @@ __all__ = [
     "Metrics",
     "Model",
     "Parallelism",
+    "Timeouts",
     "Training",
     "Validation",
 ]
@@ -84,8 +85,8 @@ class JobConfig:
     metrics: Metrics = field(default_factory=Metrics)
     """[metrics] section."""
 
-    comm: Comm = field(default_factory=Comm)
-    """[comm] section."""
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    """[timeouts] section."""
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """The config as ``{section: {key: value}}`` (a deep copy)."""
@@ -182,19 +183,24 @@ class JobConfig:
             raise ConfigError(problem)
 
         a2a, cp, comm = (
-            parallel.context_parallel_a2a_degree,
+            parallel.context_parallel_a2a_size,
             parallel.context_parallel_degree,
             parallel.context_parallel_comm,
         )
+        if comm != "auto":
+            try:
+                get_strategy(comm)
+            except ValueError as e:
+                raise ConfigError(f"parallelism.context_parallel_comm: {e}") from None
         if a2a and comm != "hybrid":
             raise ConfigError(
-                f'parallelism.context_parallel_a2a_degree={a2a} applies only to context_parallel_comm = "hybrid" '
+                f'parallelism.context_parallel_a2a_size={a2a} applies only to context_parallel_comm = "hybrid" '
                 f'(got "{comm}"); set it to 0 or use comm "hybrid"'
             )
         if a2a and (a2a < 2 or a2a >= cp or cp % a2a):
             divisors = [k for k in range(2, cp) if cp % k == 0]
             raise ConfigError(
-                f"parallelism.context_parallel_a2a_degree={a2a} must divide context_parallel_degree={cp} with "
+                f"parallelism.context_parallel_a2a_size={a2a} must divide context_parallel_degree={cp} with "
                 f"1 < k < {cp} ({'use one of ' + str(divisors) if divisors else 'none exists: use comm p2p or alltoall'}"
                 f'; k = {cp} is comm "alltoall"), or 0 to let the cost model pick'
             )

@@ -13,13 +13,13 @@ from cp_dtensor.config.fields import _bounded
 __all__ = [
     "ActivationCheckpoint",
     "Checkpoint",
-    "Comm",
     "Compile",
     "Data",
     "Job",
     "Metrics",
     "Model",
     "Parallelism",
+    "Timeouts",
     "Training",
     "Validation",
 ]
@@ -152,10 +152,10 @@ class Parallelism:
     context_parallel_layout: Literal["auto", "zigzag", "contiguous", "balanced"] = "auto"
     """How tokens map to CP ranks: "zigzag" balances causal work over one sequence, "contiguous" cuts it in cp pieces, "balanced" plans each batch from its documents (equal attention work, documents kept whole where possible); "auto" = "balanced" for document_causal, else "zigzag"."""
 
-    context_parallel_comm: Literal["p2p", "allgather", "alltoall", "hybrid", "auto"] = "p2p"
-    """How CP ranks exchange attention inputs: "p2p" ring passes of keys/values (overlapped with compute), one "allgather" of all keys/values, "alltoall" (Ulysses: heads sharded over the whole sequence; query heads per tp rank must divide by cp), "hybrid" (all-to-all inside groups of context_parallel_a2a_degree consecutive ranks, the ring across groups), or "auto": the cost model picks one (and the group size) from heads, KV heads, head dim, seq_len, cp, tp, dtype and the hardware; the log shows the choice and every alternative's predicted time."""
+    context_parallel_comm: str = "p2p"
+    """The CP strategy (any name of cp_dtensor.strategy_names(), or "auto"): "p2p" ring passes of keys/values (overlapped with compute), one "allgather" of all keys/values, "alltoall" (Ulysses: heads sharded over the whole sequence; query heads per tp rank must divide by cp), "hybrid" (all-to-all inside groups of context_parallel_a2a_size consecutive ranks, the ring across groups), or "auto": the cost model picks one (and the group size) from heads, KV heads, head dim, seq_len, cp, tp, dtype and the hardware; the log shows the choice and every alternative's predicted time."""
 
-    context_parallel_a2a_degree: int = _bounded(0, ge=0)
+    context_parallel_a2a_size: int = _bounded(0, ge=0)
     """Ranks per all-to-all group of comm "hybrid" (a divisor of context_parallel_degree, 1 < k < cp); 0: the cost model picks it. Only with comm "hybrid"."""
 
     context_parallel_cost_hardware: str = "auto"
@@ -308,11 +308,11 @@ class Metrics:
 
 
 @dataclass
-class Comm:
+class Timeouts:
     """Process-group timeouts."""
 
-    init_timeout_seconds: int = _bounded(300, ge=1)
+    init_seconds: int = _bounded(300, ge=1)
     """Timeout of process-group initialization and the first collectives, in seconds."""
 
-    train_timeout_seconds: int = _bounded(100, ge=1)
+    train_seconds: int = _bounded(100, ge=1)
     """Collective timeout during training, in seconds; a failed rank makes the others exit within this."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from cp_dtensor.attention.comm_choice import CommChoice, choose_comm
+from cp_dtensor.attention.choice import CommChoice, choose_comm
 from cp_dtensor.config import JobConfig
 from cp_dtensor.data import (
     RECALL_CUE_START_FRACTION,
@@ -64,7 +64,7 @@ def job_comm_choice(cfg: JobConfig, pd: ParallelDims, args: ModelArgs, device: t
         causal=cfg.model.attention_mask != "bidirectional",
         device=device,
         hardware=par.context_parallel_cost_hardware,
-        a2a_size=par.context_parallel_a2a_degree or None,
+        a2a_size=par.context_parallel_a2a_size or None,
     )
 
 

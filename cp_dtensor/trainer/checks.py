@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from cp_dtensor.attention.alltoall import heads_split
-from cp_dtensor.attention.comm_choice import hardware_for_device
+from cp_dtensor.attention.choice import hardware_for_device
 from cp_dtensor.config import JobConfig
 from cp_dtensor.models.hf.adapter import clean_param_name
 from cp_dtensor.models.hf.pretrained import check_hf_checkpoint
@@ -84,7 +84,7 @@ def validate_job(
             f"parallelism.tensor_parallel_degree {pd.tp} must divide n_heads {args.n_heads} and n_kv_heads "
             f"{kv_heads} of flavor {cfg.model.flavor!r}."
         )
-    comm, a2a = par.context_parallel_comm, par.context_parallel_a2a_degree
+    comm, a2a = par.context_parallel_comm, par.context_parallel_a2a_size
     if pd.cp_enabled and (comm == "alltoall" or (comm == "hybrid" and a2a)):
         size = pd.cp if comm == "alltoall" else a2a
         heads, kv = args.n_heads // pd.tp, kv_heads // pd.tp

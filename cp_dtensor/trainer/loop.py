@@ -13,9 +13,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cp_dtensor.attention.comm import RingStats
-from cp_dtensor.attention.comm_choice import CommChoice
+from cp_dtensor.attention.choice import CommChoice
 from cp_dtensor.attention.mask import AttentionMask
+from cp_dtensor.attention.settings import CPSettings
+from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.balance import BalancedLayoutRule, layout_work, to_sequence_layout
 from cp_dtensor.checkpoint import (
     MANIFEST,
@@ -87,7 +88,7 @@ class Trainer:
             log_file=dump / cfg.metrics.log_file,
             tensorboard_dir=dump / cfg.metrics.save_tb_folder if cfg.metrics.enable_tensorboard else None,
         )
-        self.ring_stats = RingStats() if self.parallel_dims.cp_enabled else None
+        self.ring_stats = AttentionStats() if self.parallel_dims.cp_enabled else None
         self.use_documents = cfg.model.attention_mask == "document_causal"
         # A layout name, or for "balanced" the rule that plans each batch (shard_batch and the CP style).
         self.cp_layout: Any = cfg.cp_layout
@@ -167,13 +168,16 @@ class Trainer:
             pipeline_split_fn=self.model_spec.pipeline_split,
             ac_mode=cfg.activation_checkpoint.mode,
             selective_ac_every=int(cfg.activation_checkpoint.selective_ac_option),
-            cp_layout=self.cp_layout,
-            cp_comm=comm.comm,
-            cp_a2a_size=comm.a2a_size,
-            cp_backend=None
-            if cfg.parallelism.context_parallel_backend == "auto"
-            else cfg.parallelism.context_parallel_backend,
-            ring_stats=self.ring_stats,
+            cp_settings=CPSettings(
+                layout=self.cp_layout,
+                comm=comm.comm,
+                a2a_size=comm.a2a_size,
+                backend=None
+                if cfg.parallelism.context_parallel_backend == "auto"
+                else cfg.parallelism.context_parallel_backend,
+                cost_hardware=cfg.parallelism.context_parallel_cost_hardware,
+                stats=self.ring_stats,
+            ),
             compile_backend=cfg.compile.backend if cfg.compile.enable else None,
             param_dtype=param_dtype,
         )
@@ -235,10 +239,10 @@ class Trainer:
 
     def _set_train_timeouts(self) -> None:
         """After the first step (process groups created, kernels warm), switch every group from
-        ``comm.init_timeout_seconds`` to the shorter ``comm.train_timeout_seconds`` (as torchtitan does)."""
+        ``timeouts.init_seconds`` to the shorter ``timeouts.train_seconds`` (as torchtitan does)."""
         if not dist.is_initialized():
             return
-        timeout = timedelta(seconds=self.cfg.comm.train_timeout_seconds)
+        timeout = timedelta(seconds=self.cfg.timeouts.train_seconds)
         groups = {dist.group.WORLD, *self.parallel_dims.world_mesh.get_all_groups()}
         groups.add(self.parallel_dims.fsdp_mesh.get_group())
         for group in groups:
@@ -458,7 +462,7 @@ class Trainer:
         work = layout_work(to_sequence_layout(layout, cp, batch=rows, seq_len=seq_len), mask)
         return float(work.max() / work.float().mean())
 
-    def _ring_metrics(self, before: RingStats | None) -> dict[str, Any]:
+    def _ring_metrics(self, before: AttentionStats | None) -> dict[str, Any]:
         """This step's CP communication on this rank: bytes sent and time blocked waiting."""
         now = self.ring_stats
         if now is None or before is None:

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from cp_dtensor.config import JobConfig
-from cp_dtensor.models.llama import ModelArgs
+from cp_dtensor.cost.memory import BlockShape, MemoryFormat, recomputed_layers
+from cp_dtensor.cost.memory import activation_bytes_per_rank as activation_bytes_per_rank_of
+from cp_dtensor.models.args import ModelArgs
 from cp_dtensor.parallel_dims import ParallelDims
 
 __all__ = [
@@ -64,25 +66,9 @@ def local_memory_budget(world_size: int) -> MemoryBudget:
 def activation_bytes_per_rank(cfg: JobConfig, pd: ParallelDims, args: ModelArgs) -> float:
     """Bytes one rank keeps for backward at the peak of one step: a floor of what the step needs.
 
-    The planner's formula (Note [Cost model] in ``cp_dtensor/tools/planner/step_estimate.py``) for this
-    code (``CostOptions.cp_dtensor()``: DTensor TP saves its gathered inputs, fp32 norms, full-vocab fp32
-    log-softmax on every tp rank), written out here because training does not import the planner::
-
-        T     = local_batch_size x seq_len / cp          tokens of this rank's CP shard (one accumulation
-                                                         step; TP splits widths, sequence parallel the rest)
-        B     = 2 with bf16 parameters, else 4            bytes per activation element
-        norm  = (8 + (B if B < 4 else 0)) x dim + 4      fp32 input, normalized output (+ cast), 1/rms
-        block = 2 norm / tp + 2 B dim                    per token per layer: norms, gathered linear inputs
-                + (B (2 dim + 2 kv_dim + 4 ffn) + 4 n_heads) / tp      q, k, v, attention out, lse, SwiGLU
-        keep  = (L - R) block + R B dim / tp + in        L layers of this pp rank, R of them recomputed
-                (ac "none": R = 0; "full": R = L; "selective": R = ceil(L / N)): a recomputed block keeps only
-                its input; in = 8 + 4 head_dim (token ids, RoPE table)
-        work  = block if R > 0 else 0                    backward rebuilds one recomputed block at a time
-        head  = norm / tp + B dim + 4 vocab_size          final norm, gathered head input, fp32 log-softmax
-        bytes = T x (keep + head + work)                 (no PP)
-              = max(T f keep, T / M (keep + head)) + T / M work
-                                                         (PP, M microbatches: the first stage holds
-                                                         f = min(pp, M) / M of the batch, f = 1 under GPipe)
+    The library's formula (Note [Activation memory] in ``cp_dtensor.cost.memory``, the one the planner
+    uses too) for this code: DTensor TP saves its gathered inputs, fp32 norms, full-vocab fp32
+    log-softmax on every tp rank; ``T = local_batch_size x seq_len / cp`` tokens per accumulation step.
 
     Weights, gradients, optimizer state, temporaries and communication buffers are not counted, so the
     real need is larger. Measured on CPU (debug_cpu.toml: debug flavor, cp 2, fp32, local_batch_size 8,
@@ -90,29 +76,27 @@ def activation_bytes_per_rank(cfg: JobConfig, pd: ParallelDims, args: ModelArgs)
     0.84 GiB and peaks at 1.77 GiB: the estimate grew by 0.78 GiB, the RSS by 1.36 GiB (1.7x).
     """
     t, par = cfg.training, cfg.parallelism
-    b = 2 if t.mixed_precision_param == "bfloat16" else 4
-    dim, tp, kv_dim = args.dim, pd.tp, args.kv_heads * args.head_dim
-    norm = (8 + (b if b < 4 else 0)) * dim + 4
-    block = (
-        2 * norm / tp
-        + 2 * b * dim
-        + (b * (2 * dim + 2 * kv_dim + 4 * args.ffn_hidden_dim) + 4 * args.n_heads) / tp
+    shape = BlockShape(
+        dim=args.dim, kv_dim=args.kv_heads * args.head_dim, n_heads=args.n_heads, head_dim=args.head_dim,
+        ffn_hidden=args.ffn_hidden_dim, vocab_size=args.vocab_size, q_dim=args.n_heads * args.head_dim,
+    )  # fmt: skip
+    fmt = MemoryFormat(
+        dtype_bytes=2 if t.mixed_precision_param == "bfloat16" else 4,
+        saves_gathered_input=True,
+        fused_norm=False,
+        loss_parallel=False,
     )
     layers = math.ceil(args.n_layers / pd.pp)
-    recomputed = 0
-    if cfg.activation_checkpoint.mode == "full":
-        recomputed = layers
-    elif cfg.activation_checkpoint.mode == "selective":
-        recomputed = math.ceil(layers / int(cfg.activation_checkpoint.selective_ac_option))
-    keep = (layers - recomputed) * block + recomputed * b * dim / tp + 8 + 4 * args.head_dim
-    work = block if recomputed else 0.0
-    head = norm / tp + b * dim + 4 * args.vocab_size
-    tokens = t.local_batch_size * t.seq_len / pd.cp
-    if pd.pp == 1:
-        return tokens * (keep + head + work)
+    ac = cfg.activation_checkpoint
+    recomputed = recomputed_layers(
+        layers, ac.mode, int(ac.selective_ac_option) if ac.mode == "selective" else 2
+    )
     m = par.pipeline_parallel_microbatches if par.pipeline_parallel_microbatches > 0 else pd.pp
-    in_flight = m if par.pipeline_parallel_schedule == "GPipe" else min(pd.pp, m)
-    return max(tokens * in_flight / m * keep, tokens / m * (keep + head)) + tokens / m * work
+    return activation_bytes_per_rank_of(
+        shape, fmt, tokens=t.local_batch_size * t.seq_len / pd.cp, layers=layers, recomputed=recomputed,
+        tp=pd.tp, pp=pd.pp, microbatches=m,
+        in_flight=m if par.pipeline_parallel_schedule == "GPipe" else min(pd.pp, m),
+    )  # fmt: skip
 
 
 def _check_memory(

@@ -9,7 +9,6 @@ and tyro then resolves their field types outside this module, so they must be re
 """
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from torchtitan.config import JobConfig as TorchtitanJobConfig
 
@@ -26,7 +25,7 @@ class CPDTensorConfig:
     CP and is not used.
     """
 
-    comm: Literal["p2p", "allgather", "alltoall", "hybrid", "auto"] = "p2p"
+    comm: str = "p2p"
     """How CP ranks exchange attention inputs: "p2p" ring passes overlapped with compute, one "allgather",
     "alltoall" (Ulysses), "hybrid" (all-to-all inside groups of a2a_size ranks, ring across them) or "auto"
     (the cost model's choice per call shape; see cp_dtensor.choose_comm)."""

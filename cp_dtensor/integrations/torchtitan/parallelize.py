@@ -47,9 +47,8 @@ from torchtitan.distributed.tensor_parallel import maybe_enable_async_tp
 from torchtitan.models.llama3.infra import parallelize as tt_parallelize
 from torchtitan.tools.logging import logger
 
-from cp_dtensor.attention.comm import RingStats
 from cp_dtensor.attention.dispatch import ContextParallelAttention
-from cp_dtensor.attention.ring import COMM_MODES
+from cp_dtensor.attention.settings import CPSettings
 from cp_dtensor.integrations.torchtitan.config import cp_dtensor_config
 from cp_dtensor.integrations.torchtitan.cpu_shims import force_sum_reduction_on_gloo
 from cp_dtensor.integrations.torchtitan.documents import DocumentCausalAttention, uses_document_ids
@@ -85,11 +84,7 @@ def apply_cp_dtensor(
     model: nn.Module,
     cp_mesh: DeviceMesh,
     *,
-    layout: str = "zigzag",
-    comm: str = "p2p",
-    backend: str | None = None,
-    stats: RingStats | None = None,
-    a2a_size: int | None = None,
+    settings: CPSettings | None = None,
 ) -> ContextParallelAttention:
     """Context parallelism on a torchtitan Llama 3 whose inputs are already sequence shards.
 
@@ -100,23 +95,17 @@ def apply_cp_dtensor(
         model: torchtitan's Llama 3 ``Transformer`` (or a pipeline stage of it), with SDPA attention or, for
             ``block_causal`` flavors, cp_dtensor's document attention (:class:`SeededLlama3` builds it).
         cp_mesh: the 1-D mesh of the CP ranks, axis named "cp".
-        layout: the layout the inputs were sharded with (:func:`cp_layout_for_load_balancer`).
-        comm: ``"p2p"``, ``"allgather"``, ``"alltoall"``, ``"hybrid"`` or ``"auto"`` (as
-            :func:`cp_dtensor.ring_attention`).
-        backend: ring kernel adapter, or None to choose from device and dtype.
-        stats: optional :class:`~cp_dtensor.RingStats` filled by every attention call.
-        a2a_size: ranks per all-to-all group of ``comm="hybrid"``.
+        settings: the CP attention settings (:class:`~cp_dtensor.CPSettings`); ``layout`` must be the one the
+            inputs were sharded with (:func:`cp_layout_for_load_balancer`); default zigzag p2p.
 
     Returns:
         The :class:`~cp_dtensor.attention.dispatch.ContextParallelAttention` mode holding the settings,
         shared by every attention module.
 
     Raises:
-        ValueError: unknown ``comm``, a flavor that is neither SDPA nor block_causal, a block_causal model
+        ValueError: a flavor that is neither SDPA nor block_causal, a block_causal model
             whose attention is not cp_dtensor's document attention, or a mesh that is not 1-D.
     """
-    if comm not in COMM_MODES:
-        raise ValueError(f"cp_dtensor.comm = {comm!r}; expected one of {COMM_MODES}.")
     model_args = getattr(model, "model_args", None)
     attn_type = getattr(model_args, "attn_type", "sdpa")
     if attn_type != "sdpa" and not uses_document_ids(model_args):
@@ -136,7 +125,7 @@ def apply_cp_dtensor(
             )
     if cp_mesh.ndim != 1:
         raise ValueError(f"cp_mesh must be the 1-D mesh of the CP ranks, got axes {cp_mesh.mesh_dim_names}.")
-    style = ContextParallel(layout=layout, comm=comm, backend=backend, stats=stats, a2a_size=a2a_size)
+    style = ContextParallel(settings=settings or CPSettings(layout="zigzag"))
     parallelize_module(model, cp_mesh, {ATTENTION_MODULES: style})
     if style.attention is None:  # parallelize_module only warns when a pattern matches nothing
         raise ValueError(f"{type(model).__name__} has no module matching {ATTENTION_MODULES!r}.")
@@ -196,17 +185,19 @@ def parallelize_llama(
 
     if parallel_dims.cp_enabled:
         config = cp_dtensor_config(job_config)
-        attention = apply_cp_dtensor(
-            model,
-            parallel_dims.get_mesh("cp"),
-            layout=layout,
-            comm=config.comm,
-            backend=config.backend or None,
-            a2a_size=config.a2a_size or None,
-        )
+        try:
+            settings = CPSettings(
+                layout=layout,
+                comm=config.comm,
+                backend=config.backend or None,
+                a2a_size=config.a2a_size or None,
+            )
+        except ValueError as e:
+            raise ValueError(f"cp_dtensor settings: {e}") from None
+        apply_cp_dtensor(model, parallel_dims.get_mesh("cp"), settings=settings)
         logger.info(
-            f"Applied cp_dtensor context parallelism (cp {parallel_dims.cp}, layout {attention.layout}, "
-            f"comm {attention.comm}) to {len(model.layers)} attention modules"
+            f"Applied cp_dtensor context parallelism (cp {parallel_dims.cp}, layout {settings.layout}, "
+            f"comm {settings.comm}) to {len(model.layers)} attention modules"
         )
 
     if job_config.activation_checkpoint.mode != "none":

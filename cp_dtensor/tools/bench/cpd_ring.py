@@ -10,9 +10,10 @@ from typing import Any
 
 import torch
 
-from cp_dtensor.attention.comm import DKV_TAG, KV_TAG, Transport
 from cp_dtensor.attention.kernels import select_kernel
-from cp_dtensor.attention.ring import allgather_backward, allgather_forward, ring_backward, ring_forward
+from cp_dtensor.attention.mask import AttentionMask
+from cp_dtensor.attention.strategy import get_strategy
+from cp_dtensor.attention.transport import DKV_TAG, KV_TAG, Transport
 from cp_dtensor.tools.bench.variants import Variant
 
 __all__ = ["cpd_comm_only", "cpd_direct_step"]
@@ -40,13 +41,14 @@ def cpd_direct_step(
         causal: causal mask.
         scale: softmax scale.
     """
-    fwd, bwd = (
-        (ring_forward, ring_backward) if variant.comm == "p2p" else (allgather_forward, allgather_backward)
-    )
     kernel = select_kernel(q.device, q.dtype, "cpu_flash")
-    opts: dict[str, Any] = dict(is_causal=causal, scale=scale, layout=variant.layout, kernel=kernel)
-    out, lse = fwd(q, k, v, transport, **opts)
-    bwd(dout, q, k, v, out, lse, transport, **opts)
+    algo = get_strategy(variant.comm).build(
+        layout=variant.layout, mask=AttentionMask(causal), rank=transport.rank, cp=transport.size,
+        s_local=q.shape[2], a2a_size=None, scale=scale, kernel=kernel,
+    )  # fmt: skip
+    opts: dict[str, Any] = algo.options
+    out, lse = algo.forward(q, k, v, transport, **opts)
+    algo.backward(dout, q, k, v, out, lse, transport, **opts)
 
 
 def cpd_comm_only(
@@ -67,19 +69,26 @@ def cpd_comm_only(
         transport.all_gather(kv)  # backward re-gathers KV
         transport.reduce_scatter(dkv_per_rank)
         return
+
+    def exchange() -> Any:
+        return transport.send_recv(kv, tuple(kv.shape), kv.dtype, kv.device, KV_TAG)
+
+    def recv_acc() -> Any:
+        return transport.send_recv(None, tuple(dkv.shape), dkv.dtype, dkv.device, DKV_TAG)
+
     for _ in range(cp - 1):  # forward
-        transport.exchange(kv, KV_TAG).wait()
+        exchange().wait()
     sends = []
     for step in range(cp):  # backward: same order as ring_backward
-        acc_in = transport.recv(dkv, DKV_TAG) if step >= 2 else None
-        pending_kv = transport.exchange(kv, KV_TAG) if step < cp - 1 else None
+        acc_in = recv_acc() if step >= 2 else None
+        pending_kv = exchange() if step < cp - 1 else None
         if acc_in is not None:
             acc_in.wait()
         if step >= 1:
-            sends.append(transport.send(dkv, DKV_TAG))
+            sends.append(transport.send_recv(dkv, None, dkv.dtype, dkv.device, DKV_TAG))
         if pending_kv is not None:
             pending_kv.wait()
     if cp > 1:
-        transport.recv(dkv, DKV_TAG).wait()
+        recv_acc().wait()
     for pending in sends:
         pending.wait()

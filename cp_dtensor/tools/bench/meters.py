@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cp_dtensor.attention.comm import Pending, ProcessGroupTransport
+from cp_dtensor.attention.transport import Pending, ProcessGroupTransport
 from cp_dtensor.tools.bench.theory import score_elements
 
 __all__ = [
@@ -95,14 +95,8 @@ class TimedTransport(ProcessGroupTransport):
 
         return Pending(wait)
 
-    def exchange(self, send: torch.Tensor, tag: int) -> Pending:
-        return self._timed(super().exchange(send, tag), f"tag{tag}")
-
-    def send(self, tensor: torch.Tensor, tag: int) -> Pending:
-        return self._timed(super().send(tensor, tag), f"tag{tag}")
-
-    def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
-        return self._timed(super().recv(like, tag, dtype=dtype), f"tag{tag}")
+    def send_recv(self, send, recv_shape, dtype, device, tag):
+        return self._timed(super().send_recv(send, recv_shape, dtype, device, tag), f"tag{tag}")
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -127,7 +121,7 @@ class CollectiveMeter(TorchDispatchMode):
 
     Bytes: ``all_to_all_single`` sends its input splits addressed to other ranks; ``all_gather_into_tensor``
     is counted as a ring all-gather, (group_size - 1) x input bytes (the convention of cp_dtensor's
-    ``RingStats``). Bytes go to ``bytes_by_phase[phase]``; set :attr:`phase` before each phase.
+    ``AttentionStats``). Bytes go to ``bytes_by_phase[phase]``; set :attr:`phase` before each phase.
     Waits: the time in ``wait_tensor`` goes to ``wait_seconds``.
     """
 

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cp_dtensor.attention.comm import DKV_TAG, KV_TAG, ProcessGroupTransport
+from cp_dtensor.attention.transport import DKV_TAG, KV_TAG, ProcessGroupTransport
 from cp_dtensor.layout import shard_sequence_for_rank
 from cp_dtensor.tools.bench.cpd_ring import cpd_comm_only, cpd_direct_step
 from cp_dtensor.tools.bench.meters import CollectiveMeter, TimedTransport

@@ -19,7 +19,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import cp_dtensor
-from cp_dtensor.attention.comm import RingStats
+from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.layout import shard_sequence_for_rank
 from cp_dtensor.tools.bench.config import BenchConfig, dtype_from_name
 from cp_dtensor.tools.bench.torch_ring import CPU_FLASH_BWD, CPU_FLASH_FWD, TorchRingAttention, TorchRingSpec
@@ -94,7 +94,7 @@ class RankBench:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        stats: RingStats | None = None,
+        stats: AttentionStats | None = None,
         spec: TorchRingSpec | None = None,
     ) -> torch.Tensor:
         """The forward of ``variant`` (autograd records it).

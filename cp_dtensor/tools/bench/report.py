@@ -131,7 +131,7 @@ def _bytes_memory_work_table(vs: dict[str, Any]) -> list[str]:
                 f"{m['bytes_forward_vs_min']:.4f}",
                 format_bytes(m["bytes_backward_per_rank"]),
                 f"{m['bytes_backward_vs_min']:.4f}",
-                "RingStats" if m["kind"] == "cpd" else "counted",
+                "AttentionStats" if m["kind"] == "cpd" else "counted",
                 format_bytes(m["saved_bytes_per_rank"]),
                 f"{m['saved_bytes_vs_target']:.3f}",
                 f"{m['work_forward_max_over_mean']:.4f}",

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cp_dtensor.attention.comm import Pending, Transport
+from cp_dtensor.attention.transport import Pending, Transport
 from cp_dtensor.tools.bench.meters import functional_collective_op
 
 __all__ = ["LocalCollectivesMode", "LocalCopyTransport"]
@@ -23,8 +23,8 @@ __all__ = ["LocalCollectivesMode", "LocalCopyTransport"]
 class LocalCopyTransport(Transport):
     """A transport whose transfers are local copies of the right shape (no process group involved).
 
-    ``exchange`` returns a copy of what was sent, ``recv`` a copy of the last tensor this rank sent with
-    that tag (zeros before the first), ``all_gather`` ``size`` copies, ``reduce_scatter`` a copy of this
+    ``send_recv`` receives a copy of the last tensor this rank sent with that tag when the shapes match
+    (zeros otherwise), ``all_gather`` ``size`` copies, ``reduce_scatter`` a copy of this
     rank's entry. The values are wrong, the shapes, dtypes and memory traffic are those of the real ring:
     running cp_dtensor's ring code on it times the compute (plus the copies) without communication.
     """
@@ -35,19 +35,14 @@ class LocalCopyTransport(Transport):
         self.bytes_sent = 0
         self._last: dict[int, torch.Tensor] = {}
 
-    def exchange(self, send: torch.Tensor, tag: int) -> Pending:
-        recv = torch.empty_like(send, memory_format=torch.contiguous_format)
-        recv.copy_(send)
-        return Pending(lambda: recv)
-
-    def send(self, tensor: torch.Tensor, tag: int) -> Pending:
-        self._last[tag] = tensor
-        return Pending(lambda: None)
-
-    def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
+    def send_recv(self, send, recv_shape, dtype, device, tag):
+        if send is not None:
+            self._last[tag] = send
+        if recv_shape is None:
+            return Pending(lambda: None)
+        out = torch.zeros(recv_shape, dtype=dtype, device=device)
         last = self._last.get(tag)
-        out = torch.zeros_like(like, dtype=dtype, memory_format=torch.contiguous_format)
-        if last is not None and last.shape == like.shape:
+        if last is not None and tuple(last.shape) == tuple(recv_shape):
             out.copy_(last)
         return Pending(lambda: out)
 

@@ -1,6 +1,6 @@
 """One untimed step per variant: outputs and gradients against SDPA, bytes sent, work, saved bytes.
 
-cp_dtensor variants count with their :class:`~cp_dtensor.attention.comm.RingStats`; PyTorch's loop is counted
+cp_dtensor variants count with their :class:`~cp_dtensor.attention.transport.AttentionStats`; PyTorch's loop is counted
 from outside (its ops wrapped in :class:`~.meters.CountingOp`, its collectives metered by
 :class:`~.meters.CollectiveMeter`). Outputs are unsharded and compared on rank 0.
 """
@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import cp_dtensor
-from cp_dtensor.attention.comm import RingStats
+from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.layout import layout_permutation
 from cp_dtensor.tools.bench.meters import CollectiveMeter, CountingOp, saved_bytes_during
 from cp_dtensor.tools.bench.rank_bench import RankBench
@@ -98,7 +98,7 @@ def _verify_cp(bench: RankBench, variant: Variant) -> dict[str, Any]:
     saved: dict[str, int] = {}
     rec: dict[str, Any] = {}
     if variant.kind == "cpd":
-        stats = RingStats()
+        stats = AttentionStats()
         with saved_bytes_during(saved):
             out = bench.forward(variant, q, k, v, stats=stats)
         out.backward(dout)
@@ -109,7 +109,7 @@ def _verify_cp(bench: RankBench, variant: Variant) -> dict[str, Any]:
             work_backward=stats.score_elements_backward,
             kernel_calls_forward=stats.kernel_calls_forward,
             kernel_calls_backward=stats.kernel_calls_backward,
-            bytes_source="RingStats",
+            bytes_source="AttentionStats",
         )
     else:
         fwd_op, bwd_op = CountingOp(CPU_FLASH_FWD), CountingOp(CPU_FLASH_BWD)

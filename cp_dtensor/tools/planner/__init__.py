@@ -20,6 +20,7 @@ aid for ``scripts/plan.py`` and ``scripts/bench_train.py``; training imports it 
   demand (``from cp_dtensor.tools.planner.measure import calibrate_machine``), it spawns processes.
 """
 
+from cp_dtensor.cost.hardware import GIB, HARDWARE_PRESETS, Hardware, build_hardware
 from cp_dtensor.tools.planner.calibration import (
     Calibration,
     Comparison,
@@ -43,7 +44,6 @@ from cp_dtensor.tools.planner.formulas import (
     model_flops_per_token,
     pp_bubble_fraction,
 )
-from cp_dtensor.tools.planner.hardware import GIB, HARDWARE_PRESETS, Hardware, build_hardware
 from cp_dtensor.tools.planner.options import CostOptions
 from cp_dtensor.tools.planner.parallel_plan import ParallelPlan, plan_problem
 from cp_dtensor.tools.planner.recommendation import Recommendation, enumerate_plans, recommend

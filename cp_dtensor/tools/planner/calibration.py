@@ -38,13 +38,12 @@ fp32 log-softmax of the loss. :func:`compare_measurements` reports ``(predicted 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cp_dtensor.tools.planner.hardware import HARDWARE_PRESETS, Hardware, build_hardware
+from cp_dtensor.cost.hardware import HARDWARE_PRESETS, Hardware, build_hardware, read_calibration_json
 from cp_dtensor.tools.planner.options import CostOptions
 from cp_dtensor.tools.planner.parallel_plan import ParallelPlan
 from cp_dtensor.tools.planner.shapes import ModelShape
@@ -115,9 +114,7 @@ def load_calibration(path: str | Path) -> Calibration:
     Returns:
         The parsed file (overrides are applied by the caller, e.g. :func:`~.hardware.build_hardware`).
     """
-    data = json.loads(Path(path).read_text())
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top level")
+    data = read_calibration_json(path)
     known = {"model", "seq_len", "micro_batch", "preset", "hardware", "options", "machine", "measurements"}
     unknown = sorted(set(data) - known)
     if unknown:

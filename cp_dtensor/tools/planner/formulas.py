@@ -6,6 +6,8 @@ of one layer or one collective; :func:`~.step_estimate.estimate` adds them up fo
 
 from __future__ import annotations
 
+from cp_dtensor.cost import memory as cost_memory
+from cp_dtensor.cost.memory import BlockShape, MemoryFormat
 from cp_dtensor.models.llama import training_flops_per_token
 from cp_dtensor.tools.planner.options import CostOptions
 from cp_dtensor.tools.planner.shapes import ModelShape
@@ -19,6 +21,8 @@ __all__ = [
     "cp_comm_bytes",
     "head_activation_bytes_per_token",
     "kv_heads_per_rank",
+    "memory_format",
+    "memory_shape",
     "model_flops_per_token",
     "norm_bytes_per_token",
     "pp_bubble_fraction",
@@ -227,14 +231,26 @@ def collective_time(size_bytes: float, n: int, bandwidth: float, latency: float)
     return (n - 1) / n * size_bytes / bandwidth + (n - 1) * latency
 
 
+def memory_shape(model: ModelShape) -> BlockShape:
+    """The library's :class:`~cp_dtensor.cost.memory.BlockShape` of ``model``."""
+    return BlockShape(
+        dim=model.dim, kv_dim=model.kv_dim, n_heads=model.n_heads, head_dim=model.head_dim,
+        ffn_hidden=model.ffn_hidden, vocab_size=model.vocab_size, swiglu=model.mlp == "swiglu",
+        dropout=model.dropout,
+    )  # fmt: skip
+
+
+def memory_format(options: CostOptions) -> MemoryFormat:
+    """The library's :class:`~cp_dtensor.cost.memory.MemoryFormat` of ``options``."""
+    return MemoryFormat(
+        dtype_bytes=options.dtype_bytes, saves_gathered_input=options.saves_gathered_input,
+        fused_norm=options.fused_norm, loss_parallel=options.loss_parallel,
+    )  # fmt: skip
+
+
 def norm_bytes_per_token(model: ModelShape, options: CostOptions) -> float:
-    """Bytes per token one norm keeps for backward."""
-    h, b = model.dim, options.dtype_bytes
-    if options.fused_norm:
-        return float(b * h)
-    # unfused fp32 norm: fp32 input (a copy when B < 4), fp32 normalized output, its cast when B < 4, and
-    # the fp32 reciprocal RMS (one value per token)
-    return float((8 + (b if b < 4 else 0)) * h + 4)
+    """Bytes per token one norm keeps for backward (Note [Activation memory] in ``cp_dtensor.cost.memory``)."""
+    return cost_memory.norm_bytes_per_token(model.dim, memory_format(options))
 
 
 def activation_bytes_per_token_layer(
@@ -242,8 +258,8 @@ def activation_bytes_per_token_layer(
 ) -> float:
     """Bytes one block keeps for backward per token of the CP shard, on one TP rank (no checkpointing).
 
-    See Note [Cost model]: sequence-sharded terms and head-sharded terms divide by ``tp``; the gathered
-    inputs of the column-parallel linears divide by ``tp`` only when they are re-gathered in backward.
+    The library's formula (Note [Activation memory] in ``cp_dtensor.cost.memory``), shared with the
+    trainer's memory check.
 
     Args:
         model: Model shape.
@@ -254,18 +270,9 @@ def activation_bytes_per_token_layer(
         Bytes per token.
     """
     opt = options or CostOptions()
-    h, b, kv = model.dim, opt.dtype_bytes, model.kv_dim
-    seq_sharded = 2 * norm_bytes_per_token(model, opt) + (2 * h if model.dropout else 0)
-    gathered = 2 * h * b
-    head_sharded = (h + 2 * kv) * b + h * b + 4 * model.n_heads
-    head_sharded += (4 if model.mlp == "swiglu" else 2) * model.ffn_hidden * b
-    return seq_sharded / tp + (gathered if opt.saves_gathered_input else gathered / tp) + head_sharded / tp
+    return cost_memory.block_activation_bytes_per_token(memory_shape(model), memory_format(opt), tp)
 
 
 def head_activation_bytes_per_token(model: ModelShape, tp: int, options: CostOptions) -> float:
     """Final norm, gathered head input and fp32 log-softmax per token (last stage)."""
-    h, b = model.dim, options.dtype_bytes
-    norm = norm_bytes_per_token(model, options) / tp
-    gathered = h * b if options.saves_gathered_input else h * b / tp
-    vocab = model.vocab_size / tp if options.loss_parallel else model.vocab_size
-    return norm + gathered + 4.0 * vocab
+    return cost_memory.head_activation_bytes_per_token(memory_shape(model), memory_format(options), tp)

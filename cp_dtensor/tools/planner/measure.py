@@ -59,9 +59,9 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from cp_dtensor.cost.hardware import build_hardware
 from cp_dtensor.models.llama import LLAMA3_FLAVORS, ModelArgs, RotaryEmbedding, TransformerBlock
 from cp_dtensor.tools.planner.formulas import activation_bytes_per_token_layer
-from cp_dtensor.tools.planner.hardware import build_hardware
 from cp_dtensor.tools.planner.options import CostOptions
 from cp_dtensor.tools.planner.shapes import ModelShape
 

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from cp_dtensor.cost.hardware import replace_fields
 from cp_dtensor.pipeline import stages_per_rank
-from cp_dtensor.tools.planner.hardware import replace_fields
 
 __all__ = ["CostOptions"]
 

@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from cp_dtensor.tools.planner.hardware import Hardware
+from cp_dtensor.cost.hardware import Hardware
 from cp_dtensor.tools.planner.options import CostOptions
 from cp_dtensor.tools.planner.parallel_plan import AC_MODES, ParallelPlan, plan_problem, split_stages
 from cp_dtensor.tools.planner.shapes import ModelShape

@@ -123,6 +123,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from cp_dtensor.cost.hardware import GIB, Hardware
 from cp_dtensor.tools.planner.formulas import (
     activation_bytes_per_token_layer,
     attention_flops,
@@ -133,7 +134,6 @@ from cp_dtensor.tools.planner.formulas import (
     model_flops_per_token,
     ring_transient_bytes,
 )
-from cp_dtensor.tools.planner.hardware import GIB, Hardware
 from cp_dtensor.tools.planner.options import CostOptions
 from cp_dtensor.tools.planner.parallel_plan import ParallelPlan, plan_problem, split_stages
 from cp_dtensor.tools.planner.shapes import ModelShape

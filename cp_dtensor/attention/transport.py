@@ -1,6 +1,7 @@
-"""Communication for the ring: send to the next rank, receive from the previous one, gather, scatter.
+"""Transports: how the CP strategies move tensors between ranks (point to point, gather, scatter, all-to-all).
 
-Two transports implement the same small interface:
+Two transports implement the same small interface - one point-to-point primitive, :meth:`Transport.send_recv`
+(send to the next rank and / or receive from the previous one, as one batch), and three collectives:
 
 * :class:`ProcessGroupTransport` - real ``torch.distributed`` point-to-point (``batch_isend_irecv``) and
   collectives over the CP process group (gloo on CPU, NCCL on CUDA).
@@ -35,21 +36,23 @@ the other a one-rank transport. Threads: the hub keeps one sub-hub per subgroup,
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+if TYPE_CHECKING:
+    from cp_dtensor.attention.stats import AttentionStats
+
 __all__ = [
+    "DKV_TAG",
+    "KV_TAG",
     "Pending",
     "ProcessGroupTransport",
-    "RingStats",
     "SendWindow",
     "ThreadHub",
     "ThreadTransport",
@@ -62,65 +65,6 @@ __all__ = [
 # Tags keep the KV stream and the dK/dV stream apart on transports that match messages by tag.
 KV_TAG = 11
 DKV_TAG = 12
-
-
-@dataclass
-class RingStats:
-    """Counters of one or more ``ring_attention`` calls on this rank (pass ``stats=`` to fill them).
-
-    Attributes:
-        bytes_sent_forward: bytes this rank sent during forward.
-        bytes_sent_backward: bytes this rank sent during backward.
-        score_elements_forward: visible (query, key) score elements over all forward kernel calls
-            (batch x query heads x visible pairs of each block).
-        score_elements_backward: the same for the backward kernel calls.
-        kernel_calls_forward: number of forward kernel calls.
-        kernel_calls_backward: number of backward kernel calls.
-        comm_wait_seconds: time spent blocked waiting for communication (fwd + bwd): wall time on CPU; on
-            CUDA the time the compute stream waited for the communication streams, from CUDA events
-            around each wait (NCCL's host-side ``wait()`` returns at once, so wall time would read ~0);
-            those are added by :meth:`settle` once the events have completed.
-    """
-
-    bytes_sent_forward: int = 0
-    bytes_sent_backward: int = 0
-    score_elements_forward: int = 0
-    score_elements_backward: int = 0
-    kernel_calls_forward: int = 0
-    kernel_calls_backward: int = 0
-    comm_wait_seconds: float = 0.0
-    _cuda_waits: list = field(default_factory=list, repr=False, compare=False)
-
-    def count(self, phase: str, score_elements: int) -> None:
-        """Account one kernel call of ``phase`` ("forward" or "backward") computing ``score_elements``."""
-        if phase == "forward":
-            self.score_elements_forward += score_elements
-            self.kernel_calls_forward += 1
-        else:
-            self.score_elements_backward += score_elements
-            self.kernel_calls_backward += 1
-
-    @contextlib.contextmanager
-    def waiting(self, device: torch.device | None) -> Iterator[None]:
-        """Time the block as communication wait: CUDA events on the current stream for a CUDA ``device``
-        (resolved by :meth:`settle`), wall clock otherwise."""
-        if device is not None and device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._cuda_waits.append((start, end))
-            return
-        t0 = time.perf_counter()
-        yield
-        self.comm_wait_seconds += time.perf_counter() - t0
-
-    def settle(self) -> None:
-        """Add the recorded CUDA waits to ``comm_wait_seconds`` (synchronizes with those events)."""
-        for start, end in self._cuda_waits:
-            end.synchronize()
-            self.comm_wait_seconds += start.elapsed_time(end) / 1000.0
-        self._cuda_waits.clear()
 
 
 class Pending:
@@ -149,7 +93,7 @@ def pack_kv(k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return torch.stack([k, v])
 
 
-def timed_wait(pending: Pending | None, stats: RingStats | None) -> torch.Tensor | None:
+def timed_wait(pending: Pending | None, stats: AttentionStats | None) -> torch.Tensor | None:
     """Complete ``pending`` (None: nothing to wait for), accounting the wait in ``stats`` if given."""
     if pending is None:
         return None
@@ -162,9 +106,15 @@ def timed_wait(pending: Pending | None, stats: RingStats | None) -> torch.Tensor
 class SendWindow:
     """At most two sends in flight: posting one waits for the one before it (double buffering).
 
+    Note [Send window]
+    ~~~~~~~~~~~~~~~~~~
     The ring's dK/dV accumulators are sent one per step; keeping every step's buffer alive until the end
     would make transient memory grow with the CP degree. A send posted at step s - 1 has had a whole step
-    to complete, so waiting for it when step s posts its own costs nothing in the steady state.
+    to complete, so waiting for it when step s posts its own costs nothing in the steady state::
+
+        step:      1        2        3
+        post:     a1  ->   a2  ->   a3         (post a_s waits for a_{s-1}; drain waits for the last)
+        in flight: a1      a1 a2    a2 a3      at most two buffers alive
     """
 
     def __init__(self, wait: Callable[[Pending], object]) -> None:
@@ -202,14 +152,6 @@ class Transport:
         """The rank this one receives from."""
         return (self.rank - 1) % self.size
 
-    def exchange(self, send: torch.Tensor, tag: int) -> Pending:
-        """Send ``send`` to the next rank and receive a tensor like it from the previous rank."""
-        raise NotImplementedError
-
-    def send(self, tensor: torch.Tensor, tag: int) -> Pending:
-        """Send ``tensor`` to the next rank; do not modify it before :meth:`Pending.wait`."""
-        raise NotImplementedError
-
     def send_recv(
         self,
         send: torch.Tensor | None,
@@ -220,10 +162,6 @@ class Transport:
     ) -> Pending:
         """Send ``send`` (if any) to the next rank and receive a ``recv_shape`` tensor (if any) from the
         previous one, in one batch: the masked ring's messages differ in size from hop to hop."""
-        raise NotImplementedError
-
-    def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
-        """Receive a tensor shaped like ``like`` (in ``dtype``, default like's) from the previous rank."""
         raise NotImplementedError
 
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -276,29 +214,6 @@ class ProcessGroupTransport(Transport):
             return result
 
         return Pending(wait, ops[0].tensor.device)
-
-    def exchange(self, send: torch.Tensor, tag: int) -> Pending:
-        send = send.contiguous()
-        recv = torch.empty_like(send)
-        self.bytes_sent += _nbytes(send)
-        ops = [
-            dist.P2POp(dist.isend, send, group=self.group, tag=tag, group_peer=self.next_rank),
-            dist.P2POp(dist.irecv, recv, group=self.group, tag=tag, group_peer=self.prev_rank),
-        ]
-        return self._p2p(ops, recv)
-
-    def send(self, tensor: torch.Tensor, tag: int) -> Pending:
-        tensor = tensor.contiguous()
-        self.bytes_sent += _nbytes(tensor)
-        return self._p2p(
-            [dist.P2POp(dist.isend, tensor, group=self.group, tag=tag, group_peer=self.next_rank)], None
-        )
-
-    def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
-        out = torch.empty(like.shape, dtype=dtype or like.dtype, device=like.device)
-        return self._p2p(
-            [dist.P2POp(dist.irecv, out, group=self.group, tag=tag, group_peer=self.prev_rank)], out
-        )
 
     def send_recv(self, send, recv_shape, dtype, device, tag):
         ops, out = [], None
@@ -438,17 +353,6 @@ class ThreadTransport(Transport):
                 f"simulated rank {self.rank} got no message from rank {self.prev_rank} (tag {tag}) "
                 f"within {self.hub.timeout_s}s"
             ) from None
-
-    def exchange(self, send: torch.Tensor, tag: int) -> Pending:
-        self._put(send, tag)
-        return Pending(lambda: self._get(tag))
-
-    def send(self, tensor: torch.Tensor, tag: int) -> Pending:
-        self._put(tensor, tag)
-        return Pending(lambda: None)
-
-    def recv(self, like: torch.Tensor, tag: int, dtype: torch.dtype | None = None) -> Pending:
-        return Pending(lambda: self._get(tag))
 
     def send_recv(self, send, recv_shape, dtype, device, tag):
         if send is not None:

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
-__all__ = ["GIB", "HARDWARE_PRESETS", "Hardware", "build_hardware", "replace_fields"]
+__all__ = [
+    "GIB",
+    "HARDWARE_PRESETS",
+    "Hardware",
+    "build_hardware",
+    "load_hardware_spec",
+    "read_calibration_json",
+    "replace_fields",
+]
 
 GIB = float(2**30)
 
@@ -228,3 +238,45 @@ def build_hardware(name: str, overrides: Mapping[str, Any] | None = None) -> Har
         raise ValueError(f"Unknown hardware {name!r}; choose from {sorted(HARDWARE_PRESETS)}")
     hw = HARDWARE_PRESETS[name.lower()]
     return hw.with_overrides(overrides) if overrides else hw
+
+
+def load_hardware_spec(spec: str) -> Hardware:
+    """The :class:`Hardware` a setting names: a preset (``h100``, ``h200``, ``a100``, ``cpu``) or a calibration
+    JSON written by ``scripts/plan.py --calibrate`` (its ``preset``, default ``cpu``, and ``hardware`` overrides).
+
+    Raises:
+        ValueError: naming the preset list, or the file and the key that is wrong.
+    """
+    text = str(spec)
+    if text.lower() in HARDWARE_PRESETS:
+        return build_hardware(text)
+    path = Path(text)
+    if not path.is_file():
+        raise ValueError(
+            f"Unknown hardware {text!r}: not a preset ({sorted(HARDWARE_PRESETS)}) and no such cost-model "
+            f"calibration file; write one with `scripts/plan.py --calibrate --out {text}`."
+        )
+    data = read_calibration_json(path)
+    preset = data.get("preset", "cpu")
+    overrides = data.get("hardware", {})
+    if not isinstance(preset, str) or preset.lower() not in HARDWARE_PRESETS:
+        raise ValueError(f"{path}: 'preset' must be one of {sorted(HARDWARE_PRESETS)}, got {preset!r}.")
+    if not isinstance(overrides, dict):
+        raise ValueError(
+            f"{path}: 'hardware' must be an object of Hardware fields, got {type(overrides).__name__}."
+        )
+    try:
+        return build_hardware(preset, overrides)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: key 'hardware': {e}") from None
+
+
+def read_calibration_json(path: str | Path) -> dict[str, Any]:
+    """The top-level object of a calibration JSON file; ``ValueError`` naming the file when it is not one."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno}).") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}.")
+    return data
