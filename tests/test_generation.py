@@ -139,3 +139,60 @@ def test_bad_inputs_are_refused() -> None:
     right[0, -2:] = 0
     with pytest.raises(ValueError, match="padding on the left"):
         generate(model, ids, max_new_tokens=2, attention_mask=right)
+
+
+def test_needle_samples_have_exact_lengths_and_scoring_reads_the_first_digits() -> None:
+    """Note [Needle in a haystack]: every prompt is exactly its context length, the needle sits at its
+    depth, and an answer is correct when its first run of digits is the key."""
+    from cp_dtensor.data import load_tokenizer
+    from cp_dtensor.evaluation import build_samples, score, summary_table
+
+    tok = load_tokenizer("byte")
+    samples = build_samples(tok, [300, 500], [0.0, 0.5, 1.0], 2, seed=1, bos_id=tok.BOS)
+    assert len(samples) == 12 and all(len(s.tokens) == s.length for s in samples)
+    for s in samples:
+        text = tok.decode(s.tokens[1:])
+        at = text.index("The pass key is")
+        room = len(text) - len(" The pass key is . Remember it.  is the pass key.") - 2 * len(s.expected)
+        room -= len(" What is the pass key? The pass key is")
+        assert abs(at - 1 - s.depth * room) <= 1 and s.expected in text
+    score(samples[0], f" {samples[0].expected}. The")
+    score(samples[1], " 12 and then")
+    assert samples[0].correct and not samples[1].correct and samples[1].predicted == "12"
+    assert summary_table(samples).splitlines()[2] == "| 300 | 0.50 | 0.00 | 0.00 | 0.17 |"  # 1 of the 2 at depth 0
+
+
+def test_eval_needle_predictions_are_identical_at_cp_1_and_2(tmp_path: Path) -> None:
+    """The evaluation script end to end (launched like train.py): the same answers with and without CP."""
+    import json
+    import subprocess
+    import sys
+
+    _hf_model("llama", tmp_path / "model")
+    (tmp_path / "model" / "tokenizer.json").write_text(_byte_level_tokenizer_json())
+    answers = {}
+    for cp in (1, 2):
+        out = tmp_path / f"cp{cp}"
+        proc = subprocess.run(
+            [sys.executable, "scripts/eval_needle.py", "--hf", str(tmp_path / "model"), "--cp", str(cp),
+             "--lengths", "128", "160", "--depths", "0", "1", "--samples", "1", "--out", str(out)],
+            capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[1],
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads((out / "needle.json").read_text())
+        assert {"length", "depth", "expected", "predicted", "correct"} <= set(report["records"][0])
+        assert (out / "needle.png").stat().st_size > 0
+        answers[cp] = [r["answer"] for r in report["records"]]
+    assert answers[1] == answers[2]
+
+
+def _byte_level_tokenizer_json() -> str:
+    """A tokenizer.json whose 101 ids cover the model's vocabulary (bytes 0..98 plus BOS/EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {chr(i) if chr(i).isprintable() and i > 32 else f"<{i}>": i for i in range(99)}
+    vocab[" "] = 32
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+    return tok.to_str()
