@@ -159,7 +159,9 @@ def test_needle_samples_have_exact_lengths_and_scoring_reads_the_first_digits() 
     score(samples[0], f" {samples[0].expected}. The")
     score(samples[1], " 12 and then")
     assert samples[0].correct and not samples[1].correct and samples[1].predicted == "12"
-    assert summary_table(samples).splitlines()[2] == "| 300 | 0.50 | 0.00 | 0.00 | 0.17 |"  # 1 of the 2 at depth 0
+    assert (
+        summary_table(samples).splitlines()[2] == "| 300 | 0.50 | 0.00 | 0.00 | 0.17 |"
+    )  # 1 of the 2 at depth 0
 
 
 def test_eval_needle_predictions_are_identical_at_cp_1_and_2(tmp_path: Path) -> None:
