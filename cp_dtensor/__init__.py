@@ -20,6 +20,7 @@ Public API (stable names)::
     shard_batch(batch, mesh, layout=...)                       a global batch -> this rank's CP DTensors
     unshard_sequence_output(x, mesh, layout=...)               a CP-sharded output -> natural order
     inspect_sharding(model, *inputs)                           per-module placements and shapes
+    generate(model, input_ids, mesh, *, max_new_tokens, ...)   CP prefill + decode against a sharded KV cache
     models.from_pretrained(path, *, dtype, device)             a HuggingFace folder -> our model
     models.save_pretrained(model, path)                        our model -> a folder transformers loads
     models.register_model(spec) / models.get_model_spec(name)  the model-family registry
@@ -41,6 +42,7 @@ from cp_dtensor.attention.dispatch import ContextParallelAttention, context_para
 from cp_dtensor.attention.functional import document_attention
 from cp_dtensor.balance import BalancedLayoutRule, balanced_layout, layout_work
 from cp_dtensor.context_parallel import apply_context_parallel, build_context_parallel_plan
+from cp_dtensor.generation import generate
 from cp_dtensor.layout import LAYOUTS, SequenceLayout, sequence_positions, shard_sequence, unshard_sequence
 from cp_dtensor.parallel_dims import ParallelDims
 from cp_dtensor.sharding import shard_batch, unshard_sequence_output
@@ -66,6 +68,7 @@ __all__ = [
     "context_parallel_sdpa",
     "document_attention",
     "format_sharding_table",
+    "generate",
     "get_strategy",
     "inspect_sharding",
     "layout_work",

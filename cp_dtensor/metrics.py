@@ -45,10 +45,20 @@ def gpu_peak_tflops() -> float | None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: the CUDA allocator's peak on GPU, the process's max RSS on CPU."""
+    """Peak memory of this process: the CUDA allocator's peak on GPU, the process's peak RSS on CPU.
+
+    On Linux the CPU peak is ``VmHWM`` of ``/proc/self/status``, not ``getrusage``'s ``ru_maxrss``: that one
+    survives ``exec``, so a spawned rank would report at least what its launcher held when it started it.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB (macOS: bytes)
 
 
 @dataclass

@@ -20,6 +20,7 @@ tool; import-linter's "layers" and "forbidden" contracts express the same rules.
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,7 @@ def _top(module: str) -> str:
     return parts[1] if len(parts) > 1 else ""
 
 
+@functools.lru_cache(maxsize=1)
 def _modules() -> dict[str, list[str]]:
     return {_module_name(p): _imports(p) for p in sorted(ROOT.rglob("*.py"))}
 
@@ -152,7 +154,8 @@ def test_the_cost_model_is_a_leaf(leaf: str) -> None:
 
 def test_no_import_cycles() -> None:
     """No cycle among modules (a module and its package's ``__init__`` count as separate nodes)."""
-    graph = {m: {t for t in imports if t in _modules_set()} for m, imports in _modules().items()}
+    known = set(_modules())
+    graph = {m: {t for t in imports if t in known} for m, imports in _modules().items()}
     index: dict[str, int] = {}
     low: dict[str, int] = {}
     stack: list[str] = []
@@ -186,7 +189,3 @@ def test_no_import_cycles() -> None:
         if v not in index:
             visit(v)
     assert not cycles, f"import cycles: {cycles}"
-
-
-def _modules_set() -> set[str]:
-    return set(_modules())

@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -279,3 +280,32 @@ def test_pretokenize_script_writes_the_cache_the_trainer_opens(tmp_path: Path) -
     data = _build_data(load_config(args), 258, 2, DataPlacement(log=lines.append))
     assert lines == [] and "11 documents" in data.summary  # opened, not rebuilt
     _assert_same_samples(data.loader.dataset, TextDataset(_corpus(tmp_path), seq_len=16))
+
+
+def test_ranks_that_disagree_on_whether_the_cache_exists_still_meet(tmp_path: Path) -> None:
+    """Another job may finish the same cache between two ranks' checks: one rank finds it complete, the other
+    builds. Both must take part in the same barriers (before, the first returned at once and the builder
+    waited for it until the timeout)."""
+    paths = _corpus(tmp_path)
+    first = build_token_cache(paths, tokenizer=ByteTokenizer(), cache_dir=tmp_path / "c", chunk_bytes=40)
+    meet = threading.Barrier(2, timeout=10)
+    errors: list[BaseException] = []
+
+    def builder(rank: int) -> None:
+        try:
+            build_token_cache(
+                paths, tokenizer=ByteTokenizer(), cache_dir=tmp_path / "c", chunk_bytes=40,
+                rank=rank, world_size=2, barrier=meet.wait,
+            )  # fmt: skip
+        except BaseException as e:
+            errors.append(e)
+
+    sees_complete = threading.Thread(target=builder, args=(1,))
+    sees_complete.start()
+    deadline = time.monotonic() + 10
+    while meet.n_waiting == 0 and sees_complete.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)  # rank 1 found the index: it should now wait at the first barrier
+    (first.path / "index.json").unlink()  # rank 0 looks later and finds no index
+    builder(0)
+    sees_complete.join()
+    assert errors == [] and (first.path / "index.json").is_file()

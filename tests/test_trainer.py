@@ -515,9 +515,9 @@ def _train_with_validation(cfg: dict) -> tuple[list[float], list[tuple[int, floa
     return losses, trainer.validation_losses
 
 
-def test_validation_loss_is_the_same_at_cp1_cp2_and_pp2(tmp_path: Path, dist_pool) -> None:
+def test_validation_loss_is_the_same_at_cp1_cp2_pp2_and_tp2(tmp_path: Path, dist_pool) -> None:
     """Issue 24 item 2: validation every 2 steps, forward only under the job's layout; the loss per token of
-    the held-out batches equals the run without CP (cp1 x dp2) within LOSS_RTOL, also under pp2. Each pair
+    the held-out batches equals the run without CP (cp1 x dp2) within LOSS_RTOL, also under pp2 and tp2. Each pair
     reads the same global batches (cp2: 2 rows on one dp rank; dp2: 1 row on each of two)."""
     train, held_out = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     train.write_text(
@@ -537,6 +537,7 @@ def test_validation_loss_is_the_same_at_cp1_cp2_and_pp2(tmp_path: Path, dist_poo
         ),
         "cp2_full": ({"context_parallel_degree": 2}, 2, {}),
         "pp2": ({"context_parallel_degree": 1, "pipeline_parallel_degree": 2}, 2, {}),
+        "tp2": ({"context_parallel_degree": 1, "tensor_parallel_degree": 2}, 2, {}),
     }
     got = {}
     for name, (parallelism, rows, shape) in runs.items():
@@ -546,7 +547,7 @@ def test_validation_loss_is_the_same_at_cp1_cp2_and_pp2(tmp_path: Path, dist_poo
             model={"attention_mask": "document_causal"},
         )  # fmt: skip
         got[name] = dist_pool(2).run(_train_with_validation, cfg)[0]
-    for name, reference in (("cp2", "dp2"), ("pp2", "cp2_full")):
+    for name, reference in (("cp2", "dp2"), ("pp2", "cp2_full"), ("tp2", "cp2_full")):
         (losses, val), (want_losses, want_val) = got[name], got[reference]
         assert [s for s, _ in val] == [s for s, _ in want_val] == [2, 4]
         _assert_losses_match([v for _, v in val], [v for _, v in want_val], LOSS_RTOL, [2, 4])
@@ -584,3 +585,22 @@ def test_validation_log_line_and_config_checks(tmp_path: Path, capsys) -> None:
     with pytest.raises(ConfigError, match=r"must equal training's .* under pipeline parallelism"):
         load_config([*on, "--validation.seq_len", "64", "--parallelism.pipeline_parallel_degree", "2",
                      "--training.local_batch_size", "2"])  # fmt: skip
+
+
+def _child_peak_memory_bytes() -> int:
+    from cp_dtensor.metrics import peak_memory_bytes
+
+    return peak_memory_bytes(torch.device("cpu"))
+
+
+def test_cpu_peak_memory_of_a_spawned_rank_is_its_own() -> None:
+    """The log's "mem" on CPU: getrusage's ru_maxrss survives exec, so a spawned rank reported at least its
+    launcher's memory (measured: a child of an 800 MiB parent reported 815 MiB while holding 15 MiB)."""
+    import multiprocessing as mp
+
+    held = bytearray(1536 * 2**20)  # the launcher holds 1.5 GiB when it starts the rank
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page
+    with mp.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(_child_peak_memory_bytes)
+    del held
+    assert 50 * 2**20 < child < 1024 * 2**20, child / 2**20  # its own imports (torch), not the 1.5 GiB

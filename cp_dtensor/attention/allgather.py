@@ -28,7 +28,14 @@ import torch
 from cp_dtensor.attention.kernels import AttentionKernel
 from cp_dtensor.attention.merge import accumulation_dtype, merge_block_
 from cp_dtensor.attention.packing import packed_backward, packed_forward, pieces_packing
-from cp_dtensor.attention.plan import Piece, RingPlan, buffer_slice, piece_backward, piece_forward
+from cp_dtensor.attention.plan import (
+    Piece,
+    RingPlan,
+    buffer_slice,
+    count_piece,
+    piece_backward,
+    piece_forward,
+)
 from cp_dtensor.attention.schedule import build_gather_pieces
 from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.attention.transport import Transport, pack_kv
@@ -129,11 +136,6 @@ def _gather(k: torch.Tensor, v: torch.Tensor, transport: Transport, plan: AllGat
     return torch.cat(parts, dim=3)  # one copy
 
 
-def _count(stats: AttentionStats | None, phase: str, q: torch.Tensor, piece: Piece) -> None:
-    if stats is not None:
-        stats.count(phase, piece.score_elements(q.shape[0]) * q.shape[1])
-
-
 def allgather_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -156,7 +158,7 @@ def allgather_forward(
         return out_acc.to(q.dtype), lse_acc
     for piece in plan.pieces:
         out_blk, lse_blk = piece_forward(kernel, q, kv[0], kv[1], piece.kv, piece, scale)
-        _count(stats, "forward", q, piece)
+        count_piece(stats, "forward", q, piece)
         merge_block_(out_acc[piece.batch, :, piece.q], lse_acc[piece.batch, :, piece.q], out_blk, lse_blk)
     return out_acc.to(q.dtype), lse_acc
 
@@ -186,7 +188,7 @@ def allgather_backward(
             grad.add_into(dkv[0], dkv[1])
     for piece in plan.pieces if packed is None else ():
         dq, dk, dv = piece_backward(kernel, dout, q, kv[0], kv[1], piece.kv, out, lse, piece, scale)
-        _count(stats, "backward", q, piece)
+        count_piece(stats, "backward", q, piece)
         dq_acc[piece.batch, :, piece.q] += dq
         dkv[0][piece.batch, :, piece.kv] += dk
         dkv[1][piece.batch, :, piece.kv] += dv

@@ -35,12 +35,14 @@ from enum import Enum
 import torch
 
 from cp_dtensor.attention.kernels import AttentionKernel
+from cp_dtensor.attention.stats import AttentionStats
 
 __all__ = [
     "Piece",
     "PieceKind",
     "RingPlan",
     "buffer_slice",
+    "count_piece",
     "piece_backward",
     "piece_forward",
 ]
@@ -186,3 +188,9 @@ def piece_backward(
         dq, dk, dv = kernel.backward(*flipped, lse[b, :, r].flip(-1), is_causal=True, scale=scale)
         return dq.flip(2), dk.flip(2), dv.flip(2)
     return kernel.backward(*args, lse[b, :, r], is_causal=piece.kind is PieceKind.LOWER, scale=scale)
+
+
+def count_piece(stats: AttentionStats | None, phase: str, q: torch.Tensor, piece: Piece) -> None:
+    """Account one kernel call of ``piece`` in ``stats``: batch rows x query heads x visible pairs."""
+    if stats is not None:
+        stats.count(phase, piece.score_elements(q.shape[0]) * q.shape[1])

@@ -34,7 +34,14 @@ import torch
 from cp_dtensor.attention.kernels import AttentionKernel
 from cp_dtensor.attention.merge import accumulation_dtype, merge_block_
 from cp_dtensor.attention.packing import PackedGrad, packed_backward, packed_forward, ring_packing
-from cp_dtensor.attention.plan import Piece, RingPlan, buffer_slice, piece_backward, piece_forward
+from cp_dtensor.attention.plan import (
+    Piece,
+    RingPlan,
+    buffer_slice,
+    count_piece,
+    piece_backward,
+    piece_forward,
+)
 from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.attention.transport import (
     DKV_TAG,
@@ -47,11 +54,6 @@ from cp_dtensor.attention.transport import (
 )
 
 __all__ = ["ring_backward", "ring_forward"]
-
-
-def _count(stats: AttentionStats | None, phase: str, q: torch.Tensor, piece: Piece) -> None:
-    if stats is not None:
-        stats.count(phase, piece.score_elements(q.shape[0]) * q.shape[1])  # rows x heads x visible pairs
 
 
 def _exchange(
@@ -106,7 +108,7 @@ def ring_forward(
             assert kv is not None
             rows = buffer_slice(plan.held_rows[step], piece.kv)
             out_blk, lse_blk = piece_forward(kernel, q, kv[0], kv[1], rows, piece, scale)
-            _count(stats, "forward", q, piece)
+            count_piece(stats, "forward", q, piece)
             if out_acc is None and piece.covers(batch, s_local):  # fresh outputs become the accumulators
                 out_acc = out_blk.to(acc_dtype)  # (no copy when already fp32)
                 lse_acc = lse_blk.to(acc_dtype).contiguous()
@@ -166,7 +168,7 @@ def ring_backward(
             assert kv is not None
             rows = buffer_slice(plan.held_rows[step], piece.kv)
             dq, dk, dv = piece_backward(kernel, dout, q, kv[0], kv[1], rows, out, lse, piece, scale)
-            _count(stats, "backward", q, piece)
+            count_piece(stats, "backward", q, piece)
             if dq_acc is None and piece.covers(batch, s_local):
                 dq_acc = dq.to(acc_dtype)
             else:

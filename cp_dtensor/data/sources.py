@@ -23,7 +23,7 @@ import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 __all__ = [
     "CHUNK_BYTES",
@@ -202,7 +202,7 @@ def read_chunk(chunk: Chunk, text_field: str) -> Iterator[DocumentBatch]:
     yield DocumentBatch(texts, bos=True, eos=True, bytes_read=min(offset, end) - reported)
 
 
-def _line_start(f, position: int, size: int) -> int:
+def _line_start(f: BinaryIO, position: int, size: int) -> int:
     """The first line start at or after ``position`` (0 at 0; ``size`` when no line starts there)."""
     if position <= 0:
         return 0

@@ -12,6 +12,7 @@ the job (or the workers of ``scripts/pretokenize.py``), into a folder keyed by w
         index.json                     tokens and documents per chunk; written last: the cache is complete
 
     rank r builds chunks r, r + W, r + 2W, ...  ->  barrier  ->  rank 0 writes index.json  ->  barrier
+    (every rank passes both barriers, also one that found the cache complete: no rank can wait alone)
 
 A chunk is written under a temporary name and renamed, so an interrupted build resumes where it stopped;
 a finished cache is reused by every later run with the same key (changed files or another tokenizer make
@@ -85,7 +86,9 @@ def token_cache_path(
 class _Progress:
     """Rate-limited progress lines: bytes done, tokens/s, ETA (a builder's own share of the corpus)."""
 
-    def __init__(self, total_bytes: int, what: str, log: Callable[[str], None] | None, every_s: float):
+    def __init__(
+        self, total_bytes: int, what: str, log: Callable[[str], None] | None, every_s: float
+    ) -> None:
         self.total, self.what, self.log, self.every_s = total_bytes, what, log, every_s
         self.bytes = self.tokens = 0
         self.t0 = self.last = time.perf_counter()
@@ -193,26 +196,27 @@ def build_token_cache(
         cache_dir=cache_dir,
         chunk_bytes=chunk_bytes,
     )
-    if (path / _INDEX).is_file():
-        return TokenCache(path)
-    chunks = plan_chunks(files, kind, chunk_bytes)
-    path.mkdir(parents=True, exist_ok=True)
-    mine = [i for i in range(rank, len(chunks), world_size) if not _chunk_files(path, i)[1].is_file()]
-    share = sum(chunks[i].stop - chunks[i].start for i in mine)
-    who = (
-        f"rank {rank}'s share, {len(mine)} of {len(chunks)} chunks"
-        if world_size > 1
-        else f"{len(mine)} chunks"
-    )
-    progress = _Progress(share, f"tokenizing {kind} corpus into {path} ({who})", log, progress_every_s)
-    for i in mine:
-        _build_chunk(chunks[i], i, path, tokenizer, text_field, progress)
-    if log is not None and mine:
-        log(progress.line() + " - done")
+    # Every builder takes part in both barriers, whatever it found: the ranks must not disagree on whether
+    # to wait (another job may finish the same cache between their checks).
+    if not (path / _INDEX).is_file():
+        chunks = plan_chunks(files, kind, chunk_bytes)
+        path.mkdir(parents=True, exist_ok=True)
+        mine = [i for i in range(rank, len(chunks), world_size) if not _chunk_files(path, i)[1].is_file()]
+        share = sum(chunks[i].stop - chunks[i].start for i in mine)
+        who = (
+            f"rank {rank}'s share, {len(mine)} of {len(chunks)} chunks"
+            if world_size > 1
+            else f"{len(mine)} chunks"
+        )
+        progress = _Progress(share, f"tokenizing {kind} corpus into {path} ({who})", log, progress_every_s)
+        for i in mine:
+            _build_chunk(chunks[i], i, path, tokenizer, text_field, progress)
+        if log is not None and mine:
+            log(progress.line() + " - done")
     if barrier is not None:
         barrier()
-    if rank == 0:
-        _write_index(path, chunks, tokenizer, kind, files)
+    if rank == 0 and not (path / _INDEX).is_file():
+        _write_index(path, plan_chunks(files, kind, chunk_bytes), tokenizer, kind, files)
     if barrier is not None:
         barrier()
     return TokenCache(path)

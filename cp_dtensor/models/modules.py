@@ -330,6 +330,7 @@ class Transformer(nn.Module):
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         rope_positions: torch.Tensor | None = None,
+        return_hidden: bool = False,
     ) -> torch.Tensor:
         """Run the model (or this pipeline stage of it).
 
@@ -343,10 +344,12 @@ class Transformer(nn.Module):
             rope_positions: Rotary positions when they differ from ``positions`` (e.g. restarting at each
                 packed document); same shape as ``positions``. ``positions`` then only says where each token
                 sits in the sequence (the masked attention and the CP layout check use it).
+            return_hidden: return the final (normed) hidden states without the output projection, e.g. to
+                compute the logits of a few positions only (generation: the last prompt token).
 
         Returns:
             Logits (B, S, vocab_size) in the dtype of `output` (fp32 for an fp32 model); the final hidden
-            states (B, S, dim) when `output` is None.
+            states (B, S, dim) when `output` is None or ``return_hidden``.
         """
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # (B, S, dim)
         seq_len = h.shape[1]
@@ -370,7 +373,7 @@ class Transformer(nn.Module):
             h = layer(h, rope, document_ids, positions)  # (B, S, dim)
         if self.norm is not None:
             h = self.norm(h)
-        if self.output is None:
+        if self.output is None or return_hidden:
             return h  # (B, S, dim)
         return self.output(h)  # (B, S, vocab_size)
 
