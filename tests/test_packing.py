@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import cp_dtensor as cpd
+from cp_dtensor.attention.allgather import build_allgather_plan
 from cp_dtensor.attention.kernels import KERNELS, AttentionKernel, MathKernel, equal_shape_batches
 from cp_dtensor.attention.mask import AttentionMask
 from cp_dtensor.attention.merge import merge_block_
@@ -29,6 +30,7 @@ from cp_dtensor.attention.packing import (
     build_packed_step,
     packed_backward,
     packed_forward,
+    pieces_packing,
     ring_packing,
 )
 from cp_dtensor.attention.plan import Piece, PieceKind, piece_backward, piece_forward
@@ -329,6 +331,11 @@ def test_packing_is_built_once_per_plan() -> None:
     cpu = torch.device("cpu")
     assert ring_packing(plan, 1, cpu) is ring_packing(plan, 1, cpu)
     assert ring_packing(plan, 2, cpu) is not ring_packing(plan, 1, cpu)  # per batch size
+    gather = build_allgather_plan(plan, rank=0, cp=2, s_local=32)
+    assert gather is build_allgather_plan(plan, rank=0, cp=2, s_local=32)  # kept with the ring plan
+    assert pieces_packing(gather.cache, gather.pieces, 1, cpu) is pieces_packing(
+        gather.cache, gather.pieces, 1, cpu
+    )
 
 
 # ---- the varlen interface's default loop ----------------------------------------------------------------

@@ -45,7 +45,9 @@ the same, so the mode is not part of the cross-rank call check (Note [Cross-rank
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -70,6 +72,8 @@ PIECE_PACKING = ("auto", "packed", "per_piece")
 """The values of ``CPSettings.piece_packing``."""
 
 _CPU_AUTO_PACKS = False  # measured, Note [Piece packing]: the per-piece path is faster on CPU
+
+T = TypeVar("T")
 
 
 def apply_piece_packing(kernel: AttentionKernel, mode: str) -> AttentionKernel:
@@ -148,7 +152,15 @@ def _segments(
     return out
 
 
-def _group(pieces: list[Piece], causal: bool, batch: int, kv_rows, acc_rows, device) -> PackedGroup:
+def _group(
+    pieces: list[Piece],
+    causal: bool,
+    batch: int,
+    kv_rows: torch.Tensor | None,
+    acc_rows: torch.Tensor | None,
+    device: torch.device,
+) -> PackedGroup:
+    """The :class:`PackedGroup` of ``pieces`` (one mask class), index tensors on ``device``."""
     segs = _segments(pieces, batch, kv_rows, acc_rows)
     lq = [len(s[1]) for s in segs]
     lk = [len(s[2]) for s in segs]
@@ -201,11 +213,11 @@ def build_packed_step(
     return PackedStep(groups, unique // s_local, unique % s_local, index, order)
 
 
-def _cached(cache: dict, key: tuple, build):
-    value = cache.get(key)
-    if value is None:
-        value = cache[key] = build()
-    return value
+def _cached(cache: dict, key: tuple, build: Callable[[], T]) -> T:
+    """``cache[key]``, built on first use (None is a value: a step that is not packed)."""
+    if key not in cache:
+        cache[key] = build()
+    return cache[key]
 
 
 def ring_packing(plan: RingPlan, batch: int, device: torch.device) -> tuple[PackedStep | None, ...]:
