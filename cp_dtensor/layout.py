@@ -433,8 +433,11 @@ def unshard_sequence(
 ) -> torch.Tensor:
     """All-gather every rank's shard and return the full tensor in natural sequence order.
 
-    Bit-exact inverse of :func:`shard_sequence`. A collective: every CP rank must call it. Not
-    differentiable (it is meant for outputs, metrics and tests).
+    Bit-exact inverse of :func:`shard_sequence` with the *same* ``layout``. Shards carry no layout, so a
+    different one cannot be detected here (zigzag-cut shards unsharded as "contiguous" come back permuted):
+    pass the layout the shards were cut with. A layout object checks the length and CP size it was built
+    for. A collective: every CP rank must call it. Not differentiable (it is meant for outputs, metrics and
+    tests).
     """
     _, cp, group = _rank_and_size(mesh)
     if cp == 1:

@@ -196,7 +196,9 @@ def train_step(
             ``"raise"`` a ``FloatingPointError``, ``"skip"`` the update, or ``"ignore"``.
 
     Returns:
-        The global mean loss, the gradient norm before clipping and the global token count.
+        The global mean loss, the gradient norm before clipping and the global token count. A global batch
+        without a single counted label (loss-masked data whose completions all fell outside it) is skipped:
+        no forward, no update, ``skipped`` set and ``tokens`` 0.
     """
     keys = ("tokens", "labels", "positions", "document_ids", "rope_positions")
     batch = {k: batch[k] for k in keys if k in batch}
@@ -206,6 +208,8 @@ def train_step(
     n_global = count_global_tokens(_local(batch["labels"]), loss_mesh)
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
+    if int(n_global.item()) == 0:  # the same on every rank: nothing to learn from, no update (not a NaN)
+        return StepResult(loss=0.0, grad_norm=0.0, tokens=0, skipped=True)
     local_loss = torch.zeros((), dtype=torch.float64, device=n_global.device)
     per = rows // accumulation_steps
     for chunk in range(accumulation_steps):

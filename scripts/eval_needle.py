@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cp_dtensor.evaluation.needle import build_samples, score, summary_table
+from cp_dtensor.evaluation.needle import build_samples, cell_score, score, summary_table
 from cp_dtensor.launch import in_launcher_env, run_distributed
 
 
@@ -94,20 +94,25 @@ def evaluate(args: argparse.Namespace) -> None:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     table = summary_table(samples)
+    digits = summary_table(samples, "digits")
     report = {
         "settings": {k: v for k, v in vars(args).items()},
         "records": [s.record() for s in samples],
         "accuracy_table": table,
+        "digits_table": digits,
         "seconds_per_length": timings,
     }
     (out_dir / "needle.json").write_text(json.dumps(report, indent=1))
     _heatmap(samples, out_dir / "needle.png", title=f"{args.hf or args.config} (cp {args.cp}, tp {args.tp})")
+    print("exact key:")
     print(table)
+    print("digits in place:")
+    print(digits)
     print(f"wrote {out_dir / 'needle.json'} and {out_dir / 'needle.png'}")
 
 
 def _heatmap(samples, path: Path, title: str) -> None:
-    """Accuracy per (length, depth) as an image."""
+    """Accuracy per (length, depth) as an image: the whole key, and the key's digits in place."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,22 +120,25 @@ def _heatmap(samples, path: Path, title: str) -> None:
 
     lengths = sorted({s.length for s in samples})
     depths = sorted({s.depth for s in samples})
-    grid = torch.zeros(len(lengths), len(depths))
-    for i, length in enumerate(lengths):
-        for j, depth in enumerate(depths):
-            cell = [s for s in samples if s.length == length and s.depth == depth]
-            grid[i, j] = sum(s.correct for s in cell) / len(cell)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(depths), 1.0 + 0.6 * len(lengths)))
-    image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-    ax.set_xticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-    ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
-    ax.set_xlabel("needle depth")
-    ax.set_ylabel("context length (tokens)")
-    for i in range(len(lengths)):
-        for j in range(len(depths)):
-            ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
-    ax.set_title(title, fontsize=8)
-    fig.colorbar(image, ax=ax, label="accuracy")
+    fig, axes = plt.subplots(1, 2, figsize=(2.4 + 1.8 * len(depths), 1.2 + 0.6 * len(lengths)))
+    for ax, metric, label in zip(axes, ("exact", "digits"), ("whole key", "digits in place")):
+        grid = torch.zeros(len(lengths), len(depths))
+        for i, length in enumerate(lengths):
+            for j, depth in enumerate(depths):
+                grid[i, j] = cell_score(
+                    [s for s in samples if s.length == length and s.depth == depth], metric
+                )
+        image = ax.imshow(grid.numpy(), vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(depths)), [f"{d:.2f}" for d in depths])
+        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_xlabel("needle depth")
+        ax.set_ylabel("context length (tokens)")
+        for i in range(len(lengths)):
+            for j in range(len(depths)):
+                ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_title(f"{label}", fontsize=9)
+        fig.colorbar(image, ax=ax)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

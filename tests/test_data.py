@@ -701,3 +701,42 @@ def test_build_data_recall_documents_and_reset_positions(tmp_path: Path) -> None
     for extra in ((), mask):
         batch = next(_build_data(_config(*text, *extra, "--data.reset_positions"), 258, 4).loader)
         assert torch.equal(batch["positions"], document_positions(batch["document_ids"]))
+
+
+def test_sft_records_longer_than_a_sample_keep_their_completion(tmp_path: Path) -> None:
+    """A record that does not fit loses the start of its prompt, never its completion: the tokens the loss
+    counts survive (a record cut at its end used to lose its completion, and a batch of such records had no
+    counted token at all)."""
+    from cp_dtensor.data.sft import SFTDataset
+    from cp_dtensor.train_step import IGNORE_INDEX
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"prompt": "p" * 50, "completion": "ABC"}) + "\n")
+    data = SFTDataset(path, 16)  # byte tokenizer: BOS + 50 prompt bytes + 3 completion bytes + EOS
+    sample = data[0]
+    assert data.num_truncated == 1
+    counted = sample["tokens"][1:][
+        sample["labels"][:-1] != IGNORE_INDEX
+    ].tolist()  # inputs whose next is counted
+    assert bytes(t for t in sample["labels"].tolist() if 0 <= t < 256) == b"ABC"
+    assert len(counted) == 4 and sample["tokens"][-4:].tolist()[:3] == list(b"ABC")
+
+
+def test_a_batch_without_counted_labels_is_skipped_not_nan() -> None:
+    """No counted label in the global batch: no update and no NaN stop (the loss is undefined, not infinite)."""
+    from cp_dtensor.models.llama import build_llama
+    from cp_dtensor.train_step import IGNORE_INDEX, train_step
+
+    model = build_llama("debug")
+    model.init_weights(seed=0)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0, weight_decay=0.1)
+    tokens = torch.randint(0, 512, (2, 16))
+    batch = {
+        "tokens": tokens,
+        "labels": torch.full_like(tokens, IGNORE_INDEX),
+        "positions": torch.arange(16).expand(2, 16),
+    }
+    result = train_step([model], [opt], batch, loss_mesh=None)
+    assert result.skipped and result.tokens == 0 and result.loss == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -4,7 +4,8 @@ Note [Loss-masked packing]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~
 A record becomes ``[BOS] + prompt + completion + [EOS]``. Records are packed whole, in file order, into
 samples of ``seq_len`` tokens (a record that does not fit in what is left of a sample starts the next one;
-the rest is padding; a record longer than a sample is cut to ``seq_len`` tokens). Each token's label is the
+the rest is padding; a record longer than a sample keeps its completion and loses the start of its prompt,
+as SFT truncation does: the tokens the loss counts survive). Each token's label is the
 next token *of its own record*, and it is counted only when that next token belongs to the completion (its
 EOS included); prompt tokens, a record's last token and padding get ``IGNORE_INDEX``. seq_len 12, records
 (p, c) and (q, d)::
@@ -100,7 +101,7 @@ class SFTDataset:
 
     Attributes:
         num_documents: Records read.
-        num_truncated: Records cut to ``seq_len`` tokens.
+        num_truncated: Records cut to ``seq_len`` tokens (their prompts lose their first tokens).
         num_counted: Labels counted over the whole dataset (completion tokens and their EOS).
     """
 
@@ -127,10 +128,12 @@ class SFTDataset:
         samples: list[list[tuple[list[int], int]]] = [[]]  # per sample: (record tokens, prompt length)
         used = 0
         for prompt, completion in zip(prompts, completions):
-            ids = prompt + completion
-            if len(ids) > seq_len:
-                ids = ids[:seq_len]
+            if len(prompt) + len(completion) > seq_len:  # keep the completion: cut the prompt's start
                 self.num_truncated += 1
+                keep = max(0, seq_len - len(completion))
+                prompt = prompt[len(prompt) - keep :] if keep else []
+                completion = completion[:seq_len]
+            ids = prompt + completion
             if used + len(ids) > seq_len:
                 samples.append([])
                 used = 0

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["NeedleSample", "build_samples", "haystack_text", "score", "summary_table"]
+__all__ = ["NeedleSample", "build_samples", "cell_score", "haystack_text", "score", "summary_table"]
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
@@ -58,11 +58,17 @@ class NeedleSample:
         """Whether the answer's first digits are the key."""
         return self.predicted == self.expected
 
+    @property
+    def digits_correct(self) -> float:
+        """The share of the key's digits the prediction has in the right places (partial retrieval)."""
+        return sum(a == b for a, b in zip(self.expected, self.predicted)) / len(self.expected)
+
     def record(self) -> dict[str, Any]:
         """The JSON record (without the prompt's tokens)."""
         out = asdict(self)
         out.pop("tokens")
         out["correct"] = self.correct
+        out["digits_correct"] = self.digits_correct
         return out
 
 
@@ -133,8 +139,14 @@ def score(sample: NeedleSample, answer: str) -> None:
     sample.predicted = match.group(0) if match else ""
 
 
-def summary_table(samples: list[NeedleSample]) -> str:
-    """A markdown table of accuracy per context length (rows) and depth (columns)."""
+def cell_score(samples: list[NeedleSample], metric: str = "exact") -> float:
+    """Mean of ``metric`` over ``samples``: "exact" (the whole key) or "digits" (digits in place)."""
+    values = [float(s.correct) if metric == "exact" else s.digits_correct for s in samples]
+    return sum(values) / len(values)
+
+
+def summary_table(samples: list[NeedleSample], metric: str = "exact") -> str:
+    """A markdown table of ``metric`` (:func:`cell_score`) per context length (rows) and depth (columns)."""
     lengths = sorted({s.length for s in samples})
     depths = sorted({s.depth for s in samples})
     head = "| length \\ depth | " + " | ".join(f"{d:.2f}" for d in depths) + " | all |"
@@ -143,9 +155,7 @@ def summary_table(samples: list[NeedleSample]) -> str:
         cells = []
         for depth in depths:
             cell = [s for s in samples if s.length == length and s.depth == depth]
-            cells.append(f"{sum(s.correct for s in cell) / len(cell):.2f}")
+            cells.append(f"{cell_score(cell, metric):.2f}")
         row = [s for s in samples if s.length == length]
-        rows.append(
-            f"| {length} | " + " | ".join(cells) + f" | {sum(s.correct for s in row) / len(row):.2f} |"
-        )
+        rows.append(f"| {length} | " + " | ".join(cells) + f" | {cell_score(row, metric):.2f} |")
     return "\n".join(rows)

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from cp_dtensor.attention.alltoall import heads_split
 from cp_dtensor.attention.choice import hardware_for_device
+from cp_dtensor.attention.strategy import get_strategy
 from cp_dtensor.config import JobConfig
 from cp_dtensor.models.hf.adapter import clean_param_name
 from cp_dtensor.models.hf.pretrained import check_hf_checkpoint
@@ -85,16 +85,15 @@ def validate_job(
             f"{kv_heads} of flavor {cfg.model.flavor!r}."
         )
     comm, a2a = par.context_parallel_comm, par.context_parallel_a2a_size
-    if pd.cp_enabled and (comm == "alltoall" or (comm == "hybrid" and a2a)):
-        size = pd.cp if comm == "alltoall" else a2a
-        heads, kv = args.n_heads // pd.tp, kv_heads // pd.tp
-        if not heads_split(heads, kv, size):
-            raise ValueError(
-                f'parallelism.context_parallel_comm "{comm}" shares heads over {size} ranks, but flavor '
-                f"{cfg.model.flavor!r} has {heads} query / {kv} KV heads per tp rank (n_heads {args.n_heads}, "
-                f"n_kv_heads {kv_heads}, tp {pd.tp}): the query heads must divide by {size} and the KV heads "
-                f'divide it or divide by it; use comm "p2p", "auto", or another degree.'
-            )
+    if pd.cp_enabled and comm != "auto":  # the strategy's own rule, the one the op raises with
+        strategy = get_strategy(comm)
+        if not (strategy.takes_group_size and not a2a):  # hybrid without a size: the cost model picks one
+            problem = strategy.check(args.n_heads // pd.tp, kv_heads // pd.tp, pd.cp, a2a or None)
+            if problem:
+                raise ValueError(
+                    f"parallelism.context_parallel_comm {comm!r}: flavor {cfg.model.flavor!r} (n_heads "
+                    f"{args.n_heads}, n_kv_heads {kv_heads}, tp {pd.tp}): {problem}"
+                )
     if par.context_parallel_cost_hardware != "auto":  # checked for every comm: a typo must not pass silently
         try:
             hardware_for_device("cpu", par.context_parallel_cost_hardware)
