@@ -32,12 +32,13 @@ A step is packed only when that makes fewer calls (an unmasked step's one piece 
 bit). The packing is a pure function of (plan, batch size, device), built once and kept in the plan's
 ``cache`` (plans are cached per batch, Note [Plan cache]).
 
-When to pack (``CPSettings.piece_packing``, :func:`apply_piece_packing`): ``"auto"`` packs where the
-adapter has a native varlen kernel (CUDA flash: one launch per class instead of hundreds; that path is
-written against torch 2.13's aten ops but has not run on a GPU yet - tests/test_cuda_kernels.py), and not on
-CPU, where the default varlen loop makes one dense call per distinct segment shape, the kernels' time is
-the same either way, and the gathers and scatters of packing are pure overhead (measured in
-docs/masked_attention.md, section 5). Results: equal to the per-piece path up to the order of fp32 (fp64)
+When to pack (``CPSettings.piece_packing``, :func:`apply_piece_packing`): ``"packed"`` is the opt-in for
+CUDA flash (one varlen launch per class instead of hundreds; that path is written against torch 2.13's aten
+ops but has not run on a GPU yet - tests/test_cuda_kernels.py and scripts/check_cuda.sh check it). ``"auto"``
+keeps one call per piece everywhere until those checks have passed on a GPU (the per-piece path is the one
+checked on GPUs), and on CPU for good: there the default varlen loop makes one dense call per distinct
+segment shape, the kernels' time is the same either way, and the gathers and scatters of packing are pure
+overhead (measured in docs/masked_attention.md, section 5). Results: equal to the per-piece path up to the order of fp32 (fp64)
 sums (tests/test_packing.py: 1e-12 in fp64, 4 ulps of the largest value in fp32), and the bytes sent are
 the same, so the mode is not part of the cross-rank call check (Note [Cross-rank call check]).
 """
@@ -72,6 +73,7 @@ PIECE_PACKING = ("auto", "packed", "per_piece")
 """The values of ``CPSettings.piece_packing``."""
 
 _CPU_AUTO_PACKS = False  # measured, Note [Piece packing]: the per-piece path is faster on CPU
+_GPU_VARLEN_VERIFIED = False  # True once scripts/check_cuda.sh has passed the varlen checks on a GPU
 
 T = TypeVar("T")
 
@@ -80,7 +82,8 @@ def apply_piece_packing(kernel: AttentionKernel, mode: str) -> AttentionKernel:
     """``kernel`` with ``pack_pieces`` set from ``mode`` (one of :data:`PIECE_PACKING`, Note [Piece packing])."""
     if mode not in PIECE_PACKING:
         raise ValueError(f"piece_packing must be one of {PIECE_PACKING}, got {mode!r}.")
-    packed = mode == "packed" or (mode == "auto" and (kernel.native_varlen or _CPU_AUTO_PACKS))
+    auto = (kernel.native_varlen and _GPU_VARLEN_VERIFIED) or (not kernel.native_varlen and _CPU_AUTO_PACKS)
+    packed = mode == "packed" or (mode == "auto" and auto)
     return kernel if kernel.pack_pieces == packed else dataclasses.replace(kernel, pack_pieces=packed)
 
 

@@ -40,8 +40,9 @@ class CPSettings:
         cost_hardware: what ``comm="auto"`` prices against: ``"auto"`` (by device), a preset name (``h100``,
             ``h200``, ``a100``, ``cpu``) or a calibration JSON from ``scripts/plan.py --calibrate``.
         piece_packing: how the kernels run a ring step's pieces (Note [Piece packing]): ``"packed"`` (one
-            varlen call per mask class), ``"per_piece"`` (one call per piece) or ``"auto"`` (packed where the
-            kernel adapter has a varlen kernel - CUDA flash - per piece otherwise, as measured on CPU). The
+            varlen call per mask class), ``"per_piece"`` (one call per piece) or ``"auto"`` (per piece: on CPU as
+            measured, on CUDA until the flash varlen path has passed scripts/check_cuda.sh on a GPU; pass
+            ``"packed"`` to opt in there). The
             results agree up to the order of fp32 sums; the bytes sent are the same.
         stats: optional :class:`~cp_dtensor.AttentionStats` that every call adds its bytes and work to (an
             observer, not a setting: it does not take part in equality).
