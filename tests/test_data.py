@@ -740,3 +740,19 @@ def test_a_batch_without_counted_labels_is_skipped_not_nan() -> None:
     result = train_step([model], [opt], batch, loss_mesh=None)
     assert result.skipped and result.tokens == 0 and result.loss == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_checkpoint_of_another_sample_order_is_refused() -> None:
+    """A loader state saved before the table-free shuffle (no "order") would resume into other batches than
+    the checkpointed run's: refused in one line instead of training on quietly."""
+    from cp_dtensor.data import GlobalBatchLoader
+    from cp_dtensor.data.loader import ORDER
+
+    data = [{"tokens": torch.tensor([i])} for i in range(16)]
+    loader = GlobalBatchLoader(data, 4, seed=0)
+    state = loader.state_dict()
+    assert state["order"] == ORDER
+    GlobalBatchLoader(data, 4, seed=0).load_state_dict(state)
+    old = {k: v for k, v in state.items() if k != "order"}
+    with pytest.raises(ValueError, match="drawn in order 'randperm"):
+        GlobalBatchLoader(data, 4, seed=0).load_state_dict(old)

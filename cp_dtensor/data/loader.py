@@ -11,7 +11,10 @@ import torch
 from cp_dtensor.data.common import Sample
 from cp_dtensor.data.shuffle import permute_indices
 
-__all__ = ["GlobalBatchLoader", "MapDataset"]
+ORDER = "feistel-4"
+"""The sample order's algorithm (Note [Index permutation without a table]); bump it when the order changes."""
+
+__all__ = ["ORDER", "GlobalBatchLoader", "MapDataset"]
 
 
 class MapDataset(Protocol):
@@ -152,7 +155,8 @@ class GlobalBatchLoader:
         """Loader position and the settings it depends on.
 
         Returns:
-            `{"batches_consumed", "seed", "global_batch_size", "num_samples", "shuffle"}`.
+            `{"batches_consumed", "seed", "global_batch_size", "num_samples", "shuffle", "order"}`; ``order``
+            names the shuffle algorithm (:data:`ORDER`), so a checkpoint never resumes into another order.
         """
         return {
             "batches_consumed": self.batches_consumed,
@@ -160,6 +164,7 @@ class GlobalBatchLoader:
             "global_batch_size": self.global_batch_size,
             "num_samples": len(self.dataset),
             "shuffle": self.shuffle,
+            "order": ORDER,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -173,6 +178,14 @@ class GlobalBatchLoader:
                 (the batch numbering would then mean different data).
         """
         current = self.state_dict()
+        if self.shuffle and state.get("order") != ORDER:
+            raise ValueError(
+                f"cannot resume data loader: the checkpoint's batches were drawn in order "
+                f"{state.get('order', 'randperm (before the table-free shuffle)')!r}, this version draws them in "
+                f"order {ORDER!r}; resuming would feed other batches than the checkpointed run would have seen. "
+                f"Resume with the version that wrote the checkpoint, or start a new run (e.g. from its weights: "
+                f"checkpoint.initial_load_path)."
+            )
         for key in ("seed", "global_batch_size", "num_samples", "shuffle"):
             if key in state and state[key] != current[key]:
                 raise ValueError(
