@@ -20,35 +20,15 @@ __all__ = ["QWEN3_FLAVORS", "QWEN3_SPEC"]
 
 _QWEN3 = dict(vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, attention_head_dim=128, qk_norm=True)
 
+# Tiny models for CPU tests (head_dim 32 with dim 64: the explicit head size is exercised).
+_DEBUG = dict(
+    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512, ffn_hidden_size=128, norm_eps=1e-6,
+    rope_theta=1000000.0, attention_head_dim=32, qk_norm=True, max_seq_len=131072,
+)  # fmt: skip
+
 QWEN3_FLAVORS: dict[str, ModelArgs] = {
-    # Tiny models for CPU tests (head_dim 32 with dim 64: the explicit head size is exercised).
-    "debug": ModelArgs(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=512,
-        ffn_hidden_size=128,
-        norm_eps=1e-6,
-        rope_theta=1000000.0,
-        attention_head_dim=32,
-        qk_norm=True,
-        max_seq_len=131072,
-    ),
-    "debug_tied": ModelArgs(
-        dim=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        vocab_size=512,
-        ffn_hidden_size=128,
-        norm_eps=1e-6,
-        rope_theta=1000000.0,
-        attention_head_dim=32,
-        qk_norm=True,
-        tie_embeddings=True,
-        max_seq_len=131072,
-    ),
+    "debug": ModelArgs(**_DEBUG),
+    "debug_tied": ModelArgs(**_DEBUG, tie_embeddings=True),
     # Qwen3 shapes (config.json of Qwen/Qwen3-0.6B and Qwen/Qwen3-8B).
     "0.6B": ModelArgs(
         dim=1024,
