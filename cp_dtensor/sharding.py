@@ -1,5 +1,19 @@
 """Sequence-sharded batches and activations as DTensors: the one batch sharder, and the way back.
 
+Note [Travelling layout]
+~~~~~~~~~~~~~~~~~~~~~~~~
+A data-dependent layout (a balanced layout, or a rule's layout of this batch) is resolved once, here, and
+travels with the batch as the tensor ``layout_positions`` (B, S) - the rank-concatenated positions, whole
+on every CP rank like ``document_ids``::
+
+    shard_batch(batch, mesh, layout=rule) -> rule(document_ids, cp) once -> tokens, labels, positions (shards),
+                                             document_ids, layout_positions (whole rows)
+      -> train_step / eval_step -> pipeline microbatches split the rows -> model(..., layout_positions=)
+      -> document_attention(..., layout_positions=) -> the CP mode builds the call's layout from it
+
+So pipeline microbatches, accumulation chunks and activation-checkpoint recomputation all carry exactly the
+rows of the layout the batch was sharded with, and the attention call never applies the rule again.
+
 Note [Layout-ordered DTensors]
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
 A DTensor's global view is its shards concatenated in rank order. For a batch cut by the ``zigzag``
@@ -67,7 +81,7 @@ def shard_batch(
     *,
     layout: LayoutLike | LayoutRule = "zigzag",
     seq_dim: int = 1,
-    whole: Collection[str] = ("document_ids",),
+    whole: Collection[str] = ("document_ids", "layout_positions"),
     rows: Literal["global", "local"] = "global",
 ) -> dict[str, DTensor]:
     """This rank's part of a global batch, as DTensors on ``mesh`` (the one batch sharder).
@@ -78,7 +92,8 @@ def shard_batch(
     ``"positions"`` entry (B, S) with the global positions is added when missing and ``seq_dim`` is 1, so
     rotary embeddings see the right positions whatever the permutation. Entries named in ``whole``
     (``document_ids``: the attention mask needs the whole sequence) keep the whole sequence in natural
-    order on every CP rank (rows still over "dp": Shard(0), Replicate on "cp"). No communication.
+    order on every CP rank. With a layout object (or a rule, resolved here) a ``"layout_positions"`` entry
+    (B, S), its positions, is added, whole on every CP rank (Note [Travelling layout]), on every CP rank (rows still over "dp": Shard(0), Replicate on "cp"). No communication.
 
     Args:
         batch: the global batch, identical on every rank; all tensors share dims 0 and ``seq_dim``.
@@ -126,8 +141,12 @@ def shard_batch(
     placements = activation_placements(mesh, seq_dim, sequence_parallel=False)
     whole_placements = list(placements)
     whole_placements[cp_axis] = Replicate()
-    if isinstance(layout, SequenceLayout) and dp > 1:
-        layout = SequenceLayout(layout.positions[dp_rank * per : (dp_rank + 1) * per], cp, layout.name)
+    if isinstance(layout, SequenceLayout):
+        # the layout travels with the batch as a tensor (Note [Travelling layout]): rows follow the batch
+        # through pipeline microbatches and recomputation, and CP attention never re-derives it
+        batch["layout_positions"] = layout.positions.to(next(iter(batch.values())).device)
+        if dp > 1:
+            layout = SequenceLayout(layout.positions[dp_rank * per : (dp_rank + 1) * per], cp, layout.name)
     out = {}
     for name, t in batch.items():
         rows_t = t[dp_rank * per : (dp_rank + 1) * per]

@@ -129,6 +129,22 @@ def _local(x: torch.Tensor) -> torch.Tensor:
     return x.to_local() if isinstance(x, DTensor) else x
 
 
+def _layout_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"layout_positions": ...}`` when the batch carries its layout (Note [Travelling layout]), else {}."""
+    layout = batch.get("layout_positions")
+    return {} if layout is None else {"layout_positions": layout}
+
+
+def _extra_inputs(
+    document_ids: torch.Tensor | None,
+    rope_positions: torch.Tensor | None,
+    travelling: dict[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The optional model inputs a pipeline schedule splits per microbatch, as local tensors."""
+    named = {"document_ids": document_ids, "rope_positions": rope_positions, **travelling}
+    return {name: _local(t) for name, t in named.items() if t is not None}
+
+
 def _forward_backward(
     model_parts: list[nn.Module],
     batch: dict[str, torch.Tensor],
@@ -143,20 +159,19 @@ def _forward_backward(
     tokens, labels, positions = (batch[k] for k in ("tokens", "labels", "positions"))
     document_ids = batch.get("document_ids")  # (B, S) whole sequences: the attention mask of packed data
     rope_positions = batch.get("rope_positions")  # per-document rotary positions (data.reset_positions)
+    travelling = _layout_kwargs(batch)  # Note [Travelling layout]
     labels = _local(labels)
     if pipeline is None:
         (model,) = model_parts
-        logits = _local(model(tokens, positions, document_ids, rope_positions))  # (B, S_local, V)
+        logits = _local(
+            model(tokens, positions, document_ids, rope_positions, **travelling)
+        )  # (B, S_local, V)
         loss = token_loss_sum(logits, labels) / n_global
         loss.backward()
         return loss.detach()
     # torch.distributed.pipelining splits and sends plain tensors: stages get local shards.
     tokens, positions = _local(tokens), _local(positions)
-    extra = {
-        name: _local(t)
-        for name, t in (("document_ids", document_ids), ("rope_positions", rope_positions))
-        if t is not None
-    }
+    extra = _extra_inputs(document_ids, rope_positions, travelling)
     pipeline.loss_fn.normalizer = n_global
     losses: list[torch.Tensor] = []
     args = (tokens,) if pipeline.has_first_stage else ()
@@ -200,7 +215,7 @@ def train_step(
         without a single counted label (loss-masked data whose completions all fell outside it) is skipped:
         no forward, no update, ``skipped`` set and ``tokens`` 0.
     """
-    keys = ("tokens", "labels", "positions", "document_ids", "rope_positions")
+    keys = ("tokens", "labels", "positions", "document_ids", "rope_positions", "layout_positions")
     batch = {k: batch[k] for k in keys if k in batch}
     rows = _local(batch["tokens"]).shape[0]
     if rows % accumulation_steps:
@@ -261,18 +276,17 @@ def eval_step(
     """
     tokens, labels, positions = (batch[k] for k in ("tokens", "labels", "positions"))
     document_ids, rope_positions = batch.get("document_ids"), batch.get("rope_positions")
+    travelling = _layout_kwargs(batch)
     labels = _local(labels)
     n_global = count_global_tokens(labels, loss_mesh)
     if pipeline is None:
         (model,) = model_parts
-        logits = _local(model(tokens, positions, document_ids, rope_positions))  # (B, S_local, V)
+        logits = _local(
+            model(tokens, positions, document_ids, rope_positions, **travelling)
+        )  # (B, S_local, V)
         loss_sum = token_loss_sum(logits, labels).to(torch.float64)
     else:
-        extra = {
-            name: _local(t)
-            for name, t in (("document_ids", document_ids), ("rope_positions", rope_positions))
-            if t is not None
-        }
+        extra = _extra_inputs(document_ids, rope_positions, travelling)
         pipeline.loss_fn.normalizer = 1.0  # sums; train_step sets its own normalizer every step
         losses: list[torch.Tensor] = []
         args = (_local(tokens),) if pipeline.has_first_stage else ()

@@ -372,3 +372,58 @@ def test_layout_built_for_another_batch_is_refused() -> None:
         cpd.simulate_context_parallel_attention(
             q, k, v, 2, layout=cpd.balanced_layout(ids[:, :32], 2), document_ids=ids
         )
+
+
+def run_travelling_layout() -> dict:
+    """A training step with BalancedLayoutRule: how often the rule plans, and the loss with and without the
+    travelling layout (Note [Travelling layout])."""
+    from dist_harness import cached_parallel_dims
+
+    import cp_dtensor.balance as balance
+    from cp_dtensor.models.llama import build_llama
+    from cp_dtensor.parallelize import build_parallel_model
+    from cp_dtensor.sharding import shard_batch
+    from cp_dtensor.train_step import train_step
+
+    pd = cached_parallel_dims(cp=2)
+    rule = cpd.BalancedLayoutRule()
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, 512, (2, 65), generator=g)
+    ids = torch.zeros(2, 64, dtype=torch.int64)
+    ids[0, 9:], ids[0, 41:], ids[1, 30:] = 1, 2, 1
+    batch = {"tokens": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous(), "document_ids": ids}
+    calls = []
+    original = balance.balanced_layout
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    losses = {}
+    balance.balanced_layout = counting
+    try:
+        for travel in (True, False):
+            model = build_llama("debug")
+            model.init_weights(seed=0)
+            pm = build_parallel_model(
+                model, pd, device=torch.device("cpu"), cp_settings=cpd.CPSettings(layout=rule)
+            )
+            opt = torch.optim.AdamW(pm.parameters(), lr=1e-3)
+            sharded = shard_batch(batch, pd.batch_mesh, layout=rule)
+            if not travel:  # the fallback: the style applies its rule to the call's document ids
+                sharded.pop("layout_positions")
+            rule._memo.clear()
+            calls.clear()
+            losses[travel] = train_step(pm.model_parts, [opt], sharded, loss_mesh=pd.loss_mesh).loss
+            losses[f"calls_{travel}"] = len(calls)
+    finally:
+        balance.balanced_layout = original
+    return losses
+
+
+def test_the_layout_travels_with_the_batch(dist_pool) -> None:
+    """shard_batch resolves the rule once; with the travelling layout no attention call plans again (the
+    fallback without it plans once more, then its memo serves the other layers); the losses are equal."""
+    for res in dist_pool(2).run(run_travelling_layout):
+        assert res["calls_True"] == 0 and res["calls_False"] == 1, res  # shard_batch's call: cleared before
+        assert res[True] == res[False], res

@@ -25,7 +25,7 @@ from cp_dtensor.attention.mask import AttentionMask
 from cp_dtensor.attention.settings import CPSettings
 from cp_dtensor.attention.stats import AttentionStats
 from cp_dtensor.attention.strategy import AUTO
-from cp_dtensor.layout import LayoutLike, LayoutRule
+from cp_dtensor.layout import LayoutLike, LayoutRule, cached_sequence_layout
 
 __all__ = ["attend", "local_document_ids", "process_group_of", "ring_attention"]
 
@@ -95,6 +95,7 @@ def attend(
     scale: float | None = None,
     token_positions: torch.Tensor | None = None,
     default_layout: str = "zigzag",
+    layout_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CP attention of local shards with ``settings`` and ``mask``: eager or compiled, decided here.
 
@@ -106,12 +107,16 @@ def attend(
         scale: softmax scale; default ``1 / sqrt(D)``.
         token_positions: this rank's query positions, checked against the layout (optional).
         default_layout: the layout when ``settings.layout`` is None.
+        layout_positions: (B, S) the batch's layout, travelling with it (Note [Travelling layout]): used
+            instead of ``settings.layout``.
 
     Returns:
         (B, Hq, S_local, D) this rank's output shard.
     """
     cp = 1 if group is None else dist.get_world_size(group)
     plain = mask.is_plain and not isinstance(settings.layout, LayoutRule)
+    if cp == 1:
+        layout_positions = None  # one rank: natural order whatever the layout
     if cp == 1 and plain and token_positions is None:
         comm = "p2p" if settings.comm == AUTO else settings.comm
         validate_call_inputs(
@@ -123,11 +128,12 @@ def attend(
     if torch.compiler.is_compiling():
         return compiled_attention(
             q, k, v, group, settings=settings, mask=mask, scale=scale, token_positions=token_positions,
-            default_layout=default_layout,
+            default_layout=default_layout, layout_positions=layout_positions,
         )  # fmt: skip
+    layout = None if layout_positions is None else cached_sequence_layout(layout_positions, cp)
     call = build_call(
         q, k, v, group, settings=settings, mask=mask, scale=scale, token_positions=token_positions,
-        default_layout=default_layout,
+        default_layout=default_layout, layout=layout,
     )  # fmt: skip
     if q.shape[2] == 0:  # an empty sequence on every rank (checked above): an empty result, like SDPA
         return q * 0.0 + (k.sum() + v.sum()) * 0.0  # (B, Hq, 0, D), differentiable

@@ -197,6 +197,7 @@ def build_call(
     token_positions: torch.Tensor | None = None,
     default_layout: str = "zigzag",
     check: bool = True,
+    layout: LayoutLike | None = None,
 ) -> CPAttentionCall:
     """Resolve, validate, check across ranks and plan one call (Note [One CP attention call]).
 
@@ -210,6 +211,8 @@ def build_call(
             the layout (a batch sharded with another layout raises).
         default_layout: the layout when ``settings.layout`` is None.
         check: run the cross-rank check (False only to replay a call its forward verified, in backward).
+        layout: the call's layout when it travels with the batch (Note [Travelling layout]); None: the
+            settings'.
 
     Raises:
         ValueError: on every rank of the group, naming the first problem (Note [Cross-rank call check]).
@@ -222,10 +225,12 @@ def build_call(
         transport, process_group = ProcessGroupTransport(group), group
     cp, rank = transport.size, transport.rank
     error: ValueError | None = None
-    layout: LayoutLike = "contiguous"
+    given, layout = layout, "contiguous"
     comm, a2a_size = settings.comm, settings.a2a_size
     try:
-        layout = call_layout(settings.layout, mask.document_ids, cp, default=default_layout)
+        layout = call_layout(
+            given if given is not None else settings.layout, mask.document_ids, cp, default=default_layout
+        )
         comm, a2a_size = resolve_comm(comm, a2a_size, q, k, cp, mask.is_causal, settings.cost_hardware)
         validate_call_inputs(q, k, v, layout=layout, comm=comm, cp=cp, mask=mask, a2a_size=a2a_size)
         if token_positions is not None:

@@ -228,11 +228,14 @@ def compiled_attention(
     scale: float | None,
     token_positions: torch.Tensor | None = None,
     default_layout: str = "zigzag",
+    layout_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """:func:`~cp_dtensor.attention.api.attend` through the custom ops (the path under ``torch.compile``)."""
     layout = settings.layout
     positions = None
-    if isinstance(layout, LayoutRule):
+    if layout_positions is not None:  # the batch's layout, travelling with it (Note [Travelling layout])
+        positions, name = layout_positions, "positions"
+    elif isinstance(layout, LayoutRule):
         if mask.document_ids is None:
             raise ValueError(
                 f"The CP layout rule {layout!r} needs the batch's document_ids; the attention call passed none."

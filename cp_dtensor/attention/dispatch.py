@@ -312,8 +312,10 @@ class ContextParallelAttention(TorchFunctionMode):
         is_causal: bool = True,
         scale: float | None = None,
         positions: torch.Tensor | None = None,
+        layout_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """:func:`document_attention` on this rank's local shards (Note [Document attention])."""
+        """:func:`document_attention` on this rank's local shards (Note [Document attention]); the batch's
+        travelling layout, when given, is the call's layout (Note [Travelling layout])."""
         if any(isinstance(t, DTensor) for t in (query, key, value)):
             raise ValueError(
                 "document_attention takes this rank's local q, k, v shards (the ContextParallel style's "
@@ -329,6 +331,7 @@ class ContextParallelAttention(TorchFunctionMode):
         return attend(
             query, key, value, self.group, settings=self.settings, mask=mask, scale=scale,
             token_positions=positions.to_local() if isinstance(positions, DTensor) else positions,
+            layout_positions=local_document_ids(layout_positions),
         )  # fmt: skip
 
 

@@ -44,6 +44,7 @@ def document_attention(
     is_causal: bool = True,
     scale: float | None = None,
     positions: torch.Tensor | None = None,
+    layout_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention where a query sees only keys of its own document and inside its window; differentiable.
 
@@ -58,6 +59,9 @@ def document_attention(
         scale: softmax scale; default ``1 / sqrt(D)``.
         positions: (B, S) or (S,) global positions of the query tokens. Under CP they are checked against
             the CP layout (a batch sharded with another layout raises); without CP they must be natural.
+        layout_positions: (B, S_global) the batch's CP layout when it travels with the batch
+            (``cp_dtensor.shard_batch`` adds it, Note [Travelling layout]): under CP the call uses it instead of
+            the settings' layout or rule; without CP it is not needed.
 
     Returns:
         (B, Hq, S, D) the attention output (this rank's shard under CP).
@@ -66,6 +70,7 @@ def document_attention(
         return handle_torch_function(
             document_attention, (query, key, value), query, key, value, document_ids=document_ids,
             window_size=window_size, is_causal=is_causal, scale=scale, positions=positions,
+            layout_positions=layout_positions,
         )  # fmt: skip
     if positions is not None and positions.shape[-1] != query.shape[2]:
         raise ValueError(

@@ -111,6 +111,7 @@ class ScaledDotProductAttention(nn.Module):
         v: torch.Tensor,
         document_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        layout_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend `q` to `k`/`v`.
 
@@ -120,17 +121,19 @@ class ScaledDotProductAttention(nn.Module):
             v: Values (B, Hkv, S, D).
             document_ids: (B, S_global) ids of packed documents (natural order, the whole sequence), or None.
             positions: (B, S) global positions of the tokens (checked against the CP layout under CP).
+            layout_positions: (B, S_global) the batch's CP layout when it travels with the batch (Note
+                [Travelling layout]), or None.
 
         Returns:
             Attention output (B, Hq, S, D).
         """
-        if document_ids is None and self.window_size == (-1, -1):
+        if document_ids is None and self.window_size == (-1, -1) and layout_positions is None:
             return F.scaled_dot_product_attention(
                 q, k, v, is_causal=self.causal, enable_gqa=q.shape[1] != k.shape[1]
             )
         return document_attention(
             q, k, v, document_ids=document_ids, window_size=self.window_size, is_causal=self.causal,
-            positions=positions,
+            positions=positions, layout_positions=layout_positions,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
@@ -168,6 +171,7 @@ class Attention(nn.Module):
         rope: torch.Tensor,
         document_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        layout_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Self-attention over the sequence held by this process.
 
@@ -176,6 +180,7 @@ class Attention(nn.Module):
             rope: RoPE table (B or 1, S, head_dim // 2, 2) for the positions of `x`.
             document_ids: (B, S_global) ids of packed documents, or None.
             positions: (B, S) global positions of the tokens of `x` (for the CP layout check), or None.
+            layout_positions: (B, S_global) the batch's CP layout (Note [Travelling layout]), or None.
 
         Returns:
             Output (B, S, dim).
@@ -193,7 +198,7 @@ class Attention(nn.Module):
         q = xq.transpose(1, 2)  # (B, Hq, S, D)
         k = xk.transpose(1, 2)  # (B, Hkv, S, D)
         v = xv.transpose(1, 2)  # (B, Hkv, S, D)
-        out = self.sdpa(q, k, v, document_ids, positions)  # (B, Hq, S, D)
+        out = self.sdpa(q, k, v, document_ids, positions, layout_positions=layout_positions)  # (B, Hq, S, D)
         out = out.transpose(1, 2).contiguous().view(bsz, seq_len, -1)  # (B, S, Hq * D)
         return self.wo(out)  # (B, S, dim)
 
@@ -274,6 +279,7 @@ class TransformerBlock(nn.Module):
         rope: torch.Tensor,
         document_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        layout_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Apply the block.
 
@@ -282,11 +288,15 @@ class TransformerBlock(nn.Module):
             rope: RoPE table (B or 1, S, head_dim // 2, 2).
             document_ids: (B, S_global) ids of packed documents, or None.
             positions: (B, S) global positions of the tokens (for the CP layout check), or None.
+            layout_positions: (B, S_global) the batch's CP layout (Note [Travelling layout]), or None.
 
         Returns:
             Hidden states (B, S, dim).
         """
-        h = x + self.attention(self.attention_norm(x), rope, document_ids, positions)  # (B, S, dim)
+        # the travelling layout as a keyword: TP's input styles describe the four positional inputs
+        h = x + self.attention(
+            self.attention_norm(x), rope, document_ids, positions, layout_positions=layout_positions
+        )  # (B, S, dim)
         return h + self.feed_forward(self.ffn_norm(h))  # (B, S, dim)
 
     def init_weights(self, seed: int | None) -> None:
@@ -331,6 +341,7 @@ class Transformer(nn.Module):
         document_ids: torch.Tensor | None = None,
         rope_positions: torch.Tensor | None = None,
         return_hidden: bool = False,
+        layout_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the model (or this pipeline stage of it).
 
@@ -346,6 +357,8 @@ class Transformer(nn.Module):
                 sits in the sequence (the masked attention and the CP layout check use it).
             return_hidden: return the final (normed) hidden states without the output projection, e.g. to
                 compute the logits of a few positions only (generation: the last prompt token).
+            layout_positions: (B, S_global) the batch's CP layout, as ``cp_dtensor.shard_batch`` adds it for
+                a layout object or rule (Note [Travelling layout]); passed to every attention call.
 
         Returns:
             Logits (B, S, vocab_size) in the dtype of `output` (fp32 for an fp32 model); the final hidden
@@ -370,7 +383,7 @@ class Transformer(nn.Module):
             positions if rope_positions is None else rope_positions
         )  # (B or 1, S, head_dim // 2, 2)
         for layer in self.layers.values():
-            h = layer(h, rope, document_ids, positions)  # (B, S, dim)
+            h = layer(h, rope, document_ids, positions, layout_positions)  # (B, S, dim)
         if self.norm is not None:
             h = self.norm(h)
         if self.output is None or return_hidden:

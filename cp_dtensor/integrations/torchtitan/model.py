@@ -247,6 +247,7 @@ class TorchtitanLlama3(SeededLlama3):
         positions: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
         rope_positions: torch.Tensor | None = None,
+        layout_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the model (or a pipeline stage of it).
 
@@ -256,6 +257,8 @@ class TorchtitanLlama3(SeededLlama3):
                 batch must share their positions, as cp_dtensor's batches do. Defaults to ``arange(S)``.
             document_ids: must be None (see Raises).
             rope_positions: must be None (see Raises).
+            layout_positions: must be None (see Raises): a data-dependent CP layout (Note [Travelling layout])
+                serves packed documents.
 
         Returns:
             Logits (B, S, vocab_size), or hidden states (B, S, dim) when ``output`` is None.
@@ -265,8 +268,14 @@ class TorchtitanLlama3(SeededLlama3):
                 whole rows with one RoPE position table per batch; packed documents run with cp_dtensor's own
                 Llama or torchtitan's block_causal flavors in torchtitan's trainer).
         """
-        if document_ids is not None or rope_positions is not None:
-            given = "document_ids" if document_ids is not None else "rope_positions (data.reset_positions)"
+        if document_ids is not None or rope_positions is not None or layout_positions is not None:
+            given = (
+                "document_ids"
+                if document_ids is not None
+                else "rope_positions (data.reset_positions)"
+                if rope_positions is not None
+                else "a balanced CP layout (parallelism.context_parallel_layout)"
+            )
             raise ValueError(
                 f"TorchtitanLlama3 in cp_dtensor's trainer serves causal attention over whole rows and got "
                 f'{given}; for packed documents use model.name = "llama3".'
