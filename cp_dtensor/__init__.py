@@ -8,6 +8,7 @@ Public API (stable names)::
                                                                CP attention on local shards (masks exact);
                                                                comm p2p / allgather / alltoall / hybrid / auto
     CPSettings(layout=..., comm=..., a2a_size=..., backend=...)  how CP attention runs, passed around whole
+    AttentionMask(is_causal, window, document_ids)             the mask of a call, one value (ring_attention(mask=))
     register_strategy(strategy)                                a new CP strategy, selectable by name
     choose_comm(comm, heads=..., kv_heads=..., seq_len=..., cp=...)  the cost model's CP strategy, and why
     balanced_layout(document_ids, cp, *, is_causal, window_size)  a layout object balancing packed documents
@@ -40,6 +41,7 @@ from cp_dtensor.attention import (
 from cp_dtensor.attention.choice import CommChoice, choose_comm
 from cp_dtensor.attention.dispatch import ContextParallelAttention, context_parallel_sdpa
 from cp_dtensor.attention.functional import document_attention
+from cp_dtensor.attention.mask import AttentionMask
 from cp_dtensor.balance import BalancedLayoutRule, balanced_layout, layout_work
 from cp_dtensor.context_parallel import apply_context_parallel, build_context_parallel_plan
 from cp_dtensor.generation import generate
@@ -51,6 +53,7 @@ from cp_dtensor.styles import ContextParallel, PrepareSequenceShards
 
 __all__ = [
     "LAYOUTS",
+    "AttentionMask",
     "AttentionStats",
     "BalancedLayoutRule",
     "CPSettings",

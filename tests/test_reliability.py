@@ -259,3 +259,15 @@ def test_balanced_layout_quality_is_pinned(
         crossing,
         split,
     )
+
+
+def test_the_mask_is_one_value() -> None:
+    """ring_attention(mask=AttentionMask(...)) equals the keyword form; mixing both is refused."""
+    q, k, v, _ = _inputs(b=1, s=32)
+    ids = torch.tensor([[0] * 10 + [1] * 22])
+    mask = cpd.AttentionMask(True, (7, 0), ids)
+    by_value = cpd.ring_attention(q, k, v, None, mask=mask)
+    by_keywords = cpd.ring_attention(q, k, v, None, is_causal=True, window_size=(7, 0), document_ids=ids)
+    torch.testing.assert_close(by_value, by_keywords, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mask= and also"):
+        cpd.ring_attention(q, k, v, None, mask=mask, is_causal=True)

@@ -156,6 +156,7 @@ def ring_attention(
     stats: AttentionStats | None = None,
     a2a_size: int | None = None,
     settings: CPSettings | None = None,
+    mask: AttentionMask | None = None,
 ) -> torch.Tensor:
     """Context-parallel scaled dot-product attention on local sequence shards; differentiable.
 
@@ -190,6 +191,8 @@ def ring_attention(
             degree); None otherwise.
         settings: a :class:`cp_dtensor.CPSettings` instead of ``layout``, ``comm``, ``backend``,
             ``stats`` and ``a2a_size`` (those keywords must then keep their defaults).
+        mask: a :class:`cp_dtensor.AttentionMask` (causal, document ids, window as one value) instead of
+            ``is_causal``, ``document_ids`` and ``window_size`` (those must then keep their defaults).
 
     With documents or a window, only visible pairs are computed and only KV rows some query needs are
     sent (Note [Ring plan]). With one process and no mask this is one ``F.scaled_dot_product_attention``.
@@ -204,5 +207,12 @@ def ring_attention(
             "ring_attention got settings= and also layout/comm/backend/stats/a2a_size keywords; pass one or "
             "the other (settings.with_options(...) changes a field)."
         )
-    mask = AttentionMask.build(is_causal, window_size, local_document_ids(document_ids))
+    if mask is None:
+        mask = AttentionMask.build(is_causal, window_size, local_document_ids(document_ids))
+    elif (is_causal, document_ids, tuple(window_size)) != (False, None, (-1, -1)):
+        raise ValueError(
+            "ring_attention got mask= and also is_causal/document_ids/window_size keywords; pass one or the other."
+        )
+    else:
+        mask = AttentionMask.build(mask.is_causal, mask.window, local_document_ids(mask.document_ids))
     return attend(q, k, v, process_group_of(mesh), settings=settings, mask=mask, scale=scale)
