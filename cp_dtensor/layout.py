@@ -81,18 +81,18 @@ def tensor_digest(t: torch.Tensor) -> str:
     unchanged tensor costs one comparison and a tensor changed in place gets its new digest.
     """
     key = id(t)
-    data = t.detach()
+    host = t.detach().cpu()  # one device-to-host copy, for the comparison and, on a miss, the hash
     with _DIGESTS_LOCK:
         cached = _DIGESTS.get(key)
     if (
         cached is not None
         and cached[0]() is t
-        and cached[1].shape == data.shape
-        and cached[1].dtype == data.dtype
-        and torch.equal(cached[1], data.cpu())
+        and cached[1].shape == host.shape
+        and cached[1].dtype == host.dtype
+        and torch.equal(cached[1], host)
     ):
         return cached[2]
-    host = data.cpu().contiguous()
+    host = host.contiguous()
     digest = hashlib.blake2b(
         host.numpy().tobytes() + str((tuple(host.shape), host.dtype)).encode(), digest_size=16
     ).hexdigest()
