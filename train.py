@@ -13,6 +13,7 @@ import os
 import sys
 
 from cp_dtensor.cli import main
+from cp_dtensor.launch import end_process
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:], prog=os.path.basename(__file__)))
+    end_process(main(sys.argv[1:], prog=os.path.basename(__file__)))  # Note [Ending a rank]

@@ -16,10 +16,27 @@ Note [Failing ranks]
                               failing rank's traceback otherwise; errors of later ranks are not repeated
 
 A rank stuck in a collective whose peer is alive but silent fails after the process-group timeout.
+
+Note [Ending a rank]
+~~~~~~~~~~~~~~~~~~~~
+A rank that used a gloo process group ends with :func:`end_process` (``os._exit`` after flushing), never by
+interpreter teardown::
+
+    training done -> barrier / destroy_process_group -> flush stdio + logging -> os._exit(code)
+                                                      (not: unwind modules, free objects, C++ statics)
+
+Objects that outlive ``destroy_process_group`` (meshes referenced from modules, gloo work items holding
+tensors) are otherwise freed while the interpreter unwinds, and a backend thread that touches Python then
+aborts the process: "terminate called without an active exception", SIGABRT, no Python frame left, after
+the rank had logged "Process group destroyed" - a finished run reported as failed (seen in CI on the
+four-rank torchtitan tp2 x cp2 run). Spawned ranks (:func:`run_distributed`), ``train.py``
+and the torchtitan entry point all end this way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -35,7 +52,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["LaunchError", "RankFailure", "in_launcher_env", "init_distributed", "run_distributed"]
+__all__ = [
+    "LaunchError",
+    "RankFailure",
+    "end_process",
+    "in_launcher_env",
+    "init_distributed",
+    "run_distributed",
+]
 
 _CTX = mp.get_context("spawn")
 
@@ -126,14 +150,21 @@ def _spawned_entry(
     except BaseException as e:
         expected = isinstance(e, expected_errors)
         errors.put((rank, type(e).__name__, str(e), "" if expected else traceback.format_exc(), expected))
-        os._exit(2 if expected else 1)  # skip interpreter teardown: peers may be gone
+        end_process(2 if expected else 1)  # peers may be gone
     _finish()
-    # Skip interpreter teardown on success too: C++ threads of the backend (gloo's) that outlive the
-    # process group can abort the process ("terminate called without an active exception") while the
-    # interpreter unwinds, turning a finished run into a SIGABRT. Everything the rank owes is written.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_process(0)  # Note [Ending a rank]
+
+
+def end_process(code: int) -> None:
+    """End this process now with ``code``: flush stdio and logging, then skip interpreter teardown.
+
+    For the last line of a rank's entry point (Note [Ending a rank]); never returns.
+    """
+    logging.shutdown()  # flushes and closes every handler (log files included)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing more can be written
+            stream.flush()
+    os._exit(code)
 
 
 def _finish() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -284,3 +285,30 @@ def test_world_size_mismatch_under_a_launcher_is_one_line(tmp_path: Path) -> Non
         "error: pp * dp * cp * tp = 1 * 1 * 2 * 1 = 2 does not equal the world size 3; change the degrees or "
         "set dp = -1 to infer it."
     ), proc.stderr
+
+
+def test_ranks_end_without_teardown_and_lose_no_output(tmp_path: Path) -> None:
+    """Note [Ending a rank]: five torchrun ranks leave a live gloo group and end with ``end_process``:
+    exit code 0 and no abort, and every logged and printed line (written only by a flush) is kept.
+
+    Ending through interpreter teardown instead aborted a rank in 0-7 of 10 runs of such scripts here
+    (rate depends on the script's shape), so this test catches a regression in some runs, not every run;
+    the flush checks hold in every run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "end"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "5"]
+    proc = subprocess.run(
+        [*launcher, "--master-port", str(port), str(ROOT / "tests" / "faults" / "end_rank.py"), str(log)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "terminate called" not in proc.stderr
+    for rank in range(5):
+        assert f"rank {rank} done" in proc.stdout
+        assert (tmp_path / f"end.{rank}").read_text() == f"rank {rank}\n"
