@@ -21,6 +21,8 @@ import torch
 from cp_dtensor.memory import count_saved_tensors
 from cp_dtensor.models.llama import LLAMA3_FLAVORS, build_llama, count_params
 from cp_dtensor.models.llama import model_flops_per_token as llama_flops_per_token
+from cp_dtensor.models.modules import Transformer
+from cp_dtensor.models.qwen3 import QWEN3_FLAVORS
 from cp_dtensor.parallelize import apply_ac
 from cp_dtensor.pipeline import _split_layers, stage_ids_for_rank, stages_per_rank
 from cp_dtensor.tools.planner import (
@@ -69,6 +71,19 @@ def _load_plan_script() -> ModuleType:
 def test_shape_from_flavor_counts_the_real_parameters(flavor: str) -> None:
     """ModelShape.from_flavor describes the same parameters as the Llama module it mirrors."""
     assert build_model_shape(flavor).params == count_params(build_llama(flavor))
+
+
+@pytest.mark.parametrize("flavor", ["debug", "debug_tied", "0.6B", "8B"])
+def test_qwen3_shape_counts_the_real_parameters_and_flops(flavor: str) -> None:
+    """Qwen3's explicit head size (0.6B: 128 with dim 1024 / 16 heads, not 64), q/k norms and tied embeddings:
+    the planner's shape has the built model's parameters (meta device) and the trainer's FLOPs per token."""
+    with torch.device("meta"):
+        model = Transformer(QWEN3_FLAVORS[flavor])
+    shape = build_model_shape(f"qwen3_{flavor}")
+    assert shape.head_dim == QWEN3_FLAVORS[flavor].head_dim
+    assert shape.params == count_params(model)
+    for seq in (1024, 131072):
+        assert model_flops_per_token(shape, seq) == llama_flops_per_token(QWEN3_FLAVORS[flavor], seq)
 
 
 def test_gpt175b_preset_has_175b_parameters() -> None:

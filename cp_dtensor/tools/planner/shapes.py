@@ -1,4 +1,4 @@
-"""Model shapes the cost model prices: :class:`ModelShape`, the seed's GPT-175B and the Llama flavors."""
+"""Model shapes the cost model prices: :class:`ModelShape`, the seed's GPT-175B, the Llama and Qwen3 flavors."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cp_dtensor.models.llama import LLAMA3_FLAVORS, ModelArgs
+from cp_dtensor.models.qwen3 import QWEN3_FLAVORS
 
 __all__ = ["GPT_175B", "ModelShape", "build_model_shape"]
 
@@ -26,6 +27,9 @@ class ModelShape:
         tied_embeddings: The output head shares the embedding matrix (counted once in the parameters).
         dropout: Hidden dropout after attention and MLP (its masks are stored for backward).
         causal: Causal (decoder) attention; False for bidirectional.
+        attention_head_dim: Size of one head when it is not ``h / a`` (Qwen3's explicit ``head_dim``); None
+            derives it.
+        qk_norm: Per-head RMSNorm of queries and keys (Qwen3): ``2 * hd`` more parameters per block.
     """
 
     name: str
@@ -39,14 +43,24 @@ class ModelShape:
     tied_embeddings: bool = False
     dropout: bool = False
     causal: bool = True
+    attention_head_dim: int | None = None
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"ModelShape.{name} must be a positive int, got {value!r}")
-        if self.dim % self.n_heads:
-            raise ValueError(f"ModelShape.dim={self.dim} must be divisible by n_heads={self.n_heads}")
+        if self.attention_head_dim is not None and (
+            not isinstance(self.attention_head_dim, int) or self.attention_head_dim <= 0
+        ):
+            raise ValueError(
+                f"ModelShape.attention_head_dim must be a positive int, got {self.attention_head_dim!r}"
+            )
+        if self.attention_head_dim is None and self.dim % self.n_heads:
+            raise ValueError(
+                f"ModelShape.dim={self.dim} must be divisible by n_heads={self.n_heads} unless attention_head_dim is set"
+            )
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelShape.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}"
@@ -56,8 +70,13 @@ class ModelShape:
 
     @property
     def head_dim(self) -> int:
-        """``hd = h / a``."""
-        return self.dim // self.n_heads
+        """``hd``: ``attention_head_dim``, or ``h / a``."""
+        return self.attention_head_dim if self.attention_head_dim is not None else self.dim // self.n_heads
+
+    @property
+    def q_dim(self) -> int:
+        """``a * hd``: width of Q (and the input of the output projection); ``h`` unless hd is explicit."""
+        return self.n_heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -73,12 +92,12 @@ class ModelShape:
     def layer_matmul_params(self) -> int:
         """``W``: weights of one block that take part in matmuls (wq, wk, wv, wo and the MLP)."""
         h = self.dim
-        return h * (h + 2 * self.kv_dim) + h * h + self.mlp_matrices * h * self.ffn_hidden
+        return h * (self.q_dim + 2 * self.kv_dim) + self.q_dim * h + self.mlp_matrices * h * self.ffn_hidden
 
     @property
     def layer_params(self) -> int:
-        """Parameters of one block: matmul weights plus the two norm weights."""
-        return self.layer_matmul_params + 2 * self.dim
+        """Parameters of one block: matmul weights, the two norm weights and the q/k norms (``qk_norm``)."""
+        return self.layer_matmul_params + 2 * self.dim + (2 * self.head_dim if self.qk_norm else 0)
 
     @property
     def head_params(self) -> int:
@@ -102,10 +121,10 @@ class ModelShape:
 
     @classmethod
     def from_model_args(cls, args: ModelArgs, name: str = "llama") -> ModelShape:
-        """The shape of a ``cp_dtensor.models.llama`` model (SwiGLU, untied, no dropout).
+        """The shape of a model built from ``args`` (SwiGLU, no dropout; Llama 3 or Qwen3).
 
         Args:
-            args: Model arguments, e.g. ``LLAMA3_FLAVORS["8B"]``.
+            args: Model arguments, e.g. ``LLAMA3_FLAVORS["8B"]`` or ``QWEN3_FLAVORS["0.6B"]``.
             name: Label for tables.
 
         Returns:
@@ -120,9 +139,11 @@ class ModelShape:
             ffn_hidden=args.ffn_hidden_dim,
             vocab_size=args.vocab_size,
             mlp="swiglu",
-            tied_embeddings=False,
+            tied_embeddings=args.tie_embeddings,
             dropout=False,
             causal=args.causal,
+            attention_head_dim=args.attention_head_dim,
+            qk_norm=args.qk_norm,
         )
 
     @classmethod
@@ -149,10 +170,11 @@ GPT_175B = ModelShape(
 
 
 def build_model_shape(name: str) -> ModelShape:
-    """A model by name: ``gpt175b``, ``llama3_<flavor>`` (``llama3_8b``, ``llama3_70b``) or a raw flavor.
+    """A model by name: ``gpt175b``, ``llama3_<flavor>`` (``llama3_8b``), ``qwen3_<flavor>`` (``qwen3_8b``) or
+    a raw Llama flavor.
 
     Args:
-        name: Case-insensitive model name; Llama flavors are looked up in ``LLAMA3_FLAVORS``.
+        name: Case-insensitive model name; flavors are looked up in ``LLAMA3_FLAVORS`` / ``QWEN3_FLAVORS``.
 
     Returns:
         The shape.
@@ -160,9 +182,22 @@ def build_model_shape(name: str) -> ModelShape:
     key = name.strip()
     if key.lower() in ("gpt175b", "gpt-175b", "gpt3_175b"):
         return GPT_175B
-    flavor = key[len("llama3_") :] if key.lower().startswith("llama3_") else key
-    by_lower = {k.lower(): k for k in LLAMA3_FLAVORS}
-    if flavor.lower() not in by_lower:
-        choices = ["gpt175b", *(f"llama3_{k.lower()}" for k in LLAMA3_FLAVORS), *LLAMA3_FLAVORS]
-        raise ValueError(f"Unknown model {name!r}; choose from {choices}")
-    return ModelShape.from_flavor(by_lower[flavor.lower()])
+    if key.lower().startswith("qwen3_"):
+        by_lower = {k.lower(): k for k in QWEN3_FLAVORS}
+        flavor = key[len("qwen3_") :].lower()
+        if flavor in by_lower:
+            return ModelShape.from_model_args(
+                QWEN3_FLAVORS[by_lower[flavor]], name=f"qwen3_{by_lower[flavor]}"
+            )
+    else:
+        flavor = key[len("llama3_") :] if key.lower().startswith("llama3_") else key
+        by_lower = {k.lower(): k for k in LLAMA3_FLAVORS}
+        if flavor.lower() in by_lower:
+            return ModelShape.from_flavor(by_lower[flavor.lower()])
+    choices = [
+        "gpt175b",
+        *(f"llama3_{k.lower()}" for k in LLAMA3_FLAVORS),
+        *LLAMA3_FLAVORS,
+        *(f"qwen3_{k.lower()}" for k in QWEN3_FLAVORS),
+    ]
+    raise ValueError(f"Unknown model {name!r}; choose from {choices}")
