@@ -722,6 +722,69 @@ def test_sft_records_longer_than_a_sample_keep_their_completion(tmp_path: Path) 
     assert len(counted) == 4 and sample["tokens"][-4:].tolist()[:3] == list(b"ABC")
 
 
+def _sft_reference(records: list[tuple[str, str]], seq_len: int) -> list[dict[str, list[int]]]:
+    """Note [Loss-masked packing] record by record, in plain Python (byte tokenizer)."""
+    bos, eos, samples, used = 256, 257, [[]], 0
+    for prompt, completion in records:
+        p, c = [bos, *prompt.encode()], [*completion.encode(), eos]
+        if len(p) + len(c) > seq_len:
+            p, c = p[len(p) - max(0, seq_len - len(c)) :] if seq_len > len(c) else [], c[:seq_len]
+        if used + len(p) + len(c) > seq_len:
+            samples.append([])
+            used = 0
+        samples[-1].append((p, c))
+        used += len(p) + len(c)
+    out = []
+    for sample in samples:
+        tokens, labels, docs = [], [], []
+        for doc, (p, c) in enumerate(sample):
+            ids = p + c
+            tokens += ids
+            docs += [doc] * len(ids)
+            labels += [ids[j + 1] if j + 1 >= max(len(p), 1) else -100 for j in range(len(ids) - 1)] + [-100]
+        pad = seq_len - len(tokens)
+        out.append(
+            {
+                "tokens": tokens + [eos] * pad,
+                "labels": labels + [-100] * pad,
+                "docs": docs + [len(sample)] * pad,
+            }
+        )
+    return out
+
+
+def test_sft_packing_equals_the_record_by_record_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compact SFT storage (Note [Loss-masked packing]: flat id parts, record tables) gives the samples of
+    the rule applied record by record: two files of a folder, records longer than a sample, empty prompts,
+    non-ASCII text and a raw U+2028 inside a JSON string (one record, not two lines); 3 records per
+    tokenized batch so samples straddle id parts."""
+    from cp_dtensor.data import sft
+
+    monkeypatch.setattr(sft, "_RECORDS_PER_BATCH", 3)
+    gen = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(40):
+        n_p, n_c = (int(x) for x in torch.randint(0, 30, (2,), generator=gen))
+        records.append(("é" * (n_p // 4) + "p" * n_p, f"c{i}\u2028" + "x" * n_c))
+    (tmp_path / "d").mkdir()
+    for name, part in (("a.jsonl", records[:25]), ("b.jsonl", records[25:])):
+        lines = [json.dumps({"q": p, "a": c}, ensure_ascii=False) for p, c in part]
+        (tmp_path / "d" / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    data = sft.SFTDataset(tmp_path / "d", 24, prompt_field="q", completion_field="a")
+    expected = _sft_reference(records, 24)
+    assert data.num_documents == 40 and len(data) == len(expected) and len(data._id_parts) == 14
+    counted = 0
+    for i, ref in enumerate(expected):
+        sample = data[i]
+        assert sample["tokens"].tolist() == ref["tokens"], i
+        assert sample["labels"].tolist() == ref["labels"], i
+        assert sample["document_ids"].tolist() == ref["docs"], i
+        counted += sum(label != -100 for label in ref["labels"])
+    assert data.num_counted == counted
+
+
 def test_a_batch_without_counted_labels_is_skipped_not_nan() -> None:
     """No counted label in the global batch: no update and no NaN stop (the loss is undefined, not infinite)."""
     from cp_dtensor.models.llama import build_llama

@@ -79,3 +79,10 @@ def test_ring_profile_smoke() -> None:
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| 2 |"))
     shares = [float(x) for x in row.strip("|").split("|")[2:]]
     assert len(shares) == 7 and abs(sum(shares) - 100) < 1.0 and shares[0] > 0  # the parts add up
+
+
+def test_bench_sft_data_smoke(tmp_path: Path) -> None:
+    proc = _run("scripts/bench_sft_data.py", "--sizes-mb", "0.2", "--seq-len", "512", "--dir", str(tmp_path))
+    row = next(line for line in proc.stdout.splitlines() if line.startswith("| 0 |"))
+    records, samples = (int(cell.replace(",", "")) for cell in row.split("|")[2:4])
+    assert records > 200 and samples > 100  # records of ~700 bytes: about one per 512-token sample

@@ -19,70 +19,102 @@ With ``model.attention_mask = "document_causal"`` a record sees only itself, so 
 sum of each record's own completion loss. The trainer divides the summed loss by the number of counted
 labels of the whole global batch (Note [Global token mean]), over any dp x cp layout, so the result is
 the mean over completion tokens whatever the sharding.
+
+Storage: records are read line by line and tokenized a few thousand at a time; the packed records live in
+id arrays of the smallest dtype that holds the vocabulary (one per batch of records, never concatenated)
+with three small tables, so memory is about 2-4 bytes per token (no Python int per token, no record text
+kept)::
+
+    ids            [ record 0 | record 1 | ... ] [ record 4096 | ... ] ...     uint16 / uint32
+    record_start   0, n0, n0 + n1, ...                          int64, records + 1
+    prompt_len     prompt tokens of each record (BOS included)  int64, records
+    sample_first   first record of each sample                  int64, samples + 1
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cp_dtensor.data.common import IGNORE_INDEX, Sample, document_positions
-from cp_dtensor.data.tokenizer import ByteTokenizer, Tokenizer
+from cp_dtensor.data.token_cache import token_dtype
+from cp_dtensor.data.tokenizer import ByteTokenizer, Tokenizer, encode_flat
 
-__all__ = ["SFTDataset", "read_sft_records"]
+__all__ = ["SFTDataset", "iter_sft_records", "read_sft_records"]
+
+_RECORDS_PER_BATCH = 4096  # records tokenized per encode call
 
 
-def read_sft_records(
-    paths: str | Path | Sequence[str | Path], prompt_field: str, completion_field: str
-) -> list[tuple[str, str]]:
-    """``(prompt, completion)`` of every record of the JSONL files, in order.
-
-    Args:
-        paths: JSONL files (a folder stands for its ``.jsonl`` files, sorted).
-        prompt_field: The field holding the prompt.
-        completion_field: The field holding the completion.
-
-    Returns:
-        The records.
-
-    Raises:
-        FileNotFoundError: A path does not exist.
-        ValueError: Not JSONL, an invalid line, a missing or non-string field (file and line named), or no
-            records at all.
-    """
+def _sft_files(paths: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The JSONL files of ``paths`` (a folder stands for its ``.jsonl`` files, sorted)."""
     items = [paths] if isinstance(paths, str | Path) else list(paths)
     files: list[Path] = []
     for item in map(Path, items):
         if not item.exists():
             raise FileNotFoundError(f"data.paths: {item} does not exist")
         files.extend(sorted(item.glob("*.jsonl")) if item.is_dir() else [item])
-    records: list[tuple[str, str]] = []
     for file in files:
         if file.suffix != ".jsonl":
             raise ValueError(f'dataset "sft" reads JSONL files (one record per line); got {file}')
-        for line_no, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{file}:{line_no}: line is not valid JSON ({e.msg})") from None
-            values = []
-            for name in (prompt_field, completion_field):
-                value = record.get(name) if isinstance(record, dict) else None
-                if not isinstance(value, str):
-                    found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                    raise ValueError(
-                        f"{file}:{line_no}: record has no string field {name!r} (found {found}); set "
-                        f"data.sft_prompt_field / data.sft_completion_field to the field names"
-                    )
-                values.append(value)
-            records.append((values[0], values[1]))
+    return files
+
+
+def iter_sft_records(
+    paths: str | Path | Sequence[str | Path], prompt_field: str, completion_field: str
+) -> Iterator[tuple[str, str]]:
+    """``(prompt, completion)`` of every record of the JSONL files, in order, one line read at a time.
+
+    Args:
+        paths: JSONL files (a folder stands for its ``.jsonl`` files, sorted).
+        prompt_field: The field holding the prompt.
+        completion_field: The field holding the completion.
+
+    Yields:
+        The records.
+
+    Raises:
+        FileNotFoundError: A path does not exist.
+        ValueError: Not JSONL, an invalid line, or a missing or non-string field (file and line named).
+    """
+    for file in _sft_files(paths):
+        with file.open(encoding="utf-8") as lines:
+            for line_no, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{file}:{line_no}: line is not valid JSON ({e.msg})") from None
+                values = []
+                for name in (prompt_field, completion_field):
+                    value = record.get(name) if isinstance(record, dict) else None
+                    if not isinstance(value, str):
+                        found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                        raise ValueError(
+                            f"{file}:{line_no}: record has no string field {name!r} (found {found}); set "
+                            f"data.sft_prompt_field / data.sft_completion_field to the field names"
+                        )
+                    values.append(value)
+                yield values[0], values[1]
+
+
+def read_sft_records(
+    paths: str | Path | Sequence[str | Path], prompt_field: str, completion_field: str
+) -> list[tuple[str, str]]:
+    """Every record of :func:`iter_sft_records` in a list (small files and tests).
+
+    Raises:
+        FileNotFoundError: A path does not exist.
+        ValueError: As :func:`iter_sft_records`, or no records at all.
+    """
+    records = list(iter_sft_records(paths, prompt_field, completion_field))
     if not records:
-        raise ValueError(f'dataset "sft": no records in {[str(f) for f in files]}')
+        raise ValueError(f'dataset "sft": no records in {[str(f) for f in _sft_files(paths)]}')
     return records
 
 
@@ -120,27 +152,50 @@ class SFTDataset:
         self.seq_len = seq_len
         self.reset_positions = reset_positions
         self.tokenizer: Tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
-        records = read_sft_records(paths, prompt_field, completion_field)
-        prompts = self.tokenizer.encode_batch([p for p, _ in records], bos=True)
-        completions = self.tokenizer.encode_batch([c for _, c in records], eos=True)
-        self.num_documents = len(records)
+        dtype = token_dtype(self.tokenizer.vocab_size)
+        id_parts: list[np.ndarray] = []
+        record_len: list[int] = []
+        prompt_len: list[int] = []
+        sample_first = [0]
+        used = 0  # tokens in the sample being filled
         self.num_truncated = 0
-        samples: list[list[tuple[list[int], int]]] = [[]]  # per sample: (record tokens, prompt length)
-        used = 0
-        for prompt, completion in zip(prompts, completions):
-            if len(prompt) + len(completion) > seq_len:  # keep the completion: cut the prompt's start
-                self.num_truncated += 1
-                keep = max(0, seq_len - len(completion))
-                prompt = prompt[len(prompt) - keep :] if keep else []
-                completion = completion[:seq_len]
-            ids = prompt + completion
-            if used + len(ids) > seq_len:
-                samples.append([])
-                used = 0
-            samples[-1].append((ids, len(prompt)))
-            used += len(ids)
-        self._samples = samples
-        self.num_counted = sum(int((self[i]["labels"] != IGNORE_INDEX).sum()) for i in range(len(self)))
+        records = iter_sft_records(paths, prompt_field, completion_field)
+        while batch := list(islice(records, _RECORDS_PER_BATCH)):
+            prompt_ids, prompt_lens = encode_flat(self.tokenizer, [p for p, _ in batch], bos=True, eos=False)
+            completion_ids, completion_lens = encode_flat(
+                self.tokenizer, [c for _, c in batch], bos=False, eos=True
+            )
+            prompt_ends, completion_ends = np.cumsum(prompt_lens), np.cumsum(completion_lens)
+            pieces: list[np.ndarray] = []
+            for j in range(len(batch)):
+                prompt = prompt_ids[prompt_ends[j] - prompt_lens[j] : prompt_ends[j]]
+                completion = completion_ids[completion_ends[j] - completion_lens[j] : completion_ends[j]]
+                if len(prompt) + len(completion) > seq_len:  # keep the completion: cut the prompt's start
+                    self.num_truncated += 1
+                    keep = max(0, seq_len - len(completion))
+                    prompt = prompt[len(prompt) - keep :]
+                    completion = completion[:seq_len]
+                n = len(prompt) + len(completion)
+                if used + n > seq_len:
+                    sample_first.append(len(record_len))
+                    used = 0
+                pieces += [prompt, completion]
+                record_len.append(n)
+                prompt_len.append(len(prompt))
+                used += n
+            id_parts.append(np.concatenate(pieces).astype(dtype))
+        if not record_len:
+            raise ValueError(f'dataset "sft": no records in {[str(f) for f in _sft_files(paths)]}')
+        sample_first.append(len(record_len))
+        self._id_parts = id_parts  # every record's ids, one after the other, in parts (no concatenated copy)
+        self._part_start = np.concatenate([[0], np.cumsum([len(part) for part in id_parts])])  # (parts + 1,)
+        lengths = np.asarray(record_len, dtype=np.int64)
+        self._record_start = np.concatenate([[0], np.cumsum(lengths)])  # (records + 1,)
+        self._prompt_len = np.asarray(prompt_len, dtype=np.int64)  # (records,)
+        self._sample_first = np.asarray(sample_first, dtype=np.int64)  # (samples + 1,)
+        self.num_documents = len(record_len)
+        # labels [first, n - 1) of a record are counted, first = max(prompt_len - 1, 0)
+        self.num_counted = int((lengths - 1 - np.maximum(self._prompt_len - 1, 0)).sum())
         if self.num_counted == 0:
             raise ValueError(
                 f'dataset "sft": no completion token is counted (every completion is empty or cut off at seq_len '
@@ -148,7 +203,7 @@ class SFTDataset:
             )
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return len(self._sample_first) - 1
 
     def __getitem__(self, index: int) -> Sample:
         """Sample ``index`` (Note [Loss-masked packing]).
@@ -162,20 +217,32 @@ class SFTDataset:
         if not 0 <= index < len(self):
             raise IndexError(f"sample index {index} out of range for a dataset of {len(self)} samples")
         seq = self.seq_len
+        first, last = int(self._sample_first[index]), int(self._sample_first[index + 1])
+        base = int(self._record_start[first])
         tokens = torch.full((seq,), self.tokenizer.EOS, dtype=torch.int64)  # (S,) padding: EOS
         labels = torch.full((seq,), IGNORE_INDEX, dtype=torch.int64)  # (S,)
         document_ids = torch.empty(seq, dtype=torch.int64)  # (S,)
-        start = 0
-        records = self._samples[index]
-        for doc, (ids, prompt_len) in enumerate(records):
-            n = len(ids)
-            record = torch.tensor(ids, dtype=torch.int64)  # (n,)
-            tokens[start : start + n] = record
-            document_ids[start : start + n] = doc
+        used = int(self._record_start[last]) - base
+        tokens[:used] = torch.from_numpy(self._read_ids(base, base + used))
+        for doc, record in enumerate(range(first, last)):
+            start, stop = int(self._record_start[record]) - base, int(self._record_start[record + 1]) - base
+            document_ids[start:stop] = doc
             # label of token j is token j + 1 of the record, counted when j + 1 is a completion token
-            first = max(prompt_len - 1, 0)
-            labels[start + first : start + n - 1] = record[first + 1 :]
-            start += n
-        document_ids[start:] = len(records)  # padding: its own document
+            counted_from = start + max(int(self._prompt_len[record]) - 1, 0)
+            labels[counted_from : stop - 1] = tokens[counted_from + 1 : stop]
+        document_ids[used:] = last - first  # padding: its own document
         positions = document_positions(document_ids) if self.reset_positions else torch.arange(seq)
         return {"tokens": tokens, "labels": labels, "positions": positions, "document_ids": document_ids}
+
+    def _read_ids(self, start: int, stop: int) -> np.ndarray:
+        """Ids ``[start, stop)`` of the records' concatenation, as (stop - start,) int64."""
+        out = np.empty(stop - start, dtype=np.int64)
+        part = int(np.searchsorted(self._part_start, start, side="right")) - 1
+        while start < stop:
+            part_start, part_stop = int(self._part_start[part]), int(self._part_start[part + 1])
+            take = min(stop, part_stop) - start
+            offset = len(out) - (stop - start)
+            out[offset : offset + take] = self._id_parts[part][start - part_start : start - part_start + take]
+            start += take
+            part += 1
+        return out
