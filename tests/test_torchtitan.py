@@ -458,6 +458,8 @@ def _run_block_causal(dump: Path, corpus: Path, *overrides: str) -> tuple[list[d
     log = _log_path(dump).read_text()
     assert rc == 0, log[-4000:]
     assert "Applied cp_dtensor context parallelism (cp 2, layout zigzag, comm p2p)" in log
+    # "text" reads the corpus through the token cache, built by both ranks (Note [Token cache])
+    assert len(list((dump / "token_cache").glob("text-*/index.json"))) == 1
     return _metrics(dump), log
 
 

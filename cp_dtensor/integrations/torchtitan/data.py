@@ -3,32 +3,39 @@
 ``training.dataset`` picks the data::
 
     "synthetic_recall"  SyntheticRecallDataset(seq_len, flavor vocab)  -> GlobalBatchDataLoader, no tokenizer
-    "text"              TextDataset(training.dataset_path, seq_len)    -> GlobalBatchDataLoader, byte tokenizer
-                                                                          (for its EOS id: block_causal)
+    "text"              PackedTokenDataset(token cache of               -> GlobalBatchDataLoader, byte tokenizer
+                          training.dataset_path, seq_len)                  (for its EOS id: block_causal)
     anything else       torchtitan's build_text_dataloader             + torchtitan's HF tokenizer
 
 Both local datasets build each global batch from (dataset, seed, batch index) alone, so runs with other
 parallel degrees but the same global batch (``local_batch_size x dp``) see the same tokens. Nothing is
-downloaded.
+downloaded. "text" goes through cp_dtensor's token cache (Note [Token cache]) in
+``<job.dump_folder>/token_cache``, as ``data.dataset = "text"`` does in train.py: built once with the
+chunks shared out over every rank, then read sample by sample, so a rank's memory and start-up do not grow
+with the corpus.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torchtitan.components.dataloader import BaseDataLoader
 from torchtitan.components.tokenizer import BaseTokenizer
 from torchtitan.config import JobConfig as TorchtitanJobConfig
 from torchtitan.models import llama3 as tt_llama3
+from torchtitan.tools.logging import logger
 
 from cp_dtensor.data import (
     RECALL_CUE_START_FRACTION,
     ByteTokenizer,
     GlobalBatchLoader,
+    PackedTokenDataset,
     SyntheticRecallDataset,
-    TextDataset,
+    build_token_cache,
 )
 
 __all__ = [
@@ -99,7 +106,8 @@ def build_dataloader(
     * ``"synthetic_recall"``: cp_dtensor's long-range recall task with the cue region placed as cp_dtensor's
       trainer places it (from S/4: on another CP rank than the queries for any cp >= 2, zigzag or not),
       so the loss drops below chance only if attention crosses CP shards; vocabulary of the model flavor.
-    * ``"text"``: the byte-tokenized ``.txt`` / ``.jsonl`` files at ``training.dataset_path``.
+    * ``"text"``: the byte-tokenized ``.txt`` / ``.jsonl`` files at ``training.dataset_path``, through the
+      token cache in ``<job.dump_folder>/token_cache`` (:func:`_text_dataset`).
     * anything else: torchtitan's HuggingFace text loader (e.g. "c4", with ``model.hf_assets_path``).
 
     Raises:
@@ -119,12 +127,12 @@ def build_dataloader(
     elif training.dataset == "text":
         if not training.dataset_path:
             raise ValueError('training.dataset = "text" needs training.dataset_path (a file or a folder).')
-        dataset = TextDataset(training.dataset_path, training.seq_len)
-        if dataset.vocab_size > vocab_size:
+        if ByteTokenizer.vocab_size > vocab_size:
             raise ValueError(
-                f"the byte tokenizer needs {dataset.vocab_size} ids but flavor {job_config.model.flavor!r} has "
-                f"vocab_size {vocab_size}."
+                f"the byte tokenizer needs {ByteTokenizer.vocab_size} ids but flavor {job_config.model.flavor!r} "
+                f"has vocab_size {vocab_size}."
             )
+        dataset = _text_dataset(training.dataset_path, training.seq_len, Path(job_config.job.dump_folder))
     else:
         from torchtitan.hf_datasets.text_datasets import build_text_dataloader
 
@@ -136,6 +144,25 @@ def build_dataloader(
         dp_world_size=dp_world_size,
         seed=seed,
     )
+
+
+def _text_dataset(paths: str, seq_len: int, dump_folder: Path) -> PackedTokenDataset:
+    """The byte-tokenized corpus at ``paths`` as packed samples, read from its token cache.
+
+    Every rank of the job builds its share of the cache's chunks (or finds the cache complete), then all
+    meet at barriers of the default process group; rank 0 logs the progress lines.
+    """
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    cache = build_token_cache(
+        paths,
+        tokenizer=ByteTokenizer(),
+        cache_dir=dump_folder / "token_cache",
+        rank=rank,
+        world_size=world_size,
+        barrier=dist.barrier if world_size > 1 else None,
+        log=logger.info if rank == 0 else None,
+    )
+    return PackedTokenDataset(cache, seq_len)
 
 
 class ByteTokenizerForTorchtitan(BaseTokenizer):
