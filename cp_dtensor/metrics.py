@@ -10,7 +10,8 @@ per device); ``tflops``: achieved model FLOP/s per device (6 x params per token 
 see ``model_flops_per_token``); ``mfu``: that over the device peak (``metrics.peak_tflops_per_device``,
 or the GPU's known peak; n/a on CPU without one); ``mem``: peak memory (CUDA allocator on GPU, process RSS
 on CPU); ``step``: wall time of the step; ``cp work max/mean`` (with CP): attention work (visible query-key
-pairs of the step's batch) of the busiest CP rank over the mean, from the batch's layout and mask; ``cp`` (with CP): bytes the CP attention of rank 0 sent in the
+pairs of the step's batch) of the busiest CP rank over the mean, from the batch's layout and mask (with dp > 1:
+the largest over the data-parallel ranks' rows); ``cp`` (with CP): bytes the CP attention of rank 0 sent in the
 step (forward + backward) and the wall time it spent blocked on CP communication (exposed, not hidden by
 compute; on NCCL the host-side wait returns early, so it reads low there).
 """

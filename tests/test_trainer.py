@@ -604,3 +604,52 @@ def test_cpu_peak_memory_of_a_spawned_rank_is_its_own() -> None:
         child = pool.apply(_child_peak_memory_bytes)
     del held
     assert 50 * 2**20 < child < 1024 * 2**20, child / 2**20  # its own imports (torch), not the 1.5 GiB
+
+
+def test_cp_work_imbalance_in_the_log_is_the_largest_over_dp_ranks(tmp_path: Path, dist_pool) -> None:
+    """dp2 x cp2 on packed documents with the zigzag layout: the logged ``cp work max/mean`` of each step is
+    the larger of the two dp ranks' values, computed here from each dp rank's rows (it used to be dp rank 0's
+    alone, which the test checks differs from the logged value at some step)."""
+    from cp_dtensor.attention.mask import AttentionMask
+    from cp_dtensor.balance import layout_work, to_sequence_layout
+    from cp_dtensor.models.llama import LLAMA3_FLAVORS
+    from cp_dtensor.trainer import _build_data
+    from cp_dtensor.trainer.builders import DataPlacement
+
+    corpus = tmp_path / "docs.jsonl"
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(2, 60, (200,), generator=gen).tolist()
+    corpus.write_text("".join(json.dumps({"text": "w" * n}) + "\n" for n in lengths))
+    cfg = _config(
+        str(tmp_path / "run"), training={"steps": 3, "local_batch_size": 2, "global_batch_size": 4},
+        parallelism={"context_parallel_degree": 2, "data_parallel_degree": 2, "context_parallel_layout": "zigzag"},
+        data={"dataset": "text", "paths": [str(corpus)]}, model={"attention_mask": "document_causal"},
+        checkpoint={"enable": False},
+    )  # fmt: skip
+    dist_pool(4).run(run_trainer, cfg)
+    log = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    logged = [json.loads(line)["cp_work_imbalance"] for line in log]
+    job = JobConfig.from_dict(cfg)
+    per_dp = []  # per dp rank: its rows' work max/mean at each step
+    for dp_rank in range(2):
+        placement = DataPlacement(dp_rank=dp_rank, dp_degree=2)
+        loader = _build_data(job, LLAMA3_FLAVORS["debug"].vocab_size, 4, placement).loader
+        values = []
+        for step in range(3):
+            rows = loader.get_batch(step)
+            mask = AttentionMask(True, (-1, -1), rows["document_ids"])  # the debug model is causal
+            work = layout_work(to_sequence_layout("zigzag", 2, batch=2, seq_len=128), mask)
+            values.append(float(work.max() / work.float().mean()))
+        per_dp.append(values)
+    assert logged == pytest.approx([max(a, b) for a, b in zip(*per_dp)], rel=1e-12)
+    assert logged != pytest.approx(per_dp[0], rel=1e-12)  # dp rank 0's rows alone would log another value
+    assert LLAMA3_FLAVORS["debug"].causal
+
+
+def _build_data_for(job: JobConfig, placement) -> object:
+    from cp_dtensor.models.llama import LLAMA3_FLAVORS
+    from cp_dtensor.trainer import _build_data
+
+    return _build_data(
+        job, LLAMA3_FLAVORS["debug"].vocab_size, job.training.global_batch_size, placement
+    ).loader

@@ -452,15 +452,24 @@ class Trainer:
         return self.cp_layout(ids, self.parallel_dims.cp)
 
     def _work_imbalance(self, local_batch: dict[str, torch.Tensor], layout: LayoutLike) -> float | None:
-        """max / mean attention work over the CP ranks for this rank's rows of the batch (visible pairs of the
-        global layers; logged from rank 0, i.e. dp rank 0's rows)."""
-        cp = self.parallel_dims.cp
-        if cp == 1 or self.rank != 0:  # only rank 0 logs
+        """max / mean attention work over the CP ranks (visible pairs of the global layers), the largest of
+        the data-parallel ranks' rows; returned on rank 0, which logs it (None elsewhere and without CP).
+
+        With dp > 1 every rank computes its own rows' value and one 1-element all-reduce (max) over the dp
+        group brings the slowest replica's to rank 0, so the log shows what the step waits for.
+        """
+        pd = self.parallel_dims
+        if pd.cp == 1 or (pd.dp == 1 and self.rank != 0):
             return None
         mask = AttentionMask(self.model_args.causal, (-1, -1), local_batch.get("document_ids"))
         rows, seq_len = local_batch["tokens"].shape
-        work = layout_work(to_sequence_layout(layout, cp, batch=rows, seq_len=seq_len), mask)
-        return float(work.max() / work.float().mean())
+        work = layout_work(to_sequence_layout(layout, pd.cp, batch=rows, seq_len=seq_len), mask)
+        value = float(work.max() / work.float().mean())
+        if pd.dp > 1:
+            worst = torch.tensor([value], dtype=torch.float64, device=self.device)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=pd.world_mesh["dp"].get_group())
+            value = float(worst)
+        return value if self.rank == 0 else None
 
     def _ring_metrics(self, before: AttentionStats | None) -> dict[str, Any]:
         """This step's CP communication on this rank: bytes sent and time blocked waiting."""
