@@ -1,6 +1,7 @@
 """What every dataset shares: the sample format, the ignored-label value, seeds, positions, id checks."""
 
 import hashlib
+import json
 
 import torch
 
@@ -9,6 +10,7 @@ __all__ = [
     "RECALL_CUE_START_FRACTION",
     "Sample",
     "document_positions",
+    "parse_jsonl_line",
     "validate_token_ids",
 ]
 
@@ -70,3 +72,17 @@ def validate_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
             f"token id {first} is outside [0, {vocab_size}) (vocab_size={vocab_size}); use a model vocab_size "
             f"> {int(tokens.max())} or fix the data"
         )
+
+
+def parse_jsonl_line(line: str | bytes, where: str) -> object:
+    """The JSON value of one JSONL line; ``where`` (file and line) names it in the error.
+
+    Raises:
+        ValueError: ``"{where}: line is not valid JSON (...)"``, or not valid UTF-8 (bytes).
+    """
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: line is not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{where}: not valid UTF-8 ({err.reason})") from None

@@ -33,7 +33,6 @@ kept)::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -41,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cp_dtensor.data.common import IGNORE_INDEX, Sample, document_positions
+from cp_dtensor.data.common import IGNORE_INDEX, Sample, document_positions, parse_jsonl_line
 from cp_dtensor.data.token_cache import token_dtype
 from cp_dtensor.data.tokenizer import ByteTokenizer, Tokenizer, encode_flat
 
@@ -86,10 +85,7 @@ def iter_sft_records(
             for line_no, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{file}:{line_no}: line is not valid JSON ({e.msg})") from None
+                record = parse_jsonl_line(line, f"{file}:{line_no}")
                 values = []
                 for name in (prompt_field, completion_field):
                     value = record.get(name) if isinstance(record, dict) else None
@@ -236,13 +232,10 @@ class SFTDataset:
 
     def _read_ids(self, start: int, stop: int) -> np.ndarray:
         """Ids ``[start, stop)`` of the records' concatenation, as (stop - start,) int64."""
-        out = np.empty(stop - start, dtype=np.int64)
-        part = int(np.searchsorted(self._part_start, start, side="right")) - 1
-        while start < stop:
-            part_start, part_stop = int(self._part_start[part]), int(self._part_start[part + 1])
-            take = min(stop, part_stop) - start
-            offset = len(out) - (stop - start)
-            out[offset : offset + take] = self._id_parts[part][start - part_start : start - part_start + take]
-            start += take
-            part += 1
-        return out
+        first = int(np.searchsorted(self._part_start, start, side="right")) - 1
+        last = int(np.searchsorted(self._part_start, stop, side="left"))  # parts [first, last) overlap
+        pieces = []
+        for part in range(first, last):
+            offset = int(self._part_start[part])
+            pieces.append(self._id_parts[part][max(start - offset, 0) : stop - offset])
+        return np.concatenate(pieces).astype(np.int64)

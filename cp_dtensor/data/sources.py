@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from cp_dtensor.data.common import parse_jsonl_line
+
 __all__ = [
     "CHUNK_BYTES",
     "HF_SUFFIXES",
@@ -234,12 +236,7 @@ def _jsonl_text(line: bytes, path: Path, offset: int, text_field: str) -> str:
     if not line.strip():
         return ""
     where = f"{path} (line at byte {offset})"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{where}: line is not valid JSON ({err.msg})") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{where}: not valid UTF-8 ({err.reason})") from None
+    record = parse_jsonl_line(line, where)
     if not isinstance(record, dict) or text_field not in record:
         found = sorted(record) if isinstance(record, dict) else type(record).__name__
         raise ValueError(

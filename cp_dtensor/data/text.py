@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from cp_dtensor.data.common import Sample
+from cp_dtensor.data.common import Sample, parse_jsonl_line
 from cp_dtensor.data.packing import pack_window
 from cp_dtensor.data.tokenizer import ByteTokenizer, Tokenizer
 
@@ -61,10 +60,7 @@ def _read_documents(path: Path, text_field: str) -> list[str]:
     for line_no, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{line_no}: line is not valid JSON ({err.msg})") from err
+        record = parse_jsonl_line(line, f"{path}:{line_no}")
         if not isinstance(record, dict) or text_field not in record:
             found = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(

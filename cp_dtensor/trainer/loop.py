@@ -455,11 +455,16 @@ class Trainer:
         """max / mean attention work over the CP ranks (visible pairs of the global layers), the largest of
         the data-parallel ranks' rows; returned on rank 0, which logs it (None elsewhere and without CP).
 
-        With dp > 1 every rank computes its own rows' value and one 1-element all-reduce (max) over the dp
-        group brings the slowest replica's to rank 0, so the log shows what the step waits for.
+        Only the ranks of rank 0's dp group compute it (one per dp replica: the others hold the same rows);
+        with dp > 1 one 1-element all-reduce (max) over that group brings the slowest replica's value to rank 0,
+        so the log shows what the step waits for.
         """
         pd = self.parallel_dims
-        if pd.cp == 1 or (pd.dp == 1 and self.rank != 0):
+        if pd.cp == 1:
+            return None
+        mesh = pd.world_mesh
+        coordinate = dict(zip(mesh.mesh_dim_names, mesh.get_coordinate(), strict=True))
+        if any(c != 0 for name, c in coordinate.items() if name != "dp"):  # not in rank 0's dp group
             return None
         mask = AttentionMask(self.model_args.causal, (-1, -1), local_batch.get("document_ids"))
         rows, seq_len = local_batch["tokens"].shape
@@ -467,7 +472,7 @@ class Trainer:
         value = float(work.max() / work.float().mean())
         if pd.dp > 1:
             worst = torch.tensor([value], dtype=torch.float64, device=self.device)
-            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=pd.world_mesh["dp"].get_group())
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=mesh["dp"].get_group())
             value = float(worst)
         return value if self.rank == 0 else None
 

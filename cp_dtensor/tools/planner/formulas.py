@@ -236,7 +236,7 @@ def memory_shape(model: ModelShape) -> BlockShape:
     return BlockShape(
         dim=model.dim, kv_dim=model.kv_dim, n_heads=model.n_heads, head_dim=model.head_dim,
         ffn_hidden=model.ffn_hidden, vocab_size=model.vocab_size, swiglu=model.mlp == "swiglu",
-        dropout=model.dropout, q_dim=model.q_dim if model.q_dim != model.dim else None,
+        dropout=model.dropout, q_dim=model.q_dim,
     )  # fmt: skip
 
 
